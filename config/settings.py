@@ -1,0 +1,171 @@
+"""Settings: every SANDBOX_* variable, typed and checked once at start-up."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+from config.units import parse_cpu, parse_size
+from sandbox.errors import ConfigError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ports(text: str) -> tuple[int, ...]:
+    ports = tuple(int(p) for p in _csv(text))
+    if any(not 1 <= p <= 65535 for p in ports):
+        raise ValueError("ports must lie in 1-65535")
+    return ports
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a whole number greater than zero")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a finite number greater than zero")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _redis_url(text: str) -> str:
+    parsed = urlparse(text)
+    if parsed.scheme not in ("redis", "rediss", "unix") or not (parsed.hostname or parsed.path):
+        raise ValueError(f"{text!r} is not a redis:// or rediss:// URL")
+    return text
+
+
+def _http_url(text: str) -> str:
+    if not text:
+        return text
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{text!r} is not an http(s) URL")
+    return text
+
+
+def _runtime(text: str) -> str:
+    if text not in ("local", "fly"):
+        raise ValueError("must be 'local' or 'fly'")
+    return text
+
+
+def _presign_ttl(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 7 * 24 * 3600:
+        raise ValueError("must lie between 1 second and 7 days (604800)")
+    return value
+
+
+def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
+    return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator configuration. Sizes in bytes, times in seconds, cpu in cores."""
+
+    redis_url: str = _setting("SANDBOX_REDIS_URL", "redis://localhost:6379/0", _redis_url)
+    cloudflare_account_id: str = _setting("SANDBOX_CLOUDFLARE_ACCOUNT_ID", "")
+    cloudflare_access_key: str = _setting("SANDBOX_CLOUDFLARE_ACCESS_KEY", "", secret=True)
+    cloudflare_secret_key: str = _setting("SANDBOX_CLOUDFLARE_SECRET_KEY", "", secret=True)
+    r2_endpoint: str = _setting("SANDBOX_R2_ENDPOINT", "", _http_url)
+    r2_bucket: str = _setting("SANDBOX_R2_BUCKET", "chronos-synapse")
+    presign_ttl_s: int = _setting("SANDBOX_PRESIGN_TTL", "3600", _presign_ttl)
+    fly_api_token: str = _setting("SANDBOX_FLY_API_TOKEN", "", secret=True)
+    fly_api_url: str = _setting("SANDBOX_FLY_API_URL", "https://api.machines.dev/v1", _http_url)
+    fly_app: str = _setting("SANDBOX_FLY_APP", "")
+    runtime: str = _setting("SANDBOX_RUNTIME", "local", _runtime)
+    default_cpu: float = _setting("SANDBOX_DEFAULT_CPU", "0.5", parse_cpu)
+    default_memory_bytes: int = _setting("SANDBOX_DEFAULT_MEMORY", "512Mi", parse_size)
+    default_disk_bytes: int = _setting("SANDBOX_DEFAULT_DISK", "1Gi", parse_size)
+    default_timeout_s: float = _setting("SANDBOX_DEFAULT_TIMEOUT", "300", _positive_float)
+    default_pids: int = _setting("SANDBOX_DEFAULT_PIDS", "128", _positive_int)
+    max_cpu: float = _setting("SANDBOX_MAX_CPU", "2", parse_cpu)
+    max_memory_bytes: int = _setting("SANDBOX_MAX_MEMORY", "4Gi", parse_size)
+    max_disk_bytes: int = _setting("SANDBOX_MAX_DISK", "10Gi", parse_size)
+    max_timeout_s: float = _setting("SANDBOX_MAX_TIMEOUT", "3600", _positive_float)
+    max_pids: int = _setting("SANDBOX_MAX_PIDS", "1024", _positive_int)
+    allowed_commands: tuple[str, ...] = _setting("SANDBOX_ALLOWED_COMMANDS", "ls,cat,grep,curl,wget", _csv)
+    blocked_ports: tuple[int, ...] = _setting("SANDBOX_BLOCKED_PORTS", "22,25,2375,3306,5432,6379,11211,27017", _ports)
+    allowed_hosts: tuple[str, ...] = _setting("SANDBOX_ALLOWED_HOSTS", "", _csv)
+    max_log_bytes: int = _setting("SANDBOX_MAX_LOG_BYTES", "1Mi", parse_size)
+    max_output_files: int = _setting("SANDBOX_MAX_OUTPUT_FILES", "1000", _positive_int)
+    max_output_file_bytes: int = _setting("SANDBOX_MAX_OUTPUT_FILE_BYTES", "1Gi", parse_size)
+    max_output_bytes: int = _setting("SANDBOX_MAX_OUTPUT_BYTES", "2Gi", parse_size)
+    max_input_files: int = _setting("SANDBOX_MAX_INPUT_FILES", "100", _positive_int)
+    max_inline_bytes: int = _setting("SANDBOX_MAX_INLINE_BYTES", "10Mi", parse_size)
+    work_dir: str = _setting("SANDBOX_WORK_DIR", "/var/lib/sandbox")
+    sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)
+    record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
+    node_name: str = _setting("SANDBOX_NODE_NAME", "")
+
+    @property
+    def s3_endpoint(self) -> str:
+        """SANDBOX_R2_ENDPOINT, or R2's endpoint for the account."""
+        if self.r2_endpoint:
+            return self.r2_endpoint
+        return f"https://{self.cloudflare_account_id}.r2.cloudflarestorage.com"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Longer than the longest stage (execute at the maximum timeout) plus margins for I/O."""
+        return int(self.max_timeout_s) + 1800
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting by variable name, secrets masked, for logs and `python -m sandbox config`."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = "***" if f.metadata["secret"] and value else value
+        return out
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment; ConfigError names the first bad variable."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        env, default, parse = f.metadata["env"], f.metadata["default"], f.metadata["parse"]
+        raw = environ.get(env, default)
+        try:
+            values[f.name] = parse(raw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(env, f"bad value {raw!r}: {e}") from e
+    settings = Settings(**values)
+    _check_consistency(settings)
+    if not settings.node_name:
+        object.__setattr__(settings, "node_name", socket.gethostname())
+    return settings
+
+
+def _check_consistency(s: Settings) -> None:
+    pairs = (
+        ("SANDBOX_DEFAULT_CPU", s.default_cpu, s.max_cpu),
+        ("SANDBOX_DEFAULT_MEMORY", s.default_memory_bytes, s.max_memory_bytes),
+        ("SANDBOX_DEFAULT_DISK", s.default_disk_bytes, s.max_disk_bytes),
+        ("SANDBOX_DEFAULT_TIMEOUT", s.default_timeout_s, s.max_timeout_s),
+        ("SANDBOX_DEFAULT_PIDS", s.default_pids, s.max_pids),
+    )
+    for env, default, maximum in pairs:
+        if default > maximum:
+            raise ConfigError(env, f"default {default} exceeds the operator maximum {maximum}")
+    if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
+        raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")

@@ -1,0 +1,1 @@
+"""A secure job sandbox: the domain library (no Celery in here)."""

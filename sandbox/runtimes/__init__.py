@@ -1,0 +1,1 @@
+"""Sandbox runtimes: one Runtime protocol (base.py), one module per backend."""
