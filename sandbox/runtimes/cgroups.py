@@ -1,0 +1,310 @@
+"""Per-job cgroups behind one small interface, for cgroup v1 (these hosts) and v2 (most users').
+
+A job's group is named after its sandbox id and lives under a "sandbox" parent inside the
+worker's own cgroup, so jobs stay within whatever the operator gave the worker.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from sandbox.errors import SandboxFailure
+
+CPU_PERIOD_US = 100_000
+PARENT = "sandbox"
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """Limits to apply: cpu in cores, memory in bytes (swap off), pids as a count."""
+
+    cpu: float
+    memory_bytes: int
+    pids: int
+
+
+class Cgroups(Protocol):
+    """What the runtime needs from a cgroup hierarchy, keyed by the job's group name."""
+
+    version: int
+
+    def create(self, name: str, limits: CgroupLimits) -> None:
+        """Make the group (idempotent) and apply the limits."""
+
+    def procs_files(self, name: str) -> list[str]:
+        """Every cgroup.procs a new process must write its pid to, to join the group."""
+
+    def pids(self, name: str) -> list[int]:
+        """The pids currently in the group."""
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process in the group, including ones forking while we kill."""
+
+    def usage(self, name: str) -> dict[str, float | int | None]:
+        """cpu_seconds, memory_peak_bytes, pids_peak, cpu_throttled_s, oom_kills, pids_max_hits."""
+
+    def remove(self, name: str) -> None:
+        """Remove the group; a missing group is fine."""
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """Parse 'key value' lines (memory.events, cpu.stat, pids.events, memory.oom_control)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(_read(path).strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pids_in(procs_file: str) -> list[int]:
+    try:
+        return [int(p) for p in _read(procs_file).split()]
+    except FileNotFoundError:
+        return []
+
+
+def _rmdir(path: str) -> None:
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            time.sleep(0.01)  # the kernel frees the group a moment after its last task exits
+    os.rmdir(path)
+
+
+class CgroupV1:
+    """cgroup v1: one directory per controller hierarchy (memory, pids, cpu, cpuacct, freezer)."""
+
+    version = 1
+
+    def __init__(self, parents: dict[str, str]) -> None:
+        self.parents = parents  # controller -> the "sandbox" parent directory in its hierarchy
+
+    def _dir(self, controller: str, name: str) -> str:
+        return os.path.join(self.parents[controller], name)
+
+    def _dirs(self, name: str) -> list[str]:
+        return sorted({self._dir(c, name) for c in V1_CONTROLLERS})
+
+    def create(self, name: str, limits: CgroupLimits) -> None:
+        """Make the group in every hierarchy and apply the limits."""
+        for d in self._dirs(name):
+            os.makedirs(d, exist_ok=True)
+        mem = self._dir("memory", name)
+        _write(os.path.join(mem, "memory.limit_in_bytes"), str(limits.memory_bytes))
+        memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+        if os.path.exists(memsw):  # swap accounting on: memory+swap == memory means no swap
+            _write(memsw, str(limits.memory_bytes))
+        try:
+            _write(os.path.join(mem, "memory.swappiness"), "0")
+        except OSError:
+            pass  # not settable in every nesting; memsw above is the real guarantee
+        _write(os.path.join(self._dir("pids", name), "pids.max"), str(limits.pids))
+        cpu = self._dir("cpu", name)
+        _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+        _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(max(1000, int(limits.cpu * CPU_PERIOD_US))))
+
+    def procs_files(self, name: str) -> list[str]:
+        """cgroup.procs of the group in every hierarchy."""
+        return [os.path.join(d, "cgroup.procs") for d in self._dirs(name)]
+
+    def pids(self, name: str) -> list[int]:
+        """Pids in the freezer hierarchy (every job process joins all hierarchies)."""
+        return _pids_in(os.path.join(self._dir("freezer", name), "cgroup.procs"))
+
+    def kill(self, name: str) -> None:
+        """Freeze, SIGKILL everything listed, thaw; repeat until empty (a frozen group cannot fork)."""
+        freezer = self._dir("freezer", name)
+        state = os.path.join(freezer, "freezer.state")
+        if not os.path.isdir(freezer):
+            return
+        for _ in range(100):
+            if not self.pids(name):
+                return
+            _write(state, "FROZEN")
+            for _ in range(200):
+                if _read(state).strip() == "FROZEN":
+                    break
+                time.sleep(0.002)
+            for pid in self.pids(name):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _write(state, "THAWED")  # SIGKILL is delivered only once the tasks run again
+            deadline = time.monotonic() + 1.0
+            while self.pids(name) and time.monotonic() < deadline:
+                time.sleep(0.002)
+        if self.pids(name):
+            raise SandboxFailure(f"cgroup {name} still has processes after kill")
+
+    def usage(self, name: str) -> dict[str, float | int | None]:
+        """Accounting read from the group's own counters."""
+        mem, cpu = self._dir("memory", name), self._dir("cpu", name)
+        usage_ns = _read_int(os.path.join(self._dir("cpuacct", name), "cpuacct.usage"))
+        cpu_stat = _keyed(_read(os.path.join(cpu, "cpu.stat")))
+        oom = _keyed(_read(os.path.join(mem, "memory.oom_control")))
+        pids_events = _keyed(_read(os.path.join(self._dir("pids", name), "pids.events")))
+        return {
+            "cpu_seconds": (usage_ns or 0) / 1e9,
+            "memory_peak_bytes": _read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
+            "pids_peak": _read_int(os.path.join(self._dir("pids", name), "pids.peak")),
+            "cpu_throttled_s": cpu_stat.get("throttled_time", 0) / 1e9,
+            "oom_kills": oom.get("oom_kill", 0),
+            "pids_max_hits": pids_events.get("max", 0),
+        }
+
+    def remove(self, name: str) -> None:
+        """rmdir the group in every hierarchy."""
+        for d in self._dirs(name):
+            _rmdir(d)
+
+
+class CgroupV2:
+    """cgroup v2: one unified directory per group; `parent` must have the controllers delegated."""
+
+    version = 2
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.parent, name)
+
+    def create(self, name: str, limits: CgroupLimits) -> None:
+        """Make the group and write memory.max, memory.swap.max, pids.max and cpu.max."""
+        d = self._dir(name)
+        os.makedirs(d, exist_ok=True)
+        _write(os.path.join(d, "memory.max"), str(limits.memory_bytes))
+        swap = os.path.join(d, "memory.swap.max")
+        if os.path.exists(swap):
+            _write(swap, "0")
+        _write(os.path.join(d, "pids.max"), str(limits.pids))
+        quota = max(1000, int(limits.cpu * CPU_PERIOD_US))
+        _write(os.path.join(d, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+
+    def procs_files(self, name: str) -> list[str]:
+        """The group's single cgroup.procs."""
+        return [os.path.join(self._dir(name), "cgroup.procs")]
+
+    def pids(self, name: str) -> list[int]:
+        """Pids listed in cgroup.procs."""
+        return _pids_in(os.path.join(self._dir(name), "cgroup.procs"))
+
+    def kill(self, name: str) -> None:
+        """cgroup.kill (kernel 5.14+) kills the whole subtree atomically, forks included."""
+        d = self._dir(name)
+        if not os.path.isdir(d):
+            return
+        _write(os.path.join(d, "cgroup.kill"), "1")
+        deadline = time.monotonic() + 2.0
+        while self.pids(name) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if self.pids(name):
+            raise SandboxFailure(f"cgroup {name} still has processes after cgroup.kill")
+
+    def usage(self, name: str) -> dict[str, float | int | None]:
+        """Accounting from cpu.stat, memory.peak, pids.peak, memory.events and pids.events."""
+        d = self._dir(name)
+        cpu_stat = _keyed(_read(os.path.join(d, "cpu.stat")))
+        events = _keyed(_read(os.path.join(d, "memory.events")))
+        pids_events = _keyed(_read(os.path.join(d, "pids.events")))
+        return {
+            "cpu_seconds": cpu_stat.get("usage_usec", 0) / 1e6,
+            "memory_peak_bytes": _read_int(os.path.join(d, "memory.peak")),
+            "pids_peak": _read_int(os.path.join(d, "pids.peak")),
+            "cpu_throttled_s": cpu_stat.get("throttled_usec", 0) / 1e6,
+            "oom_kills": events.get("oom_kill", 0),
+            "pids_max_hits": pids_events.get("max", 0),
+        }
+
+    def remove(self, name: str) -> None:
+        """rmdir the group."""
+        _rmdir(self._dir(name))
+
+
+def _own_paths(proc_cgroup: str) -> dict[str, str]:
+    """Controller (or "" for v2) -> this process's cgroup path, from /proc/self/cgroup text."""
+    out: dict[str, str] = {}
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(",") if controllers else [""]:
+            out[c] = path
+    return out
+
+
+def _v1_mounts(mountinfo: str) -> dict[str, tuple[str, str]]:
+    """Controller -> (mount root inside the hierarchy, mount point) for v1 hierarchies."""
+    out: dict[str, tuple[str, str]] = {}
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(tail) < 3 or tail[0] != "cgroup":
+            continue
+        for opt in tail[2].split(","):
+            if opt in V1_CONTROLLERS:
+                out[opt] = (fields[3], fields[4])
+    return out
+
+
+def _under(mount: tuple[str, str], own: str) -> str:
+    root, point = mount
+    rel = own[len(root):] if own.startswith(root) else own
+    return os.path.join(point, rel.lstrip("/"), PARENT)
+
+
+def detect(root: str = "/sys/fs/cgroup") -> Cgroups:
+    """The cgroup hierarchy of this host: v2 if `root` is unified, else v1; SandboxFailure if neither."""
+    own = _own_paths(_read("/proc/self/cgroup"))
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        parent = os.path.join(root, own.get("", "/").lstrip("/"), PARENT)
+        _delegate_v2(parent)
+        return CgroupV2(parent)
+    mounts = _v1_mounts(_read("/proc/self/mountinfo"))
+    missing = [c for c in V1_CONTROLLERS if c not in mounts]
+    if missing:
+        raise SandboxFailure(f"no cgroup v2 at {root} and no v1 hierarchy for {', '.join(missing)}")
+    parents = {c: _under(mounts[c], own.get(c, "/")) for c in V1_CONTROLLERS}
+    for p in set(parents.values()):
+        os.makedirs(p, exist_ok=True)
+    return CgroupV1(parents)
+
+
+def _delegate_v2(parent: str) -> None:
+    """Enable memory, pids and cpu for the job groups under `parent`."""
+    os.makedirs(parent, exist_ok=True)
+    try:
+        _write(os.path.join(os.path.dirname(parent), "cgroup.subtree_control"), "+memory +pids +cpu")
+        _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids +cpu")
+    except OSError as e:
+        # EBUSY: the worker's own cgroup holds processes ("no internal processes" rule). Run the
+        # worker in a delegated unit (systemd Delegate=yes) whose processes sit in a leaf.
+        raise SandboxFailure(f"cannot delegate cgroup controllers to {parent}: {e}") from e
