@@ -1,0 +1,51 @@
+"""Celery's own settings, built from Settings (the SANDBOX_* variables)."""
+from config import load_settings
+
+_settings = load_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+
+# JSON only: a pickle message is refused (ContentDisallowed) instead of being executed.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# A task is acknowledged only once it finished; a lost worker's task is redelivered, so every
+# stage is idempotent and `execute` claims the job in Redis before it starts the command.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# Redis redelivers anything unacknowledged after visibility_timeout: it must exceed the longest
+# stage (execute at the operator's maximum timeout) or a healthy job would run twice.
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+broker_connection_retry_on_startup = True
+
+task_default_queue = "sandbox"
+task_create_missing_queues = True
+result_expires = _settings.record_ttl_s
+result_extended = True
+
+# Flower needs worker events.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# Per-stage limits (seconds). execute's limits are set per job from its timeout (tasks.canvas).
+task_annotations = {
+    "sandbox.submit": {"soft_time_limit": 30, "time_limit": 60},
+    "sandbox.create": {"soft_time_limit": 120, "time_limit": 180},
+    "sandbox.prepare": {"soft_time_limit": 900, "time_limit": 960},
+    "sandbox.collect": {"soft_time_limit": 900, "time_limit": 960},
+    "sandbox.cleanup": {"soft_time_limit": 120, "time_limit": 180},
+    "sandbox.cancel": {"soft_time_limit": 30, "time_limit": 60},
+}
+
+# One beat only (see README, Operations): two beats would send every sweep twice.
+beat_schedule = {
+    "sweep-orphaned-sandboxes": {"task": "sandbox.sweep_orphans", "schedule": 60.0},
+    "sweep-stuck-jobs": {"task": "sandbox.sweep_stuck", "schedule": 120.0},
+    "sweep-expired-artifacts": {"task": "sandbox.sweep_artifacts", "schedule": 3600.0},
+}

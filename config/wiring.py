@@ -1,0 +1,38 @@
+"""The composition root: Settings in, the services every stage works with out."""
+from __future__ import annotations
+
+import redis
+
+from config.settings import Settings, load_settings
+from sandbox.events import EventBus
+from sandbox.lifecycle import Services
+from sandbox.runtimes.base import Runtime
+from sandbox.state import JobStore
+from sandbox.storage import ArtifactStore
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The sandbox backend SANDBOX_RUNTIME names."""
+    if settings.runtime == "fly":
+        from sandbox.runtimes.fly import FlyRuntime
+
+        return FlyRuntime(settings)
+    from sandbox.runtimes.local import LocalRuntime
+
+    return LocalRuntime(settings)
+
+
+def build_services(settings: Settings | None = None, host: str | None = None) -> Services:
+    """Everything a stage needs, with fresh connections (call once per process, after fork)."""
+    settings = settings or load_settings()
+    host = host or settings.node_name
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    events = EventBus.from_settings(client, settings)
+    return Services(
+        settings=settings,
+        store=JobStore(client, events, ttl_s=settings.record_ttl_s),
+        runtime=build_runtime(settings),
+        artifacts=ArtifactStore(settings, actor=host),
+        events=events,
+        host=host,
+    )

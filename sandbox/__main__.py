@@ -1,0 +1,136 @@
+"""`python -m sandbox`: submit, show, validate, cancel and follow jobs (see `--help`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from config import load_settings
+from sandbox.errors import JobRejected, SandboxError
+
+EXIT_OK, EXIT_FAILED, EXIT_REJECTED = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="submit a job file; with --wait, follow it to its end")
+    p.add_argument("file", type=Path)
+    p.add_argument("--wait", action="store_true", help="print status and log lines on stderr, the record on stdout")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    sub.add_parser("show", help="print a job record").add_argument("id")
+    sub.add_parser("validate", help="check a job file exactly as sandbox.submit would").add_argument("file", type=Path)
+    sub.add_parser("cancel", help="cancel a job at any stage").add_argument("id")
+    p = sub.add_parser("logs", help="print a job's log lines")
+    p.add_argument("id")
+    p.add_argument("--follow", action="store_true", help="keep following until the job ends")
+    sub.add_parser("config", help="print the settings in force (secrets masked)")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SandboxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from sandbox.spec import parse_job
+
+    try:
+        spec = parse_job(args.file.read_bytes(), load_settings())
+    except JobRejected as e:
+        print(json.dumps({"valid": False, "error": e.as_dict()}, indent=2))
+        return EXIT_REJECTED
+    print(json.dumps({"valid": True, "id": spec.id, "argv": list(spec.argv)}, indent=2))
+    return EXIT_OK
+
+
+def _with_id(raw: bytes) -> tuple[str, str | None]:
+    """The job text to send, and its id; a job without one gets a fresh id so it can be followed."""
+    text = raw.decode("utf-8", errors="strict")
+    try:
+        job = json.loads(text)
+    except ValueError:
+        return text, None
+    if isinstance(job, dict) and "id" not in job:
+        job["id"] = uuid.uuid4().hex
+        return json.dumps(job), job["id"]
+    return text, job.get("id") if isinstance(job, dict) and isinstance(job.get("id"), str) else None
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from tasks import app
+
+    text, job_id = _with_id(args.file.read_bytes())
+    result = app.send_task("sandbox.submit", args=[text])
+    print(f"submitted job {job_id or '?'} (task {result.id})", file=sys.stderr)
+    if not args.wait:
+        print(json.dumps({"id": job_id, "task_id": result.id}))
+        return EXIT_OK
+    if job_id:
+        threading.Thread(target=_print_progress, args=(job_id,), daemon=True).start()
+    record = result.get(timeout=args.timeout, propagate=True)
+    print(json.dumps(record, indent=2))
+    return {"succeeded": EXIT_OK, "rejected": EXIT_REJECTED}.get(record.get("status"), EXIT_FAILED)
+
+
+def _bus() -> Any:
+    import redis
+
+    from sandbox.events import EventBus
+
+    settings = load_settings()
+    return EventBus.from_settings(redis.Redis.from_url(settings.redis_url), settings)
+
+
+def _print_progress(job_id: str) -> None:
+    for kind, _entry_id, item in _bus().follow(job_id):
+        if kind == "logs":
+            print(f"[{item['stream']}] {item['line']}", file=sys.stderr, flush=True)
+        elif item.get("type") == "status":
+            print(f"status: {item['status']}", file=sys.stderr, flush=True)
+        else:
+            print(f"event: {json.dumps(item)}", file=sys.stderr, flush=True)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    bus = _bus()
+    entries = (e for kind, _id, e in bus.follow(args.id) if kind == "logs") if args.follow else (
+        e for _id, e in bus.read_logs(args.id))
+    for entry in entries:
+        print(f"[{entry['stream']}] {entry['line']}", flush=True)
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    import redis
+
+    from sandbox.state import JobStore
+
+    settings = load_settings()
+    print(json.dumps(JobStore(redis.Redis.from_url(settings.redis_url)).get(args.id), indent=2))
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from tasks import app
+
+    answer = app.send_task("sandbox.cancel", args=[args.id]).get(timeout=60)
+    print(json.dumps(answer, indent=2))
+    return EXIT_OK if answer.get("cancelled") else EXIT_FAILED
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(json.dumps(load_settings().redacted(), indent=2, default=list))
+    return EXIT_OK
+
+
+COMMANDS = {"submit": _submit, "show": _show, "validate": _validate, "cancel": _cancel, "logs": _logs,
+            "config": _config}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The five stages (create, prepare, execute, collect, cleanup) as plain functions over services.
+
+Every stage is idempotent: Celery may deliver it twice. A stage on a job that already ended does
+nothing, except cleanup, which always destroys whatever sandbox the record names.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from config.settings import Settings
+from sandbox.errors import JobRejected, PlacementError, SandboxError
+from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
+from sandbox.spec import JobSpec, job_id_of, parse_job
+from sandbox.state import JobRecord, JobStatus, JobStore, new_record
+
+log = logging.getLogger("sandbox.lifecycle")
+audit = logging.getLogger("sandbox.audit")
+
+STAGES = ("create", "prepare", "execute", "collect", "cleanup")
+_OUTCOME_STATUS = {s.value: s for s in JobStatus}
+
+
+@dataclass
+class Services:
+    """What the stages work with; built once per worker process by config.wiring."""
+
+    settings: Settings
+    store: JobStore
+    runtime: Runtime
+    artifacts: Any  # sandbox.storage.ArtifactStore
+    events: Any  # sandbox.events.EventBus
+    host: str
+
+
+def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
+    """Validate and record a job; True when the caller should start its stages."""
+    try:
+        spec = parse_job(raw, svc.settings)
+    except JobRejected as rejection:
+        return _reject(svc, raw, rejection), False
+    record = new_record(spec.id, JobStatus.QUEUED)
+    record["submit_task_id"] = task_id
+    if svc.store.create(record, spec.to_dict()):
+        return record, True
+    existing = svc.store.get(spec.id)
+    redelivered = existing["submit_task_id"] == task_id and existing["status"] == JobStatus.QUEUED.value
+    return existing, redelivered
+
+
+def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
+    job_id = job_id_of(raw) or f"rejected-{uuid.uuid4().hex}"
+    record = new_record(job_id, JobStatus.REJECTED)
+    record["error"] = rejection.as_dict()
+    record["finished_at"] = record["created_at"]
+    event = {"type": "rejected", "field": rejection.field, "rule": rejection.rule,
+             "detail": rejection.message, "at": time.time()}
+    record["security_events"].append(event)
+    audit.warning("job rejected", extra={"event": {"job_id": job_id, **event}})
+    if not svc.store.create(record):
+        # The id belongs to an earlier job: answer with the rejection, never overwrite that job.
+        return record
+    svc.events.publish(job_id, {"type": "security", **event})
+    return record
+
+
+def create(svc: Services, job_id: str) -> None:
+    """Make the job's sandbox on this host and remember its handle."""
+    record = _begin(svc, job_id, "create", JobStatus.CREATING)
+    if record is None:
+        return
+    spec = _spec(svc, job_id)
+    handle = svc.runtime.create(spec, svc.host)
+    svc.store.update(job_id, lambda r: r.update(sandbox=handle.to_dict()))
+    _finish_stage(svc, job_id, "create")
+
+
+def prepare(svc: Services, job_id: str) -> None:
+    """Write every input file (inline or streamed from R2) into the sandbox's workspace."""
+    record = _begin(svc, job_id, "prepare", JobStatus.PREPARING)
+    if record is None:
+        return
+    handle = _owned_handle(svc, record)
+    for f in _spec(svc, job_id).files:
+        if f.content is not None:
+            svc.runtime.put_file(handle, f.path, io.BytesIO(f.content), f.mode)
+        else:
+            body = svc.artifacts.open_input(f.r2_key, job_id)
+            try:
+                svc.runtime.put_file(handle, f.path, body, f.mode)
+            finally:
+                body.close()
+    _finish_stage(svc, job_id, "prepare")
+
+
+def execute(svc: Services, job_id: str, token: str) -> None:
+    """Run the command exactly once; its ending is recorded as the job's outcome."""
+    record = _begin(svc, job_id, "execute", JobStatus.RUNNING)
+    if record is None or record.get("outcome"):
+        return
+    handle = _owned_handle(svc, record)
+    if not svc.store.claim_execution(job_id, token):
+        # A redelivered execute: the earlier attempt's worker died while the command ran.
+        result = ExecResult(outcome="error", exit_code=None, signal=None, duration_s=0.0,
+                            reason="the worker was lost while the command ran; it is never run twice")
+    else:
+        sink = svc.events.log_sink(job_id)
+        try:
+            result = svc.runtime.execute(handle, _spec(svc, job_id), sink)
+        finally:
+            sink.close()
+    _record_outcome(svc, job_id, result)
+    _finish_stage(svc, job_id, "execute")
+
+
+def _record_outcome(svc: Services, job_id: str, result: ExecResult) -> None:
+    def change(r: JobRecord) -> None:
+        r["outcome"] = result.to_dict()
+        r["exit_code"], r["signal"] = result.exit_code, result.signal
+        r["resources_used"] = result.resources_used
+        r["output_truncated"] = {"stdout": result.stdout_truncated, "stderr": result.stderr_truncated}
+        if result.outcome == "error":
+            r["error"] = {"code": "execute", "message": result.reason, "field": None}
+
+    svc.store.update(job_id, change)
+    svc.store.add_security_events(job_id, result.security_events)
+
+
+def collect(svc: Services, job_id: str) -> None:
+    """Upload logs and every collected file to R2, each with a presigned download URL."""
+    record = svc.store.get(job_id)
+    if record.get("outcome") is None:
+        return
+    if not JobStatus(record["status"]).terminal:
+        _begin(svc, job_id, "collect", JobStatus.COLLECTING)
+    handle = _owned_handle(svc, record)
+    logs = [_upload(svc, job_id, f"jobs/{job_id}/logs/{name}.log", fh, None)
+            for name, fh in svc.runtime.logs(handle).items()]
+    spec = _spec(svc, job_id)
+    artifacts = [_upload(svc, job_id, _output_key(job_id, f.relpath), f.open(), f.size, path=f.relpath)
+                 for f in svc.runtime.collect(handle, spec.collect)]
+    skipped = list(getattr(svc.runtime, "last_skipped", lambda h: [])(handle))
+    svc.store.update(job_id, lambda r: r.update(logs=logs, artifacts=artifacts, skipped_outputs=skipped))
+    _finish_stage(svc, job_id, "collect")
+
+
+def _output_key(job_id: str, relpath: str) -> str:
+    top = relpath.split("/", 1)[0]
+    return f"jobs/{job_id}/{relpath}" if top in ("output", "artifacts") else f"jobs/{job_id}/artifacts/{relpath}"
+
+
+def _upload(svc: Services, job_id: str, key: str, fh: Any, size: int | None, path: str | None = None) -> dict:
+    try:
+        written = svc.artifacts.upload(key, fh, job_id, size=size)
+    finally:
+        fh.close()
+    entry = {"key": key, "size": written, "url": svc.artifacts.presign_get(key, job_id)}
+    if path is not None:
+        entry["path"] = path
+    return entry
+
+
+def cleanup(svc: Services, job_id: str) -> JobRecord:
+    """Destroy the sandbox (always) and write the job's one terminal status."""
+    record = svc.store.get(job_id)
+    if not JobStatus(record["status"]).terminal:
+        _begin(svc, job_id, "cleanup", JobStatus.CLEANING)
+    _destroy(svc, record)
+    outcome = (record.get("outcome") or {}).get("outcome", "error")
+    status = JobStatus.CANCELLED if record.get("cancel_requested") else _OUTCOME_STATUS[outcome]
+    svc.store.transition(job_id, status)
+    _finish_stage(svc, job_id, "cleanup")
+    return svc.store.get(job_id)
+
+
+def fail(svc: Services, job_id: str, stage: str, exc: BaseException) -> JobRecord | None:
+    """The errback: a stage failed for good, so destroy the sandbox and end the job as `error`."""
+    record = svc.store.find(job_id)
+    if record is None:
+        return None
+    _destroy(svc, record)
+    code = exc.code if isinstance(exc, SandboxError) else "internal"
+    error = {"code": code, "message": f"{stage} failed: {type(exc).__name__}: {str(exc)[:2000]}",
+             "field": None, "stage": stage}
+    status = JobStatus.CANCELLED if record.get("cancel_requested") else JobStatus.ERROR
+    if not JobStatus(record["status"]).terminal:
+        svc.store.transition(job_id, status, error=error)
+    return svc.store.get(job_id)
+
+
+def cancel(svc: Services, job_id: str) -> dict[str, Any]:
+    """Stop a job at any stage; a finished job is left as it is, and the answer says so."""
+    record = svc.store.find(job_id)
+    if record is None:
+        return {"job_id": job_id, "cancelled": False, "status": None, "message": "no such job"}
+    if JobStatus(record["status"]).terminal:
+        return {"job_id": job_id, "cancelled": False, "status": record["status"],
+                "message": f"job already ended as {record['status']}; nothing changed"}
+    svc.store.update(job_id, lambda r: r.update(cancel_requested=True))
+    record = svc.store.transition(job_id, JobStatus.CANCELLED,
+                                  error={"code": "cancelled", "message": "cancelled on request", "field": None})
+    answer = {"job_id": job_id, "cancelled": True, "status": record["status"], "message": "cancelled",
+              "kill_on": None}
+    if record.get("sandbox"):
+        handle = SandboxHandle.from_dict(record["sandbox"])
+        if handle.host == svc.host:
+            svc.runtime.kill(handle)
+        else:
+            answer["kill_on"] = handle.host  # the caller routes a kill to the sandbox's own host
+    return answer
+
+
+def kill(svc: Services, job_id: str) -> None:
+    """Kill the job's running sandbox on this host (the second half of a cancel)."""
+    record = svc.store.get(job_id)
+    if record.get("sandbox"):
+        svc.runtime.kill(_owned_handle(svc, record))
+
+
+def _destroy(svc: Services, record: JobRecord) -> None:
+    if record.get("sandbox"):
+        svc.runtime.destroy(SandboxHandle.from_dict(record["sandbox"]))
+
+
+def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobRecord | None:
+    """Mark a stage started; None when the job already ended (cancelled) and the stage should skip."""
+    now = time.time()
+
+    def change(r: JobRecord) -> None:
+        entry = r["stages"].setdefault(stage, {"attempts": 0})
+        entry.update(host=svc.host, started_at=now, attempts=entry["attempts"] + 1)
+
+    svc.store.update(job_id, change)
+    record = svc.store.transition(job_id, status)
+    return None if JobStatus(record["status"]).terminal else record
+
+
+def _finish_stage(svc: Services, job_id: str, stage: str) -> None:
+    now = time.time()
+
+    def change(r: JobRecord) -> None:
+        entry = r["stages"].setdefault(stage, {"attempts": 1, "host": svc.host, "started_at": now})
+        entry.update(finished_at=now, duration_s=round(now - entry["started_at"], 6))
+
+    svc.store.update(job_id, change)
+
+
+def _owned_handle(svc: Services, record: JobRecord) -> SandboxHandle:
+    if not record.get("sandbox"):
+        raise PlacementError(f"job {record['id']} has no sandbox")
+    handle = SandboxHandle.from_dict(record["sandbox"])
+    if handle.host != svc.host:
+        raise PlacementError(f"sandbox {handle.sandbox_id} lives on {handle.host}, not on {svc.host}")
+    return handle
+
+
+def _spec(svc: Services, job_id: str) -> JobSpec:
+    return JobSpec.from_dict(svc.store.spec(job_id))

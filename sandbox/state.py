@@ -1,0 +1,198 @@
+"""Job status, the job record, and the Redis job store that keeps them."""
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from typing import Any, Callable, Iterator, Protocol
+
+import redis
+
+from sandbox.errors import JobNotFound
+
+
+class JobStatus(str, Enum):
+    """A job's place in its life; the last seven are terminal."""
+
+    QUEUED = "queued"
+    CREATING = "creating"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    COLLECTING = "collecting"
+    CLEANING = "cleaning"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    OOM_KILLED = "oom_killed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.OOM_KILLED,
+     JobStatus.CANCELLED, JobStatus.REJECTED, JobStatus.ERROR}
+)
+_ORDER = [JobStatus.QUEUED, JobStatus.CREATING, JobStatus.PREPARING, JobStatus.RUNNING,
+          JobStatus.COLLECTING, JobStatus.CLEANING]
+
+JobRecord = dict[str, Any]
+
+
+class EventPublisher(Protocol):
+    """Where status and security events go (sandbox.events.EventBus in production)."""
+
+    def publish(self, job_id: str, event: dict[str, Any]) -> None: ...
+
+
+class NullPublisher:
+    """Publishes nothing; for tools that only read."""
+
+    def publish(self, job_id: str, event: dict[str, Any]) -> None:
+        return None
+
+
+def new_record(job_id: str, status: JobStatus, now: float | None = None) -> JobRecord:
+    """A fresh record in `status`."""
+    now = time.time() if now is None else now
+    return {
+        "id": job_id, "status": status.value, "exit_code": None, "signal": None, "error": None,
+        "created_at": now, "updated_at": now, "finished_at": None,
+        "timeline": [{"status": status.value, "at": now}],
+        "stages": {}, "resources_used": {}, "artifacts": [], "logs": [], "skipped_outputs": [],
+        "security_events": [], "webhook_deliveries": [], "output_truncated": {},
+        "cancel_requested": False, "sandbox": None, "outcome": None, "submit_task_id": None,
+    }
+
+
+def record_key(job_id: str) -> str:
+    return f"sandbox:job:{job_id}"
+
+
+def spec_key(job_id: str) -> str:
+    return f"sandbox:job:{job_id}:spec"
+
+
+def claim_key(job_id: str) -> str:
+    return f"sandbox:job:{job_id}:exec-claim"
+
+
+ACTIVE_SET = "sandbox:jobs:active"
+
+
+class JobStore:
+    """Job records in Redis: created once per id, changed atomically, terminal exactly once."""
+
+    def __init__(self, client: redis.Redis, events: EventPublisher | None = None, ttl_s: int = 604800) -> None:
+        self.redis = client
+        self.events = events or NullPublisher()
+        self.ttl_s = ttl_s
+
+    def create(self, record: JobRecord, spec: dict[str, Any] | None = None) -> bool:
+        """Store a new record; False if one already exists for the id (idempotent submit)."""
+        key = record_key(record["id"])
+        if not self.redis.set(key, json.dumps(record), nx=True, ex=self.ttl_s):
+            return False
+        pipe = self.redis.pipeline()
+        if spec is not None:
+            pipe.set(spec_key(record["id"]), json.dumps(spec), ex=self.ttl_s)
+        if not JobStatus(record["status"]).terminal:
+            pipe.zadd(ACTIVE_SET, {record["id"]: record["created_at"]})
+        pipe.execute()
+        self._publish_status(record)
+        return True
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = self.redis.get(record_key(job_id))
+        if raw is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return json.loads(raw)
+
+    def find(self, job_id: str) -> JobRecord | None:
+        try:
+            return self.get(job_id)
+        except JobNotFound:
+            return None
+
+    def spec(self, job_id: str) -> dict[str, Any]:
+        raw = self.redis.get(spec_key(job_id))
+        if raw is None:
+            raise JobNotFound(f"no stored spec for job {job_id!r}")
+        return json.loads(raw)
+
+    def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
+        """Apply `change` to the record atomically (optimistic WATCH/MULTI, retried on conflict)."""
+        key = record_key(job_id)
+        result: dict[str, Any] = {}
+
+        def apply(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(key)
+            if raw is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            record = json.loads(raw)
+            before = record["status"]
+            change(record)
+            record["updated_at"] = time.time()
+            pipe.multi()
+            pipe.set(key, json.dumps(record), keepttl=True)
+            if JobStatus(record["status"]).terminal:
+                pipe.zrem(ACTIVE_SET, job_id)
+            result["record"], result["before"] = record, before
+
+        self.redis.transaction(apply, key)
+        record = result["record"]
+        if record["status"] != result["before"]:
+            self._publish_status(record)
+        return record
+
+    def transition(self, job_id: str, status: JobStatus, **fields: Any) -> JobRecord:
+        """Move a non-terminal job forward to `status`; a terminal record never changes again."""
+
+        def change(record: JobRecord) -> None:
+            current = JobStatus(record["status"])
+            if current.terminal:
+                return
+            if not status.terminal and _ORDER.index(status) < _ORDER.index(current):
+                return
+            if status != current:
+                now = time.time()
+                record["status"] = status.value
+                record["timeline"].append({"status": status.value, "at": now})
+                if status.terminal:
+                    record["finished_at"] = now
+            record.update(fields)
+
+        return self.update(job_id, change)
+
+    def add_security_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
+        """Append security events to the record and publish each one."""
+        if not events:
+            return
+        self.update(job_id, lambda r: r["security_events"].extend(events))
+        for event in events:
+            self.events.publish(job_id, {"type": "security", **event})
+
+    def claim_execution(self, job_id: str, token: str) -> bool:
+        """True exactly once per job: the command is never started twice."""
+        return bool(self.redis.set(claim_key(job_id), token, nx=True, ex=self.ttl_s))
+
+    def active_ids(self, older_than: float | None = None) -> list[str]:
+        """Ids of jobs not yet terminal, optionally only those created before `older_than`."""
+        upper = "+inf" if older_than is None else older_than
+        return [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrangebyscore(ACTIVE_SET, "-inf", upper)]
+
+    def iter_records(self) -> Iterator[JobRecord]:
+        for key in self.redis.scan_iter(match="sandbox:job:*", count=500):
+            name = key.decode() if isinstance(key, bytes) else key
+            if name.count(":") == 2:
+                record = self.find(name.split(":", 2)[2])
+                if record:
+                    yield record
+
+    def _publish_status(self, record: JobRecord) -> None:
+        self.events.publish(record["id"], {"type": "status", "status": record["status"],
+                                           "detail": (record.get("error") or {}).get("message")})

@@ -1,0 +1,117 @@
+"""Shared fixtures: a real Redis, a real SeaweedFS S3 server and real Celery worker processes."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.support.seaweed import SeaweedUnavailable, seaweed_server
+from tests.support.services import RedisServer, Worker
+
+E2E_COMMANDS = "ls,cat,grep,curl,wget,python3,sleep"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(session_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture()
+def redis_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture(scope="session")
+def s3(session_dir: Path) -> Iterator[Any]:
+    try:
+        with seaweed_server(session_dir / "s3") as server:
+            yield server
+    except SeaweedUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def stack_env(redis_url: str, s3: Any, session_dir: Path) -> dict[str, str]:
+    """SANDBOX_* variables of the test stack; workers and the tests' own Settings share them."""
+    work = session_dir / "work"
+    work.mkdir(exist_ok=True)
+    return {
+        "SANDBOX_REDIS_URL": redis_url,
+        **s3.env(),
+        "SANDBOX_WORK_DIR": str(work),
+        "SANDBOX_ALLOWED_COMMANDS": E2E_COMMANDS,
+        "SANDBOX_DEFAULT_TIMEOUT": "30",
+        "SANDBOX_MAX_TIMEOUT": "600",
+        "SANDBOX_DEFAULT_MEMORY": "256Mi",
+        "SANDBOX_DEFAULT_DISK": "64Mi",
+    }
+
+
+@pytest.fixture(scope="session")
+def celery_client(redis_url: str) -> Celery:
+    """A client-side Celery app, as the Node.js API or the CLI would be: it only sends and waits."""
+    app = Celery("client", broker=redis_url, backend=redis_url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    result_accept_content=["json"], task_default_queue="sandbox")
+    return app
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], celery_client: Celery, session_dir: Path) -> Iterator[Worker]:
+    proc = Worker(stack_env, node="w1@host-a", log_path=session_dir / "worker-a.log")
+    proc.start(celery_client)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def submit(celery_client: Celery, worker: Worker) -> Callable[..., dict]:
+    """Send a job through sandbox.submit and wait for its final record."""
+
+    def run(job: dict | str, timeout_s: float = 120) -> dict:
+        payload = job if isinstance(job, str) else json.dumps(job)
+        result = celery_client.send_task("sandbox.submit", args=[payload])
+        try:
+            return result.get(timeout=timeout_s)
+        except Exception:
+            print(worker.tail(80))
+            raise
+
+    return run
+
+
+def new_job_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30, interval_s: float = 0.05) -> Any:
+    """Poll until `predicate` returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"condition not met within {timeout_s} s")
