@@ -1,0 +1,469 @@
+"""ArtifactStore: job inputs, outputs, logs and artifacts in R2 (or any S3 endpoint) through boto3.
+
+Layout: jobs/{job-id}/{input,output,logs,artifacts}/..., templates/..., shared/...
+Every object operation is audited; botocore errors are translated here, at the edge.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import io
+import ipaddress
+import json
+import logging
+import os
+import threading
+from typing import IO, Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
+
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import ParamValidationError, ResponseStreamingError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from sandbox.errors import ConfigError, StorageError, StorageUnavailable
+
+audit_log = logging.getLogger("sandbox.audit")
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+PART_BYTES = 8 * MIB            # multipart part size (R2: all parts equal except the last; min 5 MiB)
+MAX_PARTS = 10_000              # S3 and R2 limit per multipart upload
+PRESIGN_MAX_S = 7 * 24 * 3600   # R2 and S3 SigV4 limit
+CATEGORIES = ("input", "output", "logs", "artifacts")
+DEFAULT_RETENTION_DAYS = {"input": 7, "output": 30, "logs": 30, "artifacts": 30}
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "ServiceUnavailable", "InternalError", "TooManyRequests"}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+_TRANSPORT_ERRORS = (BotoConnectionError, ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)
+
+# One boto3 client per process: clients are not fork-safe (pooled sockets), so the cache is
+# emptied in every child and each worker process builds its own on first use.
+_clients: dict[tuple[str, str, str], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def retention_from_settings(settings: Any) -> dict[str, int]:
+    """Retention days per category from SANDBOX_RETENTION_DAYS_* (read leniently until settings carry them)."""
+    return {cat: int(getattr(settings, f"retention_days_{cat}", DEFAULT_RETENTION_DAYS[cat])) for cat in CATEGORIES}
+
+
+def _sse_c_key(settings: Any) -> bytes | None:
+    raw = getattr(settings, "r2_sse_c_key", "") or ""
+    if not raw:
+        return None
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ConfigError("SANDBOX_R2_SSE_C_KEY", "must be base64 of 32 random bytes") from e
+    if len(key) != 32:
+        raise ConfigError("SANDBOX_R2_SSE_C_KEY", f"must decode to 32 bytes, not {len(key)}")
+    return key
+
+
+def _checked_endpoint(settings: Any) -> str:
+    endpoint = settings.s3_endpoint
+    if not settings.r2_endpoint and not settings.cloudflare_account_id:
+        raise ConfigError("SANDBOX_CLOUDFLARE_ACCOUNT_ID", "set it (or SANDBOX_R2_ENDPOINT) to reach object storage")
+    parsed = urlparse(endpoint)
+    if parsed.scheme != "https" and not _is_loopback(parsed.hostname or ""):
+        raise ConfigError("SANDBOX_R2_ENDPOINT", "must be https:// (plain http only on loopback)")
+    if not (settings.cloudflare_access_key and settings.cloudflare_secret_key):
+        raise ConfigError("SANDBOX_CLOUDFLARE_ACCESS_KEY", "object storage needs an access key and a secret key")
+    return endpoint
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_key(key: str) -> str:
+    """The key unchanged if it is a safe object key, else StorageError (keys may carry job-chosen names)."""
+    if not isinstance(key, str) or not key or len(key.encode("utf-8", "surrogatepass")) > 1024:
+        raise StorageError(f"object key must be 1..1024 bytes: {key!r:.80}")
+    parts = key.split("/")
+    if key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+        raise StorageError(f"object key has an empty, '.' or '..' segment: {key!r:.200}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        raise StorageError(f"object key contains control characters: {key!r:.200}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise StorageError(f"object key is not valid UTF-8: {key!r:.200}") from e
+    return key
+
+
+def category_of(key: str) -> str | None:
+    """'input'/'output'/'logs'/'artifacts' for jobs/{id}/{cat}/..., 'templates'/'shared' at the top."""
+    parts = key.split("/")
+    if parts[0] == "jobs":
+        return parts[2] if len(parts) > 3 and parts[2] in CATEGORIES else None
+    return parts[0] if len(parts) > 1 and parts[0] in ("templates", "shared") else None
+
+
+class ArtifactStore:
+    """Objects of jobs in one bucket, with audit events for every put, get, delete and presign."""
+
+    def __init__(self, settings: Any, actor: str, audit: Callable[[dict], None] | None = None,
+                 max_attempts: int = 5, upload_attempts: int = 3, timeout_s: float = 30.0) -> None:
+        self._settings = settings
+        self._endpoint = _checked_endpoint(settings)
+        self._sse_key = _sse_c_key(settings)
+        self.bucket: str = settings.r2_bucket
+        self.actor = actor
+        self._audit = audit
+        self._max_attempts = max_attempts        # botocore standard-mode attempts per HTTP call
+        self._upload_attempts = upload_attempts  # tenacity attempts for a whole (seekable) upload
+        self._timeout_s = timeout_s
+
+    # -- client and edge ---------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """This process's boto3 client, created on first use (after any fork)."""
+        ident = (self._endpoint, self._settings.cloudflare_access_key, f"{self._max_attempts}/{self._timeout_s}")
+        with _clients_lock:
+            client = _clients.get(ident)
+            if client is None:
+                client = _clients[ident] = self._new_client()
+            return client
+
+    def _new_client(self) -> Any:
+        import boto3  # imported late so that importing the domain never pays for it
+        from botocore.config import Config
+
+        config = Config(
+            region_name="auto", signature_version="s3v4",
+            retries={"mode": "standard", "max_attempts": self._max_attempts},
+            connect_timeout=min(self._timeout_s, 10.0), read_timeout=self._timeout_s,
+            request_checksum_calculation="when_required", response_checksum_validation="when_required",
+            s3={"addressing_style": "path"}, tcp_keepalive=True,
+        )
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self._endpoint, config=config,
+            aws_access_key_id=self._settings.cloudflare_access_key,
+            aws_secret_access_key=self._settings.cloudflare_secret_key,
+        )
+
+    def _sse(self) -> dict[str, Any]:
+        if self._sse_key is None:
+            return {}
+        return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": self._sse_key}
+
+    def _translate(self, e: Exception, what: str) -> Exception:
+        """A StorageUnavailable (transient) or StorageError (permanent) for a botocore failure."""
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status >= 500 or status == 429 or code in _THROTTLE_CODES:
+                return StorageUnavailable(f"{what}: object store unavailable ({code or status})")
+            if code in _MISSING_CODES:
+                return StorageError(f"{what}: no such object or bucket ({code})")
+            if self._sse_key is not None and (status in (400, 403) or code in _DENIED_CODES):
+                return StorageError(f"{what}: refused ({code or status}); the SSE-C key may not match "
+                                    "the key the object was written with, or the credentials lack access")
+            if code in _DENIED_CODES or status == 403:
+                return StorageError(f"{what}: access denied ({code}); check the access key, secret and bucket")
+            if code == "InvalidArgument" and "customer key" in str(err.get("Message", "")).lower():
+                return StorageError(f"{what}: the object is SSE-C encrypted and no SANDBOX_R2_SSE_C_KEY is set")
+            return StorageError(f"{what}: refused ({code or status}: {err.get('Message', '')})")
+        if isinstance(e, _TRANSPORT_ERRORS):
+            return StorageUnavailable(f"{what}: object store unreachable ({type(e).__name__})")
+        if isinstance(e, ParamValidationError):
+            return StorageError(f"{what}: invalid request ({e})")
+        return StorageUnavailable(f"{what}: {type(e).__name__}: {e}")
+
+    def _emit(self, op: str, job_id: str | None, key: str, size: int | None, outcome: str, **extra: Any) -> None:
+        event = {"op": op, "job_id": job_id, "key": key, "size": size, "actor": self.actor,
+                 "outcome": outcome, "at": dt.datetime.now(dt.timezone.utc).isoformat(), **extra}
+        audit_log.info(json.dumps(event, sort_keys=True, default=str))
+        if self._audit is not None:
+            self._audit(event)
+
+    @staticmethod
+    def _outcome(e: Exception) -> str:
+        return "unavailable" if isinstance(e, StorageUnavailable) else "error"
+
+    # -- buckets -------------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (local stack and tests; R2 buckets are made by hand)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._translate(e, f"head bucket {self.bucket}") from e
+        except (BotoCoreError, Urllib3Error, OSError) as e:
+            raise self._translate(e, f"head bucket {self.bucket}") from e
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._translate(e, f"create bucket {self.bucket}") from e
+        except (BotoCoreError, Urllib3Error, OSError) as e:
+            raise self._translate(e, f"create bucket {self.bucket}") from e
+
+    # -- objects ---------------------------------------------------------------------------------
+
+    def open_input(self, key: str, job_id: str) -> IO[bytes]:
+        """A streaming reader for an input object under jobs/{job_id}/input/, templates/ or shared/."""
+        check_key(key)
+        if not key.startswith((f"jobs/{job_id}/input/", "templates/", "shared/")):
+            self._emit("get", job_id, key, None, "denied")
+            raise StorageError(f"input key {key!r:.200} is outside jobs/{job_id}/input/, templates/ and shared/")
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, **self._sse())
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            err = self._translate(e, f"get {key}")
+            self._emit("get", job_id, key, None, self._outcome(err))
+            raise err from e
+        size = int(resp.get("ContentLength") or 0)
+        self._emit("get", job_id, key, size, "ok")
+        return io.BufferedReader(_Body(resp["Body"], self, key), buffer_size=1 * MIB)
+
+    def upload(self, key: str, fileobj: IO[bytes], job_id: str, size: int | None = None) -> int:
+        """Stream fileobj to key; returns the bytes stored. Never leaves a partial object behind."""
+        check_key(key)
+        start = _tell(fileobj)
+        attempts = self._upload_attempts if start is not None else 1
+        try:
+            for attempt in Retrying(
+                # Why tenacity on top of botocore: botocore retries each HTTP call, but when a part
+                # fails for good the upload id is aborted and the whole object must be re-sent;
+                # that is only possible when the source can be rewound.
+                retry=retry_if_exception_type(StorageUnavailable), stop=stop_after_attempt(attempts),
+                wait=wait_exponential(multiplier=0.5, max=8), reraise=True,
+            ):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        log.warning("retrying upload of %s (attempt %d)", key, attempt.retry_state.attempt_number)
+                        fileobj.seek(start)  # type: ignore[arg-type]
+                    stored = self._upload_once(key, fileobj, size)
+        except (StorageError, StorageUnavailable) as e:
+            self._emit("put", job_id, key, size, self._outcome(e))
+            raise
+        self._emit("put", job_id, key, stored, "ok")
+        return stored
+
+    def _upload_once(self, key: str, fileobj: IO[bytes], size: int | None) -> int:
+        part_bytes = PART_BYTES if size is None else max(PART_BYTES, -(-size // MAX_PARTS // MIB) * MIB)
+        first = _read_exactly(fileobj, part_bytes)
+        if len(first) < part_bytes:
+            _check_size(key, size, len(first))
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=first, **self._sse())
+            except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+                raise self._translate(e, f"put {key}") from e
+            return len(first)
+        return self._multipart(key, fileobj, first, part_bytes, size)
+
+    def _multipart(self, key: str, fileobj: IO[bytes], first: bytes, part_bytes: int, size: int | None) -> int:
+        try:
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._sse())["UploadId"]
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            raise self._translate(e, f"start multipart {key}") from e
+        parts, total, chunk = [], 0, first
+        try:
+            while chunk:
+                if len(parts) >= MAX_PARTS:
+                    raise StorageError(f"put {key}: more than {MAX_PARTS} parts of {part_bytes} bytes")
+                number = len(parts) + 1
+                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                               PartNumber=number, Body=chunk, **self._sse())
+                parts.append({"ETag": resp["ETag"], "PartNumber": number})
+                total += len(chunk)
+                chunk = _read_exactly(fileobj, part_bytes) if len(chunk) == part_bytes else b""
+            _check_size(key, size, total)
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+            return total
+        except BaseException as e:
+            self._abort(key, upload_id)
+            if isinstance(e, (ClientError, BotoCoreError, Urllib3Error, OSError)):
+                raise self._translate(e, f"multipart put {key}") from e
+            raise
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        # Best effort: if the store is down this fails too; the bucket's AbortIncompleteMultipartUpload
+        # rule and sweep_expired() remove the orphan. An unfinished upload is never a visible object.
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            log.warning("could not abort multipart upload of %s: %s", key, type(e).__name__)
+
+    def presign_get(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
+        """A presigned GET URL for key, valid ttl_s seconds (1 s..7 days; default from settings)."""
+        check_key(key)
+        ttl = int(self._settings.presign_ttl_s if ttl_s is None else ttl_s)
+        if not 1 <= ttl <= PRESIGN_MAX_S:
+            raise StorageError(f"presign ttl must lie between 1 and {PRESIGN_MAX_S} seconds, not {ttl}")
+        try:
+            # With SSE-C the key headers are signed in; the downloader must send them too.
+            url = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key, **self._sse()}, ExpiresIn=ttl)
+        except (ClientError, BotoCoreError) as e:
+            self._emit("presign", job_id, key, None, "error", ttl_s=ttl)
+            raise self._translate(e, f"presign {key}") from e
+        self._emit("presign", job_id, key, None, "ok", ttl_s=ttl)  # the URL itself is never logged
+        return url
+
+    def list_keys(self, prefix: str) -> Iterator[dict]:
+        """Every object under prefix: {key, size, last_modified} (aware UTC datetime)."""
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    yield {"key": obj["Key"], "size": int(obj["Size"]),
+                           "last_modified": obj["LastModified"].astimezone(dt.timezone.utc)}
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            raise self._translate(e, f"list {prefix}") from e
+
+    def delete_keys(self, keys: Iterable[str], job_id: str | None) -> int:
+        """Delete keys (batches of 1000); returns how many were deleted."""
+        batch: list[str] = []
+        deleted = 0
+        for key in keys:
+            batch.append(check_key(key))
+            if len(batch) == 1000:
+                deleted += self._delete_batch(batch, job_id)
+                batch = []
+        if batch:
+            deleted += self._delete_batch(batch, job_id)
+        return deleted
+
+    def _delete_batch(self, keys: list[str], job_id: str | None) -> int:
+        try:
+            resp = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": False})
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            err = self._translate(e, f"delete {len(keys)} keys")
+            for key in keys:
+                self._emit("delete", job_id, key, None, self._outcome(err))
+            raise err from e
+        failed = {err.get("Key"): err.get("Code") for err in resp.get("Errors", ())}
+        for key in keys:
+            self._emit("delete", job_id, key, None, "error" if key in failed else "ok")
+        if failed:
+            raise StorageError(f"delete refused for {len(failed)} keys, e.g. {next(iter(failed.items()))}")
+        return len(keys)
+
+    # -- expiry ----------------------------------------------------------------------------------
+
+    def sweep_expired(self, retention: dict[str, int], now: dt.datetime | None = None) -> int:
+        """Delete objects older than their category's retention in days; returns the count deleted."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        prefixes = ["jobs/"] + [f"{c}/" for c in ("templates", "shared") if c in retention]
+        expired: list[tuple[str, str | None]] = []
+        for prefix in prefixes:
+            for obj in self.list_keys(prefix):
+                days = retention.get(category_of(obj["key"]) or "")
+                if days is not None and obj["last_modified"] <= now - dt.timedelta(days=days):
+                    expired.append((obj["key"], _job_id_of(obj["key"])))
+        deleted = 0
+        for job_id in sorted({j or "" for _, j in expired}):
+            deleted += self.delete_keys([k for k, j in expired if (j or "") == job_id], job_id or None)
+        self._abort_stale_uploads(now)
+        return deleted
+
+    def _abort_stale_uploads(self, now: dt.datetime, older_than: dt.timedelta = dt.timedelta(days=1)) -> None:
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket)
+            for page in pages:
+                for up in page.get("Uploads", ()):
+                    if up["Initiated"].astimezone(dt.timezone.utc) <= now - older_than:
+                        self._abort(up["Key"], up["UploadId"])
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            log.warning("could not list multipart uploads: %s", self._translate(e, "list uploads"))
+
+    def apply_lifecycle(self, retention: dict[str, int]) -> None:
+        """Bucket lifecycle rules: jobs/ at the longest job retention, templates/ shared/ if given.
+
+        Lifecycle filters are prefixes, and jobs/{id}/input/ has the job id before the category,
+        so per-category retention under jobs/ is enforced by sweep_expired(), not by the bucket.
+        """
+        rules: list[dict[str, Any]] = [{"ID": "abort-incomplete-uploads", "Status": "Enabled",
+                                        "Filter": {"Prefix": ""},
+                                        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]
+        job_days = [d for c, d in retention.items() if c in CATEGORIES]
+        if job_days:
+            rules.append({"ID": "jobs", "Status": "Enabled", "Filter": {"Prefix": "jobs/"},
+                          "Expiration": {"Days": max(1, max(job_days))}})
+        for top in ("templates", "shared"):
+            if top in retention:
+                rules.append({"ID": top, "Status": "Enabled", "Filter": {"Prefix": f"{top}/"},
+                              "Expiration": {"Days": max(1, retention[top])}})
+        try:
+            self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
+                                                           LifecycleConfiguration={"Rules": rules})
+        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+            raise self._translate(e, f"lifecycle on {self.bucket}") from e
+
+
+class _Body(io.RawIOBase):
+    """A raw reader over a botocore StreamingBody that turns transport failures into storage errors."""
+
+    def __init__(self, body: Any, store: ArtifactStore, key: str) -> None:
+        self._body, self._store, self._key = body, store, key
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:  # noqa: D401 - io protocol
+        try:
+            data = self._body.read(len(buf))
+        except (BotoCoreError, Urllib3Error, OSError) as e:
+            raise self._store._translate(e, f"read {self._key}") from e
+        buf[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
+def _read_exactly(fileobj: IO[bytes], n: int) -> bytes:
+    """n bytes, or fewer only at EOF: pipes return short reads, and R2 needs equal-sized parts."""
+    chunks, have = [], 0
+    while have < n:
+        chunk = fileobj.read(n - have)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        have += len(chunk)
+    return b"".join(chunks)
+
+
+def _tell(fileobj: IO[bytes]) -> int | None:
+    try:
+        return fileobj.tell() if fileobj.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _check_size(key: str, expected: int | None, actual: int) -> None:
+    if expected is not None and expected != actual:
+        raise StorageError(f"put {key}: expected {expected} bytes but the source gave {actual}")
+
+
+def _job_id_of(key: str) -> str | None:
+    parts = key.split("/")
+    return parts[1] if parts[0] == "jobs" and len(parts) > 2 else None
