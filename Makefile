@@ -1,0 +1,52 @@
+# The two commands a newcomer needs:  `make run` (the example job end to end) and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := redis-server bubblewrap libseccomp2 iproute2
+STAMP := $(VENV)/.installed
+
+.PHONY: deps system-deps run up test test-fast bench clean
+
+deps: system-deps $(STAMP) node-deps
+
+# Debian packages the stack needs; installed only when missing (needs root, as CI is).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root (or install:$$missing)"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+node-deps:
+	@if [ -f clients/node/package-lock.json ]; then \
+	  cd clients/node && npm ci --no-audit --no-fund --loglevel=error; fi
+
+# Bring up Redis, SeaweedFS, a worker, beat and Flower; submit examples/hello.json; show its
+# logs and final record; stop everything.
+run: deps
+	$(BIN)/python devstack.py run examples/hello.json
+
+# The same stack in the foreground until Ctrl-C.
+up: deps
+	$(BIN)/python devstack.py up
+
+# The whole suite; every service it needs is started (and stopped) by the test fixtures.
+test: deps
+	$(BIN)/python -m pytest
+
+test-fast: deps
+	$(BIN)/python -m pytest tests/unit
+
+bench: deps
+	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/sandbox_start.py
+
+clean:
+	rm -rf var .pytest_cache

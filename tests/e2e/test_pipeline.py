@@ -1,0 +1,113 @@
+"""End to end: jobs through a real worker process, real Redis, real SeaweedFS and real sandboxes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import requests
+
+from sandbox.state import ACTIVE_SET
+from tests.conftest import new_job_id
+
+ROOT = Path(__file__).resolve().parents[2]
+HELLO = json.loads((ROOT / "examples" / "hello.json").read_text())
+
+
+def assert_cleaned_up(record: dict, stack_env: dict, redis_client) -> None:
+    """Its sandbox is gone and nothing in Redis claims the job still runs."""
+    work = Path(stack_env["SANDBOX_WORK_DIR"])
+    assert not [p for p in work.iterdir() if record["id"] in p.name], "sandbox directory left behind"
+    assert redis_client.zscore(ACTIVE_SET, record["id"]) is None
+    assert record["finished_at"] is not None
+
+
+def test_hello_job_succeeds_with_outputs_and_logs_in_s3(submit, stack_env, redis_client):
+    job = {**HELLO, "id": new_job_id("hello")}
+    record = submit(job)
+
+    assert record["status"] == "succeeded", record
+    assert record["exit_code"] == 0
+    assert [t["status"] for t in record["timeline"]] == [
+        "queued", "creating", "preparing", "running", "collecting", "cleaning", "succeeded"]
+    [artifact] = record["artifacts"]
+    assert artifact["key"] == f"jobs/{job['id']}/output/greeting.txt"
+    assert requests.get(artifact["url"], timeout=10).text == "Hello, sandbox!\n"
+    logs = {entry["key"].rsplit("/", 1)[1]: entry for entry in record["logs"]}
+    assert requests.get(logs["stdout.log"]["url"], timeout=10).text == "Hello, sandbox!\n"
+    assert "wrote output/greeting.txt" in requests.get(logs["stderr.log"]["url"], timeout=10).text
+    assert set(record["stages"]) == {"create", "prepare", "execute", "collect", "cleanup"}
+    assert all(stage["duration_s"] >= 0 for stage in record["stages"].values())
+    assert record["resources_used"]["cpu_seconds"] > 0
+    assert_cleaned_up(record, stack_env, redis_client)
+
+
+def test_nonzero_exit_ends_failed_with_its_exit_code(submit, stack_env, redis_client):
+    record = submit({"id": new_job_id("fail"), "command": "python3 -c 'import sys; sys.exit(3)'"})
+    assert record["status"] == "failed"
+    assert record["exit_code"] == 3
+    assert_cleaned_up(record, stack_env, redis_client)
+
+
+def test_timeout_ends_timed_out(submit, stack_env, redis_client):
+    record = submit({"id": new_job_id("slow"), "command": "sleep 30", "timeout": 1})
+    assert record["status"] == "timed_out"
+    assert_cleaned_up(record, stack_env, redis_client)
+
+
+def test_rejected_job_names_the_field_and_never_reaches_a_sandbox(submit, stack_env, redis_client):
+    job_id = new_job_id("bad")
+    record = submit({"id": job_id, "command": "cat /etc/passwd", "resources": {"memory": "lots"}})
+    assert record["status"] == "rejected"
+    assert record["error"]["field"] == "/resources/memory"
+    assert record["stages"] == {} and record["sandbox"] is None
+    assert json.loads(redis_client.get(f"sandbox:job:{job_id}"))["status"] == "rejected"
+    assert redis_client.get(f"sandbox:job:{job_id}:spec") is None
+    assert_cleaned_up(record, stack_env, redis_client)
+
+
+def test_missing_r2_input_fails_prepare_and_still_destroys_the_sandbox(submit, stack_env, redis_client):
+    job_id = new_job_id("noinput")
+    record = submit({"id": job_id, "command": "cat data.txt",
+                     "files": [{"path": "data.txt", "r2_key": f"jobs/{job_id}/input/missing.txt"}]})
+    assert record["status"] == "error"
+    assert record["error"]["stage"] == "prepare"
+    assert "missing.txt" in record["error"]["message"]
+    assert "execute" not in record["stages"]
+    assert_cleaned_up(record, stack_env, redis_client)
+
+
+def test_r2_input_is_streamed_into_the_workspace(submit, s3, stack_env, redis_client):
+    job_id = new_job_id("r2in")
+    s3.client().put_object(Bucket=s3.bucket, Key=f"jobs/{job_id}/input/data.txt", Body=b"from r2\n")
+    record = submit({"id": job_id, "command": "cat data.txt",
+                     "files": [{"path": "data.txt", "r2_key": f"jobs/{job_id}/input/data.txt"}]})
+    assert record["status"] == "succeeded", record
+    stdout = next(e for e in record["logs"] if e["key"].endswith("stdout.log"))
+    assert requests.get(stdout["url"], timeout=10).content == b"from r2\n"
+
+
+def test_same_job_id_submitted_twice_runs_once(submit, celery_client, redis_client):
+    job = {"id": new_job_id("twice"), "command": "python3 -c 'print(1)'"}
+    first = submit(job)
+    second = submit(job)
+    assert first["status"] == second["status"] == "succeeded"
+    assert second["stages"]["execute"]["attempts"] == 1
+    assert second["stages"]["execute"]["started_at"] == first["stages"]["execute"]["started_at"]
+
+
+def test_cli_submit_wait_prints_the_record_and_exits_by_status(worker, stack_env, tmp_path):
+    env = {**os.environ, **stack_env}
+    ok = subprocess.run([sys.executable, "-m", "sandbox", "submit", str(ROOT / "examples" / "hello.json"), "--wait",
+                         "--timeout", "120"], cwd=ROOT, env=env, capture_output=True, timeout=180)
+    assert ok.returncode == 0, ok.stderr.decode()
+    assert json.loads(ok.stdout)["status"] == "succeeded"
+    assert b"status: running" in ok.stderr and b"Hello, sandbox!" in ok.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"command": "python3 -c 'raise SystemExit(2)'"}))
+    failed = subprocess.run([sys.executable, "-m", "sandbox", "submit", str(bad), "--wait", "--timeout", "120"],
+                            cwd=ROOT, env=env, capture_output=True, timeout=180)
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout)["status"] == "failed"
