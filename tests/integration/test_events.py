@@ -175,10 +175,28 @@ def test_publish_stamps_seq_at_job_id_publishes_and_expires(r, job_id):
     assert 0 < r.ttl(logs_key(job_id)) <= 120
 
 
-@pytest.mark.parametrize("event", [{"type": "log", "line": "x"}, {"type": "status", "status": "done"}, {}])
-def test_publish_refuses_unknown_types_and_statuses(r, job_id, event):
+@pytest.mark.parametrize("event", [{"type": "status", "status": "done"}, {"type": "status"}, {}, {"type": ""}])
+def test_publish_refuses_unknown_statuses_and_untyped_events(r, job_id, event):
     with pytest.raises(ValueError):
         EventBus(r).publish(job_id, event)
+
+
+def test_a_finer_event_kind_goes_out_as_a_security_event(r, job_id):
+    bus = EventBus(r)
+    bus.publish(job_id, {"type": "security", **{"type": "rejected", "field": "/command"}})
+    bus.publish(job_id, {"type": "status", "status": "rejected"})
+    kinds = [(e["type"], e.get("kind")) for _id, e in bus.follow_events(job_id, block_ms=50)]
+    assert kinds == [("security", "rejected"), ("status", None)]
+
+
+def test_follow_interleaves_logs_and_events_in_arrival_order(r, job_id):
+    bus = EventBus(r)
+    bus.publish(job_id, {"type": "status", "status": "running"})
+    sink = bus.log_sink(job_id)
+    sink("stdout", b"hi\n")
+    bus.publish(job_id, {"type": "status", "status": "succeeded"})
+    got = [(kind, item.get("line") or item.get("status")) for kind, _id, item in bus.follow(job_id, block_ms=50)]
+    assert sorted(got) == sorted([("events", "running"), ("logs", "hi"), ("events", "succeeded")])
 
 
 @pytest.mark.parametrize("bad", ["a:b", "x*", "", "a" * 65, "j/../k", "ü"])
