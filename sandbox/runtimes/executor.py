@@ -1,0 +1,180 @@
+"""One run of a job's argv inside bubblewrap: spawn into the cgroup, stream capped output,
+enforce the wall clock, and decide the outcome from the cgroup's counters."""
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from sandbox.runtimes import fsutil, seccomp
+from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle
+from sandbox.spec import JobSpec
+
+if TYPE_CHECKING:
+    from sandbox.runtimes.local import LocalRuntime
+
+CHUNK = 64 * 1024  # fixed read size: worker memory stays flat whatever the job prints
+
+
+def _enter_cgroup_then_drop(procs_files: list[str], uid: int) -> Callable[[], None]:
+    """The pre-exec step: join the job's cgroup as root, then become `uid` for good, then exec bwrap."""
+    def pre_exec() -> None:
+        # Runs in the forked child before exec: only plain syscalls, no locks, no imports.
+        pid = str(os.getpid()).encode()
+        for path in procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    return pre_exec
+
+
+def _event(kind: str, detail: str) -> dict[str, Any]:
+    return {"type": kind, "detail": detail, "at": time.time()}
+
+
+class _Capture:
+    """One output stream: a capped log file outside the workspace, plus the caller's sink."""
+
+    def __init__(self, name: str, path: str, cap: int, sink: OutputSink) -> None:
+        self.name, self.cap, self.sink = name, cap, sink
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.kept = 0
+        self.seen = 0
+        self.sink_failed = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.seen += len(chunk)
+        room = self.cap - self.kept
+        if room <= 0:
+            return  # keep draining the pipe so the job does not block, but store nothing more
+        part = chunk[:room]
+        os.write(self.fd, part)
+        self.kept += len(part)
+        if not self.sink_failed:
+            try:
+                self.sink(self.name, part)
+            except Exception:  # noqa: BLE001 - a broken log feed must not break the job's run
+                self.sink_failed = True
+
+    @property
+    def truncated(self) -> bool:
+        return self.seen > self.kept
+
+    def close(self) -> None:
+        if self.truncated:
+            marker = f"\n[sandbox: {self.name} truncated: kept {self.kept} of {self.seen} bytes]\n".encode()
+            os.write(self.fd, marker)
+            if not self.sink_failed:
+                try:
+                    self.sink(self.name, marker)
+                except Exception:  # noqa: BLE001
+                    pass
+        os.close(self.fd)
+
+
+def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec: JobSpec,
+            sink: OutputSink) -> ExecResult:
+    """Run spec.argv in the sandbox at `d` and return how it ended."""
+    sid = handle.sandbox_id
+    if os.path.exists(os.path.join(d, "cancelled")):
+        return ExecResult("cancelled", None, None, 0.0, reason="cancelled before it started")
+    seccomp_fd = seccomp.filter_fd()
+    captures = {s: _Capture(s, os.path.join(d, "logs", s), rt.settings.max_log_bytes, sink)
+                for s in ("stdout", "stderr")}
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            rt.bwrap_argv(d, spec, seccomp_fd), env={}, cwd="/", stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd,),
+            preexec_fn=_enter_cgroup_then_drop(rt.cgroups.procs_files(sid), rt.settings.sandbox_uid),
+        )
+    finally:
+        os.close(seccomp_fd)
+    if os.path.exists(os.path.join(d, "cancelled")):  # kill() raced our spawn
+        rt.cgroups.kill(sid)
+    timed_out = _pump(rt, sid, proc, captures, start + spec.timeout_s)
+    returncode = proc.wait()
+    duration = time.monotonic() - start
+    rt.cgroups.kill(sid)  # nothing may outlive the run (bwrap's pid namespace should already see to it)
+    for c in captures.values():
+        c.close()
+    return _result(rt, d, meta, sid, returncode, duration, timed_out, captures)
+
+
+def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[str, _Capture],
+          deadline: float) -> bool:
+    """Copy output until both pipes close; kill the cgroup at the deadline. True if it timed out."""
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    sel.register(proc.stdout, selectors.EVENT_READ, captures["stdout"])
+    sel.register(proc.stderr, selectors.EVENT_READ, captures["stderr"])
+    timed_out = False
+    try:
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not timed_out:
+                timed_out = True
+                rt.cgroups.kill(sid)  # every writer dies, so the pipes reach EOF
+                continue
+            for key, _ in sel.select(timeout=max(0.0, min(remaining, 0.5)) if not timed_out else 0.5):
+                chunk = os.read(key.fd, CHUNK)
+                if chunk:
+                    key.data.feed(chunk)
+                else:
+                    sel.unregister(key.fileobj)
+            if proc.poll() is not None and sel.get_map():
+                rt.cgroups.kill(sid)  # bwrap is gone; a stray holder of the pipe must not keep us here
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    return timed_out
+
+
+def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, duration: float,
+            timed_out: bool, captures: dict[str, _Capture]) -> ExecResult:
+    usage = rt.cgroups.usage(sid)
+    mnt = os.path.join(d, "mnt")
+    events: list[dict[str, Any]] = []
+    oom_kills = int(usage.pop("oom_kills") or 0)
+    pids_hits = int(usage.pop("pids_max_hits") or 0)
+    usage["bytes_written"] = max(0, fsutil.used_bytes(mnt) - int(meta.get("disk_baseline_bytes", 0)))
+    cancelled = os.path.exists(os.path.join(d, "cancelled"))
+    if timed_out:
+        events.append(_event("timeout", f"wall clock limit reached after {duration:.1f}s; killed the cgroup"))
+    if oom_kills:
+        events.append(_event("oom", f"memory limit reached: the kernel killed {oom_kills} process(es)"))
+    if pids_hits:
+        events.append(_event("pids_limit", f"process limit reached {pids_hits} time(s): fork refused"))
+    if fsutil.free_bytes(mnt) < 64 * 1024:
+        events.append(_event("disk_full", f"workspace disk full ({meta.get('disk_bytes')} bytes)"))
+    for c in captures.values():
+        if c.truncated:
+            events.append(_event("output_truncated", f"{c.name}: kept {c.kept} of {c.seen} bytes"))
+    exit_code: int | None = returncode if returncode >= 0 else None
+    sig: int | None = -returncode if returncode < 0 else None
+    if cancelled:
+        outcome, reason = "cancelled", "cancelled by request"
+    elif timed_out:
+        outcome, reason = "timed_out", "wall clock timeout"
+    elif oom_kills:
+        outcome, reason = "oom_killed", "memory limit exceeded"
+        if exit_code is not None and exit_code > 128:  # bwrap relays a signal death as 128+n
+            exit_code, sig = None, exit_code - 128
+    elif returncode == 0:
+        outcome, reason = "succeeded", ""
+    else:
+        outcome, reason = "failed", f"exited with status {returncode}" if sig is None else f"killed by signal {sig}"
+    return ExecResult(
+        outcome=outcome, exit_code=exit_code, signal=sig, duration_s=duration,
+        stdout_bytes=captures["stdout"].seen, stderr_bytes=captures["stderr"].seen,
+        stdout_truncated=captures["stdout"].truncated, stderr_truncated=captures["stderr"].truncated,
+        resources_used=usage, security_events=events, reason=reason,
+    )

@@ -1,0 +1,265 @@
+"""Host-side file work for the local runtime: the sandbox's /etc, its disk image, and
+no-follow reads and writes beneath a workspace the job controlled.
+
+Everything under the workspace may have been planted by hostile code: paths are walked one
+component at a time with openat (dir_fd) and O_NOFOLLOW, and only regular files are touched.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import stat
+import subprocess
+from typing import IO, Any, Iterator
+
+from sandbox.errors import JobRejected, RuntimeUnavailable
+from sandbox.runtimes.base import OutputFile
+
+# Host files the base image needs, bound read-only on top of the synthetic /etc.
+# Never /etc/shadow, /etc/ssl/private, or anything under /root, /home, /var, /run or /tmp.
+HOST_ETC = (
+    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/mime.types",
+    "/etc/ssl/certs", "/etc/ssl/openssl.cnf", "/etc/ca-certificates.conf", "/etc/alternatives",
+    "/etc/protocols", "/etc/services",
+)
+CHUNK = 64 * 1024
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def write_etc(etc: str, uid: int) -> None:
+    """A minimal /etc: synthetic passwd/group/hosts/nsswitch plus mount points for HOST_ETC."""
+    os.makedirs(etc, 0o755)
+    files = {
+        "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nsandbox:x:{uid}:{uid}:sandbox:/workspace:/bin/sh\n",
+        "group": f"root:x:0:\nsandbox:x:{uid}:\n",
+        "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost ip6-loopback\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+        "resolv.conf": "",
+    }
+    for name, text in files.items():
+        with open(os.path.join(etc, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    for path in HOST_ETC:
+        if not os.path.exists(path):
+            continue
+        target = os.path.join(etc, os.path.relpath(path, "/etc"))
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        if os.path.isdir(path):
+            os.makedirs(target, 0o755, exist_ok=True)
+        else:
+            open(target, "w").close()
+    os.chmod(etc, 0o755)
+
+
+def make_disk(image: str, mnt: str, size_bytes: int, uid: int) -> None:
+    """A sparse ext4 image of `size_bytes`, loop-mounted nosuid,nodev at `mnt`, with workspace/ and tmp/."""
+    with open(image, "wb") as f:
+        f.truncate(size_bytes)
+    # no journal and lazy init: a scratch disk thrown away after one job needs no crash safety
+    subprocess.run(["/usr/sbin/mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+                    "-E", "nodiscard,lazy_itable_init=1", image],
+                   check=True, capture_output=True, env={"PATH": "/usr/sbin:/usr/bin"})
+    os.mkdir(mnt, 0o755)
+    done = subprocess.run(["/usr/bin/mount", "-o", "loop,nosuid,nodev", image, mnt],
+                          capture_output=True, env={"PATH": "/usr/sbin:/usr/bin"})
+    if done.returncode != 0:
+        text = done.stderr.decode(errors="replace").strip()
+        if "loop" in text.lower():  # every loop device busy: worth retrying later
+            raise RuntimeUnavailable(f"no free loop device for the workspace: {text}")
+        raise OSError(errno.EIO, f"mount of the workspace failed: {text}")
+    for sub, mode in (("workspace", 0o700), ("tmp", 0o700)):
+        path = os.path.join(mnt, sub)
+        os.mkdir(path, mode)
+        os.chown(path, uid, uid)
+    os.chmod(mnt, 0o755)  # the fs root stays root's: the job can never rename workspace/ away
+
+
+def used_bytes(mnt: str) -> int:
+    """Bytes in use on the filesystem mounted at `mnt`."""
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def free_bytes(mnt: str) -> int:
+    """Bytes still available on the filesystem mounted at `mnt`."""
+    st = os.statvfs(mnt)
+    return st.f_bavail * st.f_frsize
+
+
+def unmount(mnt: str) -> None:
+    """Unmount `mnt` (the loop device auto-clears); lazily if busy; not mounted is fine."""
+    if not os.path.ismount(mnt):
+        return
+    path = mnt.encode()
+    if _libc.umount2(path, 0) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EBUSY:
+            _libc.umount2(path, 2)  # MNT_DETACH: nothing of the job runs any more
+        elif err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, os.strerror(err), mnt)
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+    """Write JSON via a temp file and rename, so readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    """The JSON in `path`, or None if it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def touch(path: str) -> None:
+    """Create `path` if missing."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def split_relpath(relpath: str, field: str = "/files") -> list[str]:
+    """Components of a workspace-relative path; JobRejected for absolute, '..' or empty parts."""
+    parts = relpath.split("/")
+    if not relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in relpath:
+        raise JobRejected(field, "path", f"{relpath!r} is not a plain relative path")
+    return parts
+
+
+def _open_dirs(root: str, parts: list[str], create_uid: int | None) -> int:
+    """An fd on root/parts..., each step O_NOFOLLOW; missing dirs created (owned by create_uid)."""
+    fd = os.open(root, _NOFOLLOW_DIR)
+    try:
+        for part in parts:
+            if create_uid is not None:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    os.chown(part, create_uid, create_uid, dir_fd=fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+            nxt = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_beneath(root: str, relpath: str, src: IO[bytes], mode: int, uid: int) -> int:
+    """Stream `src` into root/relpath (no links followed, no special bits), chowned to `uid`."""
+    parts = split_relpath(relpath)
+    dir_fd = _open_dirs(root, parts[:-1], uid)
+    try:
+        fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o600, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JobRejected("/files", "path", f"{relpath!r} exists and is not a regular file")
+        written = 0
+        while chunk := src.read(CHUNK):
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                written += n
+        os.fchown(fd, uid, uid)
+        os.fchmod(fd, mode & 0o777)  # never setuid, setgid or sticky
+        return written
+    finally:
+        os.close(fd)
+
+
+def open_beneath(root: str, relpath: str) -> IO[bytes]:
+    """Open root/relpath for reading: every step O_NOFOLLOW, and only if it is a regular file."""
+    parts = split_relpath(relpath, "/collect")
+    dir_fd = _open_dirs(root, parts[:-1], None)
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{relpath} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+class CollectedFiles:
+    """Iterates the regular files under the collected dirs, within caps; `.skipped` says what was not."""
+
+    MAX_DEPTH = 32
+
+    def __init__(self, root: str, dirs: tuple[str, ...], max_files: int, max_file_bytes: int,
+                 max_total_bytes: int) -> None:
+        self.root = root
+        self.dirs = dirs
+        self.max_files, self.max_file_bytes, self.max_total_bytes = max_files, max_file_bytes, max_total_bytes
+        self.skipped: list[dict[str, Any]] = []  # {"path", "reason"} for each entry left out
+        self.total_bytes = 0
+        self._it = self._walk_all()
+
+    def __iter__(self) -> "CollectedFiles":
+        return self
+
+    def __next__(self) -> OutputFile:
+        return next(self._it)
+
+    def _skip(self, relpath: str, reason: str) -> None:
+        if len(self.skipped) < 1000:  # a job must not grow the worker's memory through this list
+            self.skipped.append({"path": relpath, "reason": reason})
+
+    def _walk_all(self) -> Iterator[OutputFile]:
+        count = 0
+        for top in self.dirs:
+            try:
+                fd = _open_dirs(self.root, split_relpath(top, "/collect"), None)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                self._skip(top, "symlink" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}")
+                continue
+            for item in self._walk(fd, top, 0):
+                if count >= self.max_files:
+                    self._skip(item.relpath, "max_output_files")
+                    continue
+                if item.size > self.max_file_bytes:
+                    self._skip(item.relpath, "max_output_file_bytes")
+                    continue
+                if self.total_bytes + item.size > self.max_total_bytes:
+                    self._skip(item.relpath, "max_output_bytes")
+                    continue
+                count += 1
+                self.total_bytes += item.size
+                yield item
+
+    def _walk(self, dir_fd: int, prefix: str, depth: int) -> Iterator[OutputFile]:
+        try:
+            names = sorted(os.listdir(dir_fd))
+            for name in names:
+                rel = f"{prefix}/{name}"
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+                except OSError as e:
+                    self._skip(rel, "symlink" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}")
+                    continue
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode) and depth < self.MAX_DEPTH:
+                    yield from self._walk(fd, rel, depth + 1)  # _walk closes fd
+                    continue
+                os.close(fd)
+                if stat.S_ISREG(st.st_mode):
+                    yield OutputFile(rel, st.st_size, lambda r=rel: open_beneath(self.root, r))
+                else:
+                    self._skip(rel, "not a regular file" if not stat.S_ISDIR(st.st_mode) else "too deep")
+        finally:
+            os.close(dir_fd)

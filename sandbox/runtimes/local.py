@@ -1,0 +1,236 @@
+"""LocalRuntime: a job sandbox on this host from bubblewrap, per-job cgroups, seccomp and a disk image.
+
+Every method works from a fresh process given only the SandboxHandle: all state lives on disk
+under settings.work_dir/<sandbox_id>/ (meta.json, disk.img mounted at mnt/, logs/, markers).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from typing import IO, Iterator
+
+from config.settings import Settings
+from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
+from sandbox.runtimes import cgroups, fsutil
+from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
+from sandbox.runtimes.executor import run_job
+from sandbox.spec import JobSpec
+
+BWRAP = "/usr/bin/bwrap"
+EXPIRY_MARGIN_S = 900.0  # create + prepare + collect + cleanup around the job's own timeout
+MIN_DISK_BYTES = 4 << 20  # ext4 needs room for its own metadata
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
+
+
+def sandbox_id_for(job_id: str) -> str:
+    """The sandbox id of a job: deterministic, so a redelivered create finds the same sandbox."""
+    if not _SAFE_ID.fullmatch(job_id):
+        raise JobRejected("/id", "sandbox_id", "job id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
+    return f"sbx-{job_id}"
+
+
+def _check_traversable(path: str, uid: int) -> None:
+    """bwrap runs as the sandbox uid, so it must be able to walk down to every sandbox directory."""
+    current = path
+    while True:
+        st = os.stat(current)
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            raise ConfigError("SANDBOX_WORK_DIR", f"{current} must be searchable (o+x) by SANDBOX_UID {uid}; "
+                              "use a directory like /var/lib/sandbox with mode 0711")
+        if current == "/":
+            return
+        current = os.path.dirname(current)
+
+
+class LocalRuntime:
+    """The Runtime protocol on this Linux host (bubblewrap + cgroups + seccomp + loop ext4)."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings, cgroup_root: str = "/sys/fs/cgroup") -> None:
+        self.settings = settings
+        self.work_dir = os.path.abspath(settings.work_dir)
+        if not os.access(BWRAP, os.X_OK):
+            raise SandboxFailure(f"{BWRAP} is missing: install bubblewrap")
+        self.cgroups = cgroups.detect(cgroup_root)
+        os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
+        _check_traversable(self.work_dir, settings.sandbox_uid)
+
+    # -- paths -------------------------------------------------------------------------------
+    def _dir(self, sandbox_id: str) -> str:
+        if not sandbox_id.startswith("sbx-") or not _SAFE_ID.fullmatch(sandbox_id):
+            raise SandboxFailure(f"malformed sandbox id {sandbox_id!r}")
+        return os.path.join(self.work_dir, sandbox_id)
+
+    def _meta(self, sandbox_id: str) -> dict | None:
+        try:
+            with open(os.path.join(self._dir(sandbox_id), "meta.json"), encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def _require(self, handle: SandboxHandle) -> tuple[str, dict]:
+        meta = self._meta(handle.sandbox_id)
+        if meta is None:
+            raise SandboxFailure(f"sandbox {handle.sandbox_id} does not exist on this host")
+        return self._dir(handle.sandbox_id), meta
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def create(self, spec: JobSpec, host: str) -> SandboxHandle:
+        """Make the sandbox directory, the workspace disk and the cgroup; idempotent per job id."""
+        sid = sandbox_id_for(spec.id)
+        meta = self._meta(sid)
+        if meta is not None:
+            return SandboxHandle.from_dict(meta["handle"])
+        d = self._dir(sid)
+        if os.path.exists(d):  # a create that crashed half-way: start again from nothing
+            self._teardown(sid)
+        now = time.time()
+        handle = SandboxHandle(
+            sandbox_id=sid, job_id=spec.id, runtime=self.name, host=host, created_at=now,
+            expires_at=now + spec.timeout_s + EXPIRY_MARGIN_S,
+            data={"cgroup_version": self.cgroups.version},
+        )
+        try:
+            os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach etc/ and mnt/
+            os.mkdir(os.path.join(d, "logs"), 0o700)
+            fsutil.write_etc(os.path.join(d, "etc"), self.settings.sandbox_uid)
+            disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
+            fsutil.make_disk(os.path.join(d, "disk.img"), os.path.join(d, "mnt"), disk,
+                             self.settings.sandbox_uid)
+            limits = cgroups.CgroupLimits(spec.resources.cpu, spec.resources.memory_bytes,
+                                          spec.resources.pids)
+            self.cgroups.create(sid, limits)
+            meta = {"handle": handle.to_dict(), "disk_bytes": disk,
+                    "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
+            fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta)
+        except RuntimeUnavailable:
+            self._teardown(sid)
+            raise
+        except (OSError, subprocess.SubprocessError, SandboxFailure) as e:
+            self._teardown(sid)
+            raise SandboxFailure(f"could not create sandbox {sid}: {e}") from e
+        return handle
+
+    def put_file(self, handle: SandboxHandle, relpath: str, src: IO[bytes], mode: int) -> int:
+        """Write `src` to workspace/`relpath` without following links, owned by the sandbox uid."""
+        d, _ = self._require(handle)
+        try:
+            return fsutil.write_beneath(os.path.join(d, "mnt", "workspace"), relpath, src, mode,
+                                        self.settings.sandbox_uid)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC: the inputs alone exceed the job's disk limit
+                raise JobRejected("/files", "disk", f"input {relpath!r} does not fit the disk limit") from e
+            raise
+
+    def execute(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
+        """Run spec.argv once; a redelivered execute returns the first run's result, never re-runs."""
+        d, meta = self._require(handle)
+        lock_fd = os.open(os.path.join(d, "execute.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise RuntimeUnavailable(f"execute of {handle.sandbox_id} is already running") from e
+            stored = fsutil.read_json(os.path.join(d, "result.json"))
+            if stored is not None:
+                return ExecResult(**stored)
+            if os.path.exists(os.path.join(d, "execute.started")):
+                self.cgroups.kill(handle.sandbox_id)
+                result = ExecResult("error", None, None, 0.0,
+                                    reason="the worker running this job was lost; not re-run")
+            else:
+                fsutil.touch(os.path.join(d, "execute.started"))
+                result = run_job(self, d, meta, handle, spec, sink)
+            fsutil.write_json_atomic(os.path.join(d, "result.json"), result.to_dict())
+            return result
+        finally:
+            os.close(lock_fd)
+
+    def logs(self, handle: SandboxHandle) -> dict[str, IO[bytes]]:
+        """The captured, capped stdout and stderr (empty if the job never ran)."""
+        d, _ = self._require(handle)
+        out: dict[str, IO[bytes]] = {}
+        for stream in ("stdout", "stderr"):
+            try:
+                out[stream] = open(os.path.join(d, "logs", stream), "rb")
+            except FileNotFoundError:
+                out[stream] = open(os.devnull, "rb")
+        return out
+
+    def collect(self, handle: SandboxHandle, dirs: tuple[str, ...]) -> "fsutil.CollectedFiles":
+        """Regular files under `dirs`, after killing anything left; `.skipped` lists what was left out."""
+        d, _ = self._require(handle)
+        self.cgroups.kill(handle.sandbox_id)
+        if self.cgroups.pids(handle.sandbox_id):
+            raise SandboxFailure(f"sandbox {handle.sandbox_id} still has live processes")
+        s = self.settings
+        return fsutil.CollectedFiles(os.path.join(d, "mnt", "workspace"), dirs,
+                                     s.max_output_files, s.max_output_file_bytes, s.max_output_bytes)
+
+    def kill(self, handle: SandboxHandle) -> None:
+        """Mark the sandbox cancelled, then kill its cgroup; works from any process on this host."""
+        d = self._dir(handle.sandbox_id)
+        if not os.path.isdir(d):
+            return
+        fsutil.touch(os.path.join(d, "cancelled"))  # before the kill: execute re-checks after spawn
+        self.cgroups.kill(handle.sandbox_id)
+
+    def destroy(self, handle: SandboxHandle) -> None:
+        """Kill, unmount, remove the cgroup and the directory; a missing sandbox is fine."""
+        self._teardown(handle.sandbox_id)
+
+    def _teardown(self, sid: str) -> None:
+        d = self._dir(sid)
+        self.cgroups.kill(sid)
+        self.cgroups.remove(sid)
+        fsutil.unmount(os.path.join(d, "mnt"))
+        if os.path.ismount(os.path.join(d, "mnt")):
+            raise SandboxFailure(f"workspace of {sid} is still mounted; not removing it")
+        shutil.rmtree(d, ignore_errors=False) if os.path.isdir(d) else None
+
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        """Every sandbox with a meta file under work_dir."""
+        found = []
+        for name in sorted(os.listdir(self.work_dir)):
+            if not name.startswith("sbx-") or not _SAFE_ID.fullmatch(name):
+                continue
+            meta = self._meta(name)
+            if meta is None:
+                continue
+            h = meta["handle"]
+            found.append(SandboxInfo(h["sandbox_id"], h["job_id"], h["host"], h["created_at"], h["expires_at"]))
+        return found
+
+    # -- used by the executor ------------------------------------------------------------------
+    def bwrap_argv(self, d: str, spec: JobSpec, seccomp_fd: int) -> list[str]:
+        """The bubblewrap command line for one job in sandbox directory `d`."""
+        uid = str(self.settings.sandbox_uid)
+        argv = [
+            BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--uid", uid, "--gid", uid,
+            "--hostname", "sandbox", "--clearenv",
+            "--ro-bind", "/usr", "/usr", "--tmpfs", "/usr/local/etc",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--ro-bind", os.path.join(d, "etc"), "/etc",
+        ]
+        for path in fsutil.HOST_ETC:
+            argv += ["--ro-bind-try", path, path]
+        argv += [
+            "--proc", "/proc", "--dev", "/dev",
+            "--bind", os.path.join(d, "mnt", "workspace"), "/workspace",
+            "--bind", os.path.join(d, "mnt", "tmp"), "/tmp",
+            "--remount-ro", "/", "--chdir", "/workspace",
+            "--add-seccomp-fd", str(seccomp_fd),
+        ]
+        env = {k: v for k, v in spec.environment.items() if k and "=" not in k and "\0" not in k + v}
+        env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME="/workspace", LANG="C.UTF-8", TMPDIR="/tmp")
+        for key, value in env.items():
+            argv += ["--setenv", key, value]
+        return argv + ["--", *spec.argv]
