@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import base64
+import json
+import math
+import re
+import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from jsonschema import Draft202012Validator
+
+from config.settings import Settings
+from config.units import format_size, parse_cpu, parse_size
+from sandbox.errors import JobRejected
 
 DEFAULT_COLLECT_DIRS = ("output", "artifacts")
 
@@ -89,3 +101,244 @@ class JobSpec:
             callback_url=raw.get("callback_url"),
             collect=tuple(raw.get("collect", DEFAULT_COLLECT_DIRS)),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: raw job JSON (hostile) -> JobSpec. Structure comes from schema/job.schema.json, meaning
+# (units, maxima, commands, paths, hosts) from sandbox.policy. Every failure is a JobRejected.
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "job.schema.json"
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_DEPTH = 16  # the schema nests four levels; anything deeper is an attack on the parser
+_RULES = {  # jsonschema keyword -> our rule name
+    "additionalProperties": "unknown_field", "required": "required", "type": "type",
+    "pattern": "pattern", "maxLength": "too_large", "maxItems": "too_large",
+    "maxProperties": "too_large", "minLength": "empty", "minItems": "empty",
+    "minimum": "out_of_range", "maximum": "out_of_range", "exclusiveMinimum": "out_of_range",
+    "oneOf": "one_source", "propertyNames": "env_name",
+}
+
+
+@lru_cache(maxsize=1)
+def job_schema() -> dict[str, Any]:
+    """The published job contract (JSON Schema 2020-12)."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Draft202012Validator:
+    Draft202012Validator.check_schema(job_schema())
+    return Draft202012Validator(job_schema())
+
+
+def pointer(*parts: str | int) -> str:
+    """An RFC 6901 JSON pointer; long keys are cut so a hostile key cannot flood the error."""
+    out = []
+    for part in parts:
+        text = str(part)
+        text = text if len(text) <= 64 else text[:64] + "..."
+        out.append("/" + text.replace("~", "~0").replace("/", "~1"))
+    return "".join(out)
+
+
+class _Duplicated(dict):  # type: ignore[type-arg]
+    """An object that had a key twice; reported later, when its JSON pointer is known."""
+
+    duplicate: str = ""
+
+
+class _NotFinite:
+    """NaN, Infinity or an overflowing number; reported later with its JSON pointer."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text[:32]
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            marked = _Duplicated(pairs)
+            marked.duplicate = key
+            return marked
+        out[key] = value
+    return out
+
+
+def _finite_float(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)  # 1e999 never reaches parse_constant
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short, safe rendering of a hostile value for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def load_json(raw: bytes | str, max_bytes: int) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded size and depth."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise JobRejected("", "encoding", "the job is not valid UTF-8 text") from e
+    if not isinstance(raw, (bytes, bytearray)):
+        raise JobRejected("", "type", "a job must be a JSON object")
+    if len(raw) > max_bytes:
+        raise JobRejected("", "too_large", f"the job is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        text = bytes(raw).decode("utf-8")  # strict: json.loads would also guess UTF-16/32
+    except UnicodeDecodeError as e:
+        raise JobRejected("", "encoding", "the job is not valid UTF-8 text") from e
+    if text.startswith("\ufeff"):
+        raise JobRejected("", "encoding", "the job starts with a byte-order mark; send plain UTF-8")
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates,
+                          parse_constant=_NotFinite, parse_float=_finite_float)
+    except RecursionError as e:
+        raise JobRejected("", "too_deep", "the job nests too deeply") from e
+    except ValueError as e:  # JSONDecodeError, and int() beyond the digit limit
+        raise JobRejected("", "invalid_json", f"the job is not valid JSON: {str(e)[:120]}") from e
+
+
+def _check_values(value: Any, path: tuple[str | int, ...] = (), depth: int = 0) -> None:
+    """Reject what JSON Schema cannot see: lone surrogates, NUL, non-finite numbers, odd types."""
+    if depth > MAX_DEPTH:
+        raise JobRejected(pointer(*path), "too_deep", "the job nests too deeply")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise JobRejected(pointer(*path), "encoding", "the text holds an unpaired surrogate (\\ud800-\\udfff)") from e
+        # NUL can never reach argv, environ or a file name; inline file content may carry it
+        if "\x00" in value and not (len(path) == 3 and path[0] == "files" and path[2] == "content"):
+            raise JobRejected(pointer(*path), "nul_byte", "the text contains a NUL character")
+    elif isinstance(value, _NotFinite):
+        raise JobRejected(pointer(*path), "not_a_number", f"{value.text} is not allowed; numbers must be finite")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise JobRejected(pointer(*path), "not_a_number", "numbers must be finite (no NaN or Infinity)")
+    elif isinstance(value, dict):
+        if isinstance(value, _Duplicated):
+            raise JobRejected(pointer(*path, value.duplicate), "duplicate_key",
+                              f"the key {_show(value.duplicate)} appears twice in one object")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise JobRejected(pointer(*path), "type", "object keys must be strings")
+            _check_values(key, path + (key,), depth + 1)
+            _check_values(item, path + (key,), depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_values(item, path + (index,), depth + 1)
+    elif not (value is None or isinstance(value, (bool, int))):
+        raise JobRejected(pointer(*path), "type", f"{type(value).__name__} is not a JSON value")
+
+
+def _schema_error(doc: Any) -> JobRejected | None:
+    errors = list(_validator().iter_errors(doc))
+    if not errors:
+        return None
+    error = min(errors, key=lambda e: len(e.absolute_path))  # the outermost, in document order
+    path = tuple(error.absolute_path)
+    rule = _RULES.get(str(error.validator), str(error.validator))
+    if "propertyNames" in error.relative_schema_path:
+        rule = "env_name"
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        extra = sorted(k for k in error.instance if k not in known)
+        return JobRejected(pointer(*path, extra[0]), rule, f"unknown field {_show(extra[0])}; allowed: {', '.join(known)}")
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return JobRejected(pointer(*path, missing[0]), rule, f"the field {missing[0]!r} is required")
+    if error.validator == "oneOf":
+        return JobRejected(pointer(*path), rule, "a file needs exactly one of content, content_base64 or r2_key")
+    if "propertyNames" in error.relative_schema_path:
+        name = error.instance
+        return JobRejected(pointer(*path, name), rule, f"environment name {_show(name)} must match [A-Z_][A-Z0-9_]* (at most 128 characters)")
+    where = pointer(*path) or "the job"
+    if error.validator == "type":
+        return JobRejected(pointer(*path), rule, f"{where} must be of type {error.validator_value}")
+    return JobRejected(pointer(*path), rule, f"{where}: {error.message[:160]}")
+
+
+def max_document_bytes(settings: Settings) -> int:
+    """The largest raw job accepted: inline content as base64 plus room for everything else."""
+    return settings.max_inline_bytes * 4 // 3 + 4 + 2 * 2**20
+
+
+def parse_job(raw: bytes | str | dict[str, Any], settings: Settings) -> JobSpec:
+    """Validate a submitted job (raw bytes preferred, so parser tricks count) into a JobSpec."""
+    from sandbox.policy import Policy  # policy imports this module's dataclasses
+
+    doc = dict(raw) if isinstance(raw, dict) else load_json(raw, max_document_bytes(settings))
+    if not isinstance(doc, dict):
+        raise JobRejected("", "type", "a job must be a JSON object")
+    _check_values(doc)
+    error = _schema_error(doc)
+    if error is not None:
+        raise error
+    job_id = doc.get("id")
+    if job_id is None:
+        job_id = uuid.uuid4().hex
+    elif not JOB_ID.fullmatch(job_id):  # the schema's "$" would accept a trailing newline
+        raise JobRejected("/id", "pattern", "the id must match [A-Za-z0-9_-]{1,64}")
+    policy = Policy(settings)
+    return JobSpec(
+        id=job_id,
+        command=doc["command"],
+        argv=policy.check_command(doc["command"]),
+        environment=policy.check_environment(doc.get("environment", {})),
+        timeout_s=_timeout(doc.get("timeout"), settings),
+        resources=_resources(doc.get("resources", {}), settings),
+        network=policy.check_network(doc.get("network", {})),
+        files=policy.check_files(doc.get("files", []), job_id),
+        callback_url=policy.check_callback_url(doc.get("callback_url")),
+        collect=policy.check_collect(doc.get("collect")),
+    )
+
+
+def job_id_of(raw: bytes | str | dict[str, Any] | Any) -> str | None:
+    """Best-effort id of a (possibly rejected) job, only if it is a valid, unambiguous id."""
+    try:
+        doc = raw if isinstance(raw, dict) else load_json(raw, 64 * 2**20)
+    except JobRejected:
+        return None
+    if not isinstance(doc, dict) or isinstance(doc, _Duplicated):  # a repeated key may be the id
+        return None
+    job_id = doc.get("id")
+    return job_id if isinstance(job_id, str) and JOB_ID.fullmatch(job_id) else None
+
+
+def _timeout(value: Any, settings: Settings) -> float:
+    if value is None:
+        return float(settings.default_timeout_s)
+    if value > settings.max_timeout_s:  # compare before float(): a huge int would overflow
+        raise JobRejected("/timeout", "above_maximum", f"timeout {_show(value)} s exceeds the operator maximum of {settings.max_timeout_s:g} s")
+    return float(value)
+
+
+def _resources(doc: dict[str, Any], settings: Settings) -> ResourceLimits:
+    cpu = _unit("/resources/cpu", doc.get("cpu"), parse_cpu, settings.default_cpu, settings.max_cpu, "SANDBOX_MAX_CPU")
+    memory = _unit("/resources/memory", doc.get("memory"), parse_size, settings.default_memory_bytes,
+                   settings.max_memory_bytes, "SANDBOX_MAX_MEMORY")
+    disk = _unit("/resources/disk", doc.get("disk"), parse_size, settings.default_disk_bytes,
+                 settings.max_disk_bytes, "SANDBOX_MAX_DISK")
+    pids = doc.get("pids", settings.default_pids)
+    if pids > settings.max_pids:
+        raise JobRejected("/resources/pids", "above_maximum", f"pids {_show(pids)} exceeds the operator maximum of {settings.max_pids}")
+    return ResourceLimits(cpu=cpu, memory_bytes=memory, disk_bytes=disk, pids=int(pids))
+
+
+def _unit(field_: str, text: str | None, parse: Callable[[str], Any], default: Any, maximum: Any, env: str) -> Any:
+    if text is None:
+        return default
+    try:
+        value = parse(text)
+    except ValueError as e:
+        raise JobRejected(field_, "bad_unit", str(e)) from e
+    if value > maximum:
+        shown = format_size(maximum) if isinstance(maximum, int) else f"{maximum:g}"
+        raise JobRejected(field_, "above_maximum", f"{text} exceeds the operator maximum of {shown} ({env})")
+    return value
