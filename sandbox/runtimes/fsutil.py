@@ -223,10 +223,12 @@ class CollectedFiles:
         for top in self.dirs:
             try:
                 fd = _open_dirs(self.root, split_relpath(top, "/collect"), None)
-            except (FileNotFoundError, NotADirectoryError):
+            except FileNotFoundError:
                 continue
             except OSError as e:
-                self._skip(top, "symlink" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}")
+                # O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR (last part) or ELOOP
+                bad = e.errno in (errno.ELOOP, errno.ENOTDIR)
+                self._skip(top, "symlink or not a directory" if bad else f"unreadable: {e.strerror}")
                 continue
             for item in self._walk(fd, top, 0):
                 if count >= self.max_files:
