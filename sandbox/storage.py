@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import io
 import ipaddress
 import json
@@ -38,10 +39,11 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTime
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _TRANSPORT_ERRORS = (BotoConnectionError, ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)
+_EDGE = (ClientError, BotoCoreError, Urllib3Error, OSError)
 
 # One boto3 client per process: clients are not fork-safe (pooled sockets), so the cache is
 # emptied in every child and each worker process builds its own on first use.
-_clients: dict[tuple[str, str, str], Any] = {}
+_clients: dict[tuple[Any, ...], Any] = {}
 _clients_lock = threading.Lock()
 
 
@@ -52,6 +54,17 @@ def _reset_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class _NoSignatures(logging.Filter):
+    """Drops botocore's debug lines that carry a signature: a presigned URL's signature is a bearer token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith(("Signature:", "StringToSign:")) or "X-Amz-Signature" in text)
+
+
+logging.getLogger("botocore.auth").addFilter(_NoSignatures())
 
 
 def retention_from_settings(settings: Any) -> dict[str, int]:
@@ -137,7 +150,8 @@ class ArtifactStore:
     @property
     def client(self) -> Any:
         """This process's boto3 client, created on first use (after any fork)."""
-        ident = (self._endpoint, self._settings.cloudflare_access_key, f"{self._max_attempts}/{self._timeout_s}")
+        secret = hashlib.sha256(self._settings.cloudflare_secret_key.encode()).hexdigest()
+        ident = (self._endpoint, self._settings.cloudflare_access_key, secret, self._max_attempts, self._timeout_s)
         with _clients_lock:
             client = _clients.get(ident)
             if client is None:
@@ -166,11 +180,17 @@ class ArtifactStore:
             return {}
         return {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": self._sse_key}
 
+    def _call(self, what: str, method: str, **kwargs: Any) -> Any:
+        """One client call, its botocore failure translated into the service's error tree."""
+        try:
+            return getattr(self.client, method)(**kwargs)
+        except _EDGE as e:
+            raise self._translate(e, what) from e
+
     def _translate(self, e: Exception, what: str) -> Exception:
         """A StorageUnavailable (transient) or StorageError (permanent) for a botocore failure."""
         if isinstance(e, ClientError):
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
+            err, code = e.response.get("Error", {}), _code(e)
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             if status >= 500 or status == 429 or code in _THROTTLE_CODES:
                 return StorageUnavailable(f"{what}: object store unavailable ({code or status})")
@@ -208,18 +228,14 @@ class ArtifactStore:
         try:
             self.client.head_bucket(Bucket=self.bucket)
             return
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
+        except _EDGE as e:
+            if _code(e) not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._translate(e, f"head bucket {self.bucket}") from e
-        except (BotoCoreError, Urllib3Error, OSError) as e:
-            raise self._translate(e, f"head bucket {self.bucket}") from e
         try:
             self.client.create_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        except _EDGE as e:
+            if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise self._translate(e, f"create bucket {self.bucket}") from e
-        except (BotoCoreError, Urllib3Error, OSError) as e:
-            raise self._translate(e, f"create bucket {self.bucket}") from e
 
     # -- objects ---------------------------------------------------------------------------------
 
@@ -231,7 +247,7 @@ class ArtifactStore:
             raise StorageError(f"input key {key!r:.200} is outside jobs/{job_id}/input/, templates/ and shared/")
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, **self._sse())
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+        except _EDGE as e:
             err = self._translate(e, f"get {key}")
             self._emit("get", job_id, key, None, self._outcome(err))
             raise err from e
@@ -268,37 +284,31 @@ class ArtifactStore:
         first = _read_exactly(fileobj, part_bytes)
         if len(first) < part_bytes:
             _check_size(key, size, len(first))
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=first, **self._sse())
-            except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
-                raise self._translate(e, f"put {key}") from e
+            self._call(f"put {key}", "put_object", Bucket=self.bucket, Key=key, Body=first, **self._sse())
             return len(first)
         return self._multipart(key, fileobj, first, part_bytes, size)
 
     def _multipart(self, key: str, fileobj: IO[bytes], first: bytes, part_bytes: int, size: int | None) -> int:
-        try:
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._sse())["UploadId"]
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
-            raise self._translate(e, f"start multipart {key}") from e
+        upload_id = self._call(f"start multipart {key}", "create_multipart_upload",
+                               Bucket=self.bucket, Key=key, **self._sse())["UploadId"]
         parts, total, chunk = [], 0, first
         try:
             while chunk:
                 if len(parts) >= MAX_PARTS:
                     raise StorageError(f"put {key}: more than {MAX_PARTS} parts of {part_bytes} bytes")
                 number = len(parts) + 1
-                resp = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=chunk, **self._sse())
+                resp = self._call(f"put {key} part {number}", "upload_part", Bucket=self.bucket, Key=key,
+                                  UploadId=upload_id, PartNumber=number, Body=chunk, **self._sse())
                 parts.append({"ETag": resp["ETag"], "PartNumber": number})
                 total += len(chunk)
+                # A read error of the source propagates as itself: it is not the store's fault.
                 chunk = _read_exactly(fileobj, part_bytes) if len(chunk) == part_bytes else b""
             _check_size(key, size, total)
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                  MultipartUpload={"Parts": parts})
+            self._call(f"complete {key}", "complete_multipart_upload", Bucket=self.bucket, Key=key,
+                       UploadId=upload_id, MultipartUpload={"Parts": parts})
             return total
-        except BaseException as e:
+        except BaseException:
             self._abort(key, upload_id)
-            if isinstance(e, (ClientError, BotoCoreError, Urllib3Error, OSError)):
-                raise self._translate(e, f"multipart put {key}") from e
             raise
 
     def _abort(self, key: str, upload_id: str) -> None:
@@ -306,7 +316,7 @@ class ArtifactStore:
         # rule and sweep_expired() remove the orphan. An unfinished upload is never a visible object.
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+        except _EDGE as e:
             log.warning("could not abort multipart upload of %s: %s", key, type(e).__name__)
 
     def presign_get(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
@@ -333,7 +343,7 @@ class ArtifactStore:
                 for obj in page.get("Contents", ()):
                     yield {"key": obj["Key"], "size": int(obj["Size"]),
                            "last_modified": obj["LastModified"].astimezone(dt.timezone.utc)}
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+        except _EDGE as e:
             raise self._translate(e, f"list {prefix}") from e
 
     def delete_keys(self, keys: Iterable[str], job_id: str | None) -> int:
@@ -353,7 +363,7 @@ class ArtifactStore:
         try:
             resp = self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": False})
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+        except _EDGE as e:
             err = self._translate(e, f"delete {len(keys)} keys")
             for key in keys:
                 self._emit("delete", job_id, key, None, self._outcome(err))
@@ -390,7 +400,7 @@ class ArtifactStore:
                 for up in page.get("Uploads", ()):
                     if up["Initiated"].astimezone(dt.timezone.utc) <= now - older_than:
                         self._abort(up["Key"], up["UploadId"])
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
+        except _EDGE as e:
             log.warning("could not list multipart uploads: %s", self._translate(e, "list uploads"))
 
     def apply_lifecycle(self, retention: dict[str, int]) -> None:
@@ -410,11 +420,8 @@ class ArtifactStore:
             if top in retention:
                 rules.append({"ID": top, "Status": "Enabled", "Filter": {"Prefix": f"{top}/"},
                               "Expiration": {"Days": max(1, retention[top])}})
-        try:
-            self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
-                                                           LifecycleConfiguration={"Rules": rules})
-        except (ClientError, BotoCoreError, Urllib3Error, OSError) as e:
-            raise self._translate(e, f"lifecycle on {self.bucket}") from e
+        self._call(f"lifecycle on {self.bucket}", "put_bucket_lifecycle_configuration",
+                   Bucket=self.bucket, LifecycleConfiguration={"Rules": rules})
 
 
 class _Body(io.RawIOBase):
@@ -467,3 +474,7 @@ def _check_size(key: str, expected: int | None, actual: int) -> None:
 def _job_id_of(key: str) -> str | None:
     parts = key.split("/")
     return parts[1] if parts[0] == "jobs" and len(parts) > 2 else None
+
+
+def _code(e: Exception) -> str:
+    return str(e.response.get("Error", {}).get("Code", "")) if isinstance(e, ClientError) else ""
