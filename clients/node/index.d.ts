@@ -1,0 +1,143 @@
+import type Redis from 'ioredis';
+
+export type JobStatus =
+  | 'queued' | 'creating' | 'preparing' | 'running' | 'collecting' | 'cleaning'
+  | 'succeeded' | 'failed' | 'timed_out' | 'oom_killed' | 'cancelled' | 'rejected' | 'error';
+
+export interface JobFile {
+  path: string;
+  content?: string;
+  content_base64?: string;
+  r2_key?: string;
+  mode?: number;
+}
+
+/** The job JSON of sandbox/schema/job.schema.json (the schema is the authority). */
+export interface Job {
+  id?: string;
+  command: string;
+  environment?: Record<string, string>;
+  timeout?: number;
+  resources?: { cpu?: string; memory?: string; disk?: string; pids?: number };
+  network?: { allowed_hosts?: string[]; blocked_ports?: number[]; outbound?: boolean };
+  files?: JobFile[];
+  callback_url?: string;
+  collect?: string[];
+}
+
+export interface JobError { code: string; message: string; field?: string | null; rule?: string }
+export interface StoredObject { key: string; size: number; url: string }
+
+export interface JobRecord {
+  id: string;
+  status: JobStatus;
+  exit_code: number | null;
+  error: JobError | null;
+  created_at: number;
+  updated_at: number;
+  timeline: { status: JobStatus; at: number }[];
+  stages: Record<string, { host?: string; started_at?: number; duration_s?: number; [k: string]: unknown }>;
+  resources_used: Record<string, unknown>;
+  artifacts: StoredObject[];
+  logs: StoredObject[];
+  security_events: Record<string, unknown>[];
+  webhook_deliveries: WebhookDelivery[];
+  [field: string]: unknown;
+}
+
+export interface WebhookDelivery {
+  delivery_id: string;
+  event: 'job.terminal' | 'job.status';
+  attempt: number;
+  at: number;
+  status_code: number | null;
+  error: string | null;
+}
+
+/** One log line: escaped text (never raw control characters), capped in length. */
+export interface LogEntry {
+  kind: 'log';
+  id: string;
+  stream: 'stdout' | 'stderr';
+  seq: number;
+  ts: number;
+  line: string;
+  cut?: true;
+  marker?: 'truncated';
+}
+
+export interface JobEvent {
+  kind: 'event';
+  id: string;
+  type: 'status' | 'security' | 'invalid';
+  seq: number;
+  at: number;
+  job_id: string;
+  status?: JobStatus;
+  detail?: unknown;
+  [field: string]: unknown;
+}
+
+export interface FollowOptions {
+  logId?: string;
+  eventId?: string;
+  blockMs?: number;
+  signal?: AbortSignal;
+  onIdle?: () => Promise<void>;
+}
+
+export interface WaitOptions {
+  taskId?: string;
+  timeoutMs?: number;
+  onLog?: (entry: LogEntry) => void;
+  onEvent?: (event: JobEvent) => void;
+  signal?: AbortSignal;
+}
+
+export interface CancelAnswer { job_id: string; cancelled: boolean; status: JobStatus | null; message: string }
+
+export class SandboxClient {
+  constructor(options?: { redis?: string | Redis; queue?: string; blockMs?: number });
+  readonly redis: Redis;
+  close(): Promise<void>;
+  submit(job: Job): Promise<{ jobId: string; taskId: string }>;
+  wait(jobId: string, options?: WaitOptions): Promise<JobRecord>;
+  run(job: Job, options?: WaitOptions): Promise<JobRecord>;
+  getRecord(jobId: string): Promise<JobRecord | null>;
+  getTaskResult(taskId: string): Promise<{ status: string; result: unknown; [k: string]: unknown } | null>;
+  follow(jobId: string, options?: FollowOptions): AsyncGenerator<LogEntry | JobEvent>;
+  followLogs(jobId: string, options?: FollowOptions): AsyncGenerator<LogEntry>;
+  followEvents(jobId: string, options?: FollowOptions): AsyncGenerator<JobEvent>;
+  cancel(jobId: string, options?: { timeoutMs?: number }): Promise<CancelAnswer>;
+  waitForTask(taskId: string, options?: { timeoutMs?: number }): Promise<unknown>;
+}
+
+export class TaskFailed extends Error { taskId: string; result: unknown }
+export class TimeoutError extends Error {}
+export const TERMINAL_STATUSES: ReadonlySet<JobStatus>;
+
+export const QUEUE: string;
+export function buildTaskMessage(
+  task: string, args: unknown[],
+  options?: { taskId?: string; replyTo?: string; deliveryTag?: string; origin?: string; queue?: string },
+): { taskId: string; queue: string; raw: string };
+
+export class JobRejected extends Error {
+  code: 'rejected';
+  field: string;
+  rule: string;
+  detail: string;
+  toJSON(): JobError;
+}
+export function validateJob<T extends Job>(job: T): T;
+export function schemaPath(): string;
+
+export function signWebhook(secret: string | Buffer, timestamp: number, body: string | Buffer): string;
+export function verifyWebhook(options: {
+  secret: string | Buffer;
+  header: string | undefined;
+  body: string | Buffer;
+  toleranceS?: number;
+  now?: number;
+}): { timestamp: number; envelope: { delivery_id: string; event: string; data: unknown } };
+export class WebhookVerificationError extends Error {}

@@ -1,0 +1,21 @@
+'use strict';
+/** The sandbox service's Node.js client. */
+const { SandboxClient, TaskFailed, TimeoutError, TERMINAL } = require('./lib/client');
+const { buildTaskMessage, QUEUE } = require('./lib/message');
+const { validateJob, JobRejected, schemaPath } = require('./lib/schema');
+const { signWebhook, verifyWebhook, WebhookVerificationError } = require('./lib/webhook');
+
+module.exports = {
+  SandboxClient,
+  TaskFailed,
+  TimeoutError,
+  TERMINAL_STATUSES: TERMINAL,
+  buildTaskMessage,
+  QUEUE,
+  validateJob,
+  JobRejected,
+  schemaPath,
+  signWebhook,
+  verifyWebhook,
+  WebhookVerificationError,
+};

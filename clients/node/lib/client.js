@@ -1,0 +1,221 @@
+'use strict';
+/** SandboxClient: submit, wait, follow and cancel jobs over the service's Redis. */
+const { randomUUID } = require('node:crypto');
+const Redis = require('ioredis');
+const { buildTaskMessage, QUEUE } = require('./message');
+const { validateJob } = require('./schema');
+
+const TERMINAL = new Set(['succeeded', 'failed', 'timed_out', 'oom_killed', 'cancelled', 'rejected', 'error']);
+const recordKey = (id) => `sandbox:job:${id}`;
+const logsKey = (id) => `sandbox:job:${id}:logs`;
+const eventsKey = (id) => `sandbox:job:${id}:events`;
+const resultKey = (taskId) => `celery-task-meta-${taskId}`;
+const JOB_ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+class TimeoutError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'TimeoutError';
+  }
+}
+
+/** A Celery task that failed on the worker (its result has status FAILURE). */
+class TaskFailed extends Error {
+  constructor(taskId, result) {
+    super(`task ${taskId} failed: ${result && result.exc_type}: ${result && result.exc_message}`);
+    this.name = 'TaskFailed';
+    this.taskId = taskId;
+    this.result = result;
+  }
+}
+
+function checkJobId(id) {
+  if (typeof id !== 'string' || !JOB_ID.test(id)) throw new TypeError(`invalid job id ${JSON.stringify(id)}`);
+  return id;
+}
+
+function fieldsToObject(fields) {
+  const out = {};
+  for (let i = 0; i + 1 < fields.length; i += 2) out[fields[i]] = fields[i + 1];
+  return out;
+}
+
+function logEntry(id, fields) {
+  const raw = fieldsToObject(fields);
+  const entry = { id, stream: raw.stream, seq: Number(raw.seq), ts: Number(raw.ts), line: raw.line ?? '' };
+  if (raw.cut === '1') entry.cut = true;
+  if (raw.marker !== undefined) entry.marker = raw.marker;
+  return entry;
+}
+
+function eventEntry(id, fields) {
+  try {
+    const event = JSON.parse(fieldsToObject(fields).event);
+    return event && typeof event === 'object' ? { id, ...event } : { id, type: 'invalid' };
+  } catch {
+    return { id, type: 'invalid' };
+  }
+}
+
+const isTerminal = (event) => event.type === 'status' && TERMINAL.has(event.status);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+class SandboxClient {
+  /** `redis`: a URL or an ioredis instance (not closed by close() when passed in). */
+  constructor({ redis = process.env.REDIS_URL || 'redis://127.0.0.1:6379/0', queue = QUEUE, blockMs = 1000 } = {}) {
+    this.ownsRedis = !(redis instanceof Redis);
+    this.redis = this.ownsRedis ? new Redis(redis, { lazyConnect: false, maxRetriesPerRequest: 3 }) : redis;
+    this.queue = queue;
+    this.blockMs = blockMs;
+  }
+
+  /** Closes the connection this client opened. */
+  async close() {
+    if (this.ownsRedis) await this.redis.quit();
+  }
+
+  async enqueue(task, args) {
+    const { taskId, raw } = buildTaskMessage(task, args, { queue: this.queue });
+    await this.redis.lpush(this.queue, raw);
+    return taskId;
+  }
+
+  /** Validates and enqueues `sandbox.submit`; the job gets a fresh id unless it names one. */
+  async submit(job) {
+    const withId = job && typeof job === 'object' && !Array.isArray(job) && job.id === undefined
+      ? { ...job, id: randomUUID() } : job;
+    validateJob(withId);
+    const taskId = await this.enqueue('sandbox.submit', [withId]);
+    return { jobId: withId.id, taskId };
+  }
+
+  /** The job record, or null. */
+  async getRecord(jobId) {
+    const raw = await this.redis.get(recordKey(checkJobId(jobId)));
+    return raw === null ? null : JSON.parse(raw);
+  }
+
+  /** A Celery result ({status, result, ...}), or null while it is pending. */
+  async getTaskResult(taskId) {
+    const raw = await this.redis.get(resultKey(taskId));
+    return raw === null ? null : JSON.parse(raw);
+  }
+
+  /**
+   * Waits for the job's terminal status, then returns its record. onLog/onEvent see every entry
+   * as it arrives. A submit task that failed on the worker rejects with TaskFailed.
+   */
+  async wait(jobId, { taskId, timeoutMs = 300_000, onLog, onEvent, signal } = {}) {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(new TimeoutError(`job ${jobId} not finished after ${timeoutMs} ms`)), timeoutMs);
+    const onAbort = () => controller.abort(signal.reason);
+    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      const onIdle = taskId ? async () => this.#checkTask(taskId) : undefined;
+      for await (const item of this.follow(jobId, { signal: controller.signal, onIdle })) {
+        if (item.kind === 'log' && onLog) onLog(item);
+        if (item.kind === 'event' && onEvent) onEvent(item);
+      }
+      if (controller.signal.aborted) throw controller.signal.reason;
+      const record = await this.getRecord(jobId);
+      if (!record) throw new Error(`job ${jobId} ended but its record is gone`);
+      return record;
+    } finally {
+      clearTimeout(timer);
+      if (signal) signal.removeEventListener('abort', onAbort);
+    }
+  }
+
+  async #checkTask(taskId) {
+    const result = await this.getTaskResult(taskId);
+    if (result && result.status === 'FAILURE') throw new TaskFailed(taskId, result.result);
+  }
+
+  /** submit() then wait(); resolves to the final record. */
+  async run(job, options = {}) {
+    const { jobId, taskId } = await this.submit(job);
+    return this.wait(jobId, { ...options, taskId });
+  }
+
+  /**
+   * Log lines and events as they arrive ({kind: "log"|"event", id, ...}), from the given ids
+   * ("0" = from the start), until the job is terminal. Resume by passing the last ids seen.
+   */
+  async *follow(jobId, { logId = '0', eventId = '0', blockMs = this.blockMs, signal, onIdle } = {}) {
+    checkJobId(jobId);
+    // XREAD BLOCK holds its connection: each follower gets its own.
+    const conn = this.redis.duplicate();
+    const stop = () => conn.disconnect();
+    if (signal) signal.addEventListener('abort', stop, { once: true });
+    let finished = false;
+    try {
+      while (!signal?.aborted) {
+        const block = finished ? [] : ['BLOCK', blockMs];
+        let rows;
+        try {
+          rows = await conn.xread('COUNT', 500, ...block, 'STREAMS', logsKey(jobId), eventsKey(jobId), logId, eventId);
+        } catch (e) {
+          if (signal?.aborted) return;
+          throw e;
+        }
+        if (!rows) {
+          if (finished) return;
+          if (onIdle) await onIdle();
+          // A follower arriving after the events stream expired would block forever otherwise.
+          const record = await this.getRecord(jobId);
+          if (record && TERMINAL.has(record.status)) finished = true;
+          continue;
+        }
+        for (const [key, entries] of rows) {
+          for (const [id, fields] of entries) {
+            if (key === logsKey(jobId)) {
+              logId = id;
+              yield { kind: 'log', ...logEntry(id, fields) };
+            } else {
+              eventId = id;
+              const event = eventEntry(id, fields);
+              // The last log lines may land just before the terminal event: drain once more.
+              if (isTerminal(event)) finished = true;
+              yield { kind: 'event', ...event };
+            }
+          }
+        }
+      }
+    } finally {
+      if (signal) signal.removeEventListener('abort', stop);
+      conn.disconnect();
+    }
+  }
+
+  /** Only the log entries of follow(). */
+  async *followLogs(jobId, options = {}) {
+    for await (const item of this.follow(jobId, options)) if (item.kind === 'log') yield item;
+  }
+
+  /** Only the events of follow(); ends after the terminal status. */
+  async *followEvents(jobId, options = {}) {
+    for await (const item of this.follow(jobId, options)) if (item.kind === 'event') yield item;
+  }
+
+  /** Enqueues `sandbox.cancel` and returns its answer {job_id, cancelled, status, message}. */
+  async cancel(jobId, { timeoutMs = 60_000 } = {}) {
+    const taskId = await this.enqueue('sandbox.cancel', [checkJobId(jobId)]);
+    return this.waitForTask(taskId, { timeoutMs });
+  }
+
+  /** Polls a Celery result until it is ready; returns the task's return value. */
+  async waitForTask(taskId, { timeoutMs = 60_000 } = {}) {
+    const deadline = Date.now() + timeoutMs;
+    let pause = 10;
+    while (Date.now() < deadline) {
+      const result = await this.getTaskResult(taskId);
+      if (result && result.status === 'SUCCESS') return result.result;
+      if (result && result.status === 'FAILURE') throw new TaskFailed(taskId, result.result);
+      await sleep(pause);
+      pause = Math.min(pause * 2, 200);
+    }
+    throw new TimeoutError(`task ${taskId} not finished after ${timeoutMs} ms`);
+  }
+}
+
+module.exports = { SandboxClient, TaskFailed, TimeoutError, TERMINAL };
