@@ -45,6 +45,7 @@ class ProgramRules:
     abbreviations: bool = True  # getopt_long takes unambiguous prefixes: "--output-doc" = "--output-document"
     old_style_first: bool = False  # tar: "tar xIf prog a.tar" reads its first word as options
     subcommands: Mapping[str, frozenset[str]] | None = None  # git: allowed subcommand -> its refused options
+    harmless: frozenset[str] = frozenset()  # exact options that merely look like abbreviations of refused ones
 
 
 _RUNS = "runs another program"
@@ -65,6 +66,7 @@ PROGRAMS: dict[str, ProgramRules] = {
     ),
     "tar": ProgramRules(
         old_style_first=True,
+        harmless=frozenset({"--checkpoint"}),
         refused={"--checkpoint-action": _RUNS, "--to-command": _RUNS, "-I": _RUNS,
                  "--use-compress-program": _RUNS, "--info-script": _RUNS, "--new-volume-script": _RUNS,
                  "-F": _RUNS, "--rsh-command": _RUNS, "--rmt-command": _RUNS,
@@ -413,7 +415,7 @@ def split_command(command: str) -> list[str]:
 
 def check_arguments(program: str, rules: ProgramRules, args: list[str]) -> None:
     """Refuse the program's dangerous options in every spelling, and paths or URLs that escape."""
-    known = set(rules.refused) | rules.takes_value
+    known = set(rules.refused) | rules.takes_value | rules.harmless
     subcommand_refused: frozenset[str] = frozenset()
     seen_subcommand = rules.subcommands is None
     only_operands = False
@@ -442,7 +444,7 @@ def check_arguments(program: str, rules: ProgramRules, args: list[str]) -> None:
         refused = {**rules.refused, **{o: "is refused here" for o in subcommand_refused}}
         if rules.single_dash_long or arg.startswith("--"):
             name, eq, value = arg.partition("=")
-            match = _long_option(name, known | set(refused), rules.abbreviations and not rules.single_dash_long)
+            match = _long_option(name, known | set(refused), refused, rules.abbreviations and not rules.single_dash_long)
             if match in refused:
                 raise JobRejected("/command", "dangerous_option", f"{program} {name}: {refused[match]}")
             if match in rules.takes_value and not eq and i < len(queue):
@@ -467,12 +469,13 @@ def check_arguments(program: str, rules: ProgramRules, args: list[str]) -> None:
                 break
 
 
-def _long_option(name: str, known: set[str], abbreviations: bool) -> str:
-    """The option getopt_long would pick; an abbreviation of a refused one counts as that one."""
+def _long_option(name: str, known: set[str], refused: Mapping[str, str], abbreviations: bool) -> str:
+    """The option getopt_long would pick; an abbreviation that could be a refused option counts as it."""
     if name in known or not abbreviations or len(name) < 3:
         return name
     expansions = sorted(k for k in known if k.startswith(name) and k.startswith("--"))
-    return expansions[0] if expansions else name
+    risky = [k for k in expansions if k in refused] or expansions
+    return risky[0] if risky else name
 
 
 def check_output_path(program: str, option: str, value: str) -> None:
@@ -538,6 +541,8 @@ def normalise_host(entry: str) -> tuple[str, str, str]:
     except (idna.IDNAError, UnicodeError, ValueError) as e:
         return entry, "invalid_host", f"not a valid host name ({e})"
     labels = ascii_name.split(".")
+    if wildcard and len(labels) < 2:
+        return entry, "wildcard", "a wildcard must sit above a name of at least two labels"
     if _NUMERIC_LABEL.fullmatch(labels[-1]) or _is_ip(ascii_name):  # 127.1, 2130706433, 0x7f.1, 0177.0.0.1
         return entry, "ip_literal", "IP addresses are not allowed in any spelling; give a host name"
     if ascii_name in INTERNAL_NAMES or ascii_name.endswith(INTERNAL_SUFFIXES) or len(labels) < 2:

@@ -9,13 +9,16 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from jsonschema import Draft202012Validator
 
 from config.settings import Settings
 from config.units import format_size, parse_cpu, parse_size
 from sandbox.errors import JobRejected
+
+if TYPE_CHECKING:
+    from sandbox.policy import Policy
 
 DEFAULT_COLLECT_DIRS = ("output", "artifacts")
 
@@ -268,7 +271,7 @@ def max_document_bytes(settings: Settings) -> int:
     return settings.max_inline_bytes * 4 // 3 + 4 + 2 * 2**20
 
 
-def parse_job(raw: bytes | str | dict[str, Any], settings: Settings) -> JobSpec:
+def parse_job(raw: bytes | str | dict[str, Any], settings: Settings, policy: "Policy | None" = None) -> JobSpec:
     """Validate a submitted job (raw bytes preferred, so parser tricks count) into a JobSpec."""
     from sandbox.policy import Policy  # policy imports this module's dataclasses
 
@@ -284,7 +287,7 @@ def parse_job(raw: bytes | str | dict[str, Any], settings: Settings) -> JobSpec:
         job_id = uuid.uuid4().hex
     elif not JOB_ID.fullmatch(job_id):  # the schema's "$" would accept a trailing newline
         raise JobRejected("/id", "pattern", "the id must match [A-Za-z0-9_-]{1,64}")
-    policy = Policy(settings)
+    policy = policy or Policy(settings)
     return JobSpec(
         id=job_id,
         command=doc["command"],
