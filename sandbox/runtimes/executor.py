@@ -153,8 +153,10 @@ def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, d
         events.append(_event("oom", f"memory limit reached: the kernel killed {oom_kills} process(es)"))
     if pids_hits:
         events.append(_event("pids_limit", f"process limit reached {pids_hits} time(s): fork refused"))
-    if fsutil.free_bytes(mnt) < 64 * 1024:
-        events.append(_event("disk_full", f"workspace disk full ({meta.get('disk_bytes')} bytes)"))
+    disk_bytes = int(meta.get("disk_bytes", 0))
+    # ext4 holds back min(2%, 16 MiB) for delayed allocation, so "full" means within that reserve
+    if fsutil.free_bytes(mnt) < min(disk_bytes // 50, 16 << 20) + (256 << 10):
+        events.append(_event("disk_full", f"workspace disk full (limit {disk_bytes} bytes)"))
     for c in captures.values():
         if c.truncated:
             events.append(_event("output_truncated", f"{c.name}: kept {c.kept} of {c.seen} bytes"))
