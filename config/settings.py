@@ -116,6 +116,18 @@ class Settings:
     sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
+    max_log_line_bytes: int = _setting("SANDBOX_MAX_LOG_LINE_BYTES", "4Ki", parse_size)
+    max_log_lines: int = _setting("SANDBOX_MAX_LOG_LINES", "10000", _positive_int)
+    r2_sse_c_key: str = _setting("SANDBOX_R2_SSE_C_KEY", "", secret=True)
+    retention_days_input: int = _setting("SANDBOX_RETENTION_DAYS_INPUT", "7", _positive_int)
+    retention_days_output: int = _setting("SANDBOX_RETENTION_DAYS_OUTPUT", "30", _positive_int)
+    retention_days_logs: int = _setting("SANDBOX_RETENTION_DAYS_LOGS", "30", _positive_int)
+    retention_days_artifacts: int = _setting("SANDBOX_RETENTION_DAYS_ARTIFACTS", "30", _positive_int)
+    webhook_secret: str = _setting("SANDBOX_WEBHOOK_SECRET", "", secret=True)
+    webhook_allowed_hosts: tuple[str, ...] = _setting("SANDBOX_WEBHOOK_ALLOWED_HOSTS", "", _csv)
+    webhook_timeout_s: float = _setting("SANDBOX_WEBHOOK_TIMEOUT", "5", _positive_float)
+    webhook_max_attempts: int = _setting("SANDBOX_WEBHOOK_MAX_ATTEMPTS", "5", _positive_int)
+    webhook_backoff_max_s: float = _setting("SANDBOX_WEBHOOK_BACKOFF_MAX", "30", _positive_float)
 
     @property
     def s3_endpoint(self) -> str:
@@ -123,6 +135,12 @@ class Settings:
         if self.r2_endpoint:
             return self.r2_endpoint
         return f"https://{self.cloudflare_account_id}.r2.cloudflarestorage.com"
+
+    @property
+    def retention_days(self) -> dict[str, int]:
+        """Days each jobs/{id}/<category>/ object is kept before the expiry sweep deletes it."""
+        return {"input": self.retention_days_input, "output": self.retention_days_output,
+                "logs": self.retention_days_logs, "artifacts": self.retention_days_artifacts}
 
     @property
     def visibility_timeout_s(self) -> int:

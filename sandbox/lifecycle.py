@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from config.settings import Settings
+from sandbox import webhooks
 from sandbox.errors import JobRejected, PlacementError, SandboxError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
@@ -41,10 +42,13 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     """Validate and record a job; True when the caller should start its stages."""
     try:
         spec = parse_job(raw, svc.settings)
+        if spec.callback_url:
+            webhooks.check_callback_url(spec.callback_url, svc.settings.webhook_allowed_hosts)
     except JobRejected as rejection:
         return _reject(svc, raw, rejection), False
     record = new_record(spec.id, JobStatus.QUEUED)
     record["submit_task_id"] = task_id
+    record["callback_url"] = spec.callback_url
     if svc.store.create(record, spec.to_dict()):
         return record, True
     existing = svc.store.get(spec.id)
@@ -231,6 +235,8 @@ def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobReco
     now = time.time()
 
     def change(r: JobRecord) -> None:
+        if JobStatus(r["status"]).terminal:
+            return
         entry = r["stages"].setdefault(stage, {"attempts": 0})
         entry.update(host=svc.host, started_at=now, attempts=entry["attempts"] + 1)
 
@@ -260,3 +266,14 @@ def _owned_handle(svc: Services, record: JobRecord) -> SandboxHandle:
 
 def _spec(svc: Services, job_id: str) -> JobSpec:
     return JobSpec.from_dict(svc.store.spec(job_id))
+
+
+def notify(svc: Services, job_id: str) -> list[dict[str, Any]]:
+    """POST the terminal record, signed, to the job's callback_url; the delivery log joins the record."""
+    record = svc.store.get(job_id)
+    if not record.get("callback_url") or not JobStatus(record["status"]).terminal:
+        return []
+    deliveries = webhooks.deliver(record["callback_url"], "job.terminal", record,
+                                  webhooks.secret_from(svc.settings), **webhooks.options_from(svc.settings))
+    svc.store.update(job_id, lambda r: r["webhook_deliveries"].extend(deliveries))
+    return deliveries

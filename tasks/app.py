@@ -12,8 +12,6 @@ from sandbox.lifecycle import Services
 
 app = Celery("sandbox")
 app.config_from_object("celeryconfig")
-app.autodiscover_tasks(["tasks"], related_name="stages", force=True)
-app.autodiscover_tasks(["tasks"], related_name="sweeps", force=True)
 
 log = logging.getLogger("sandbox.tasks")
 _node = {"name": os.environ.get("SANDBOX_NODE_NAME", "")}

@@ -1,20 +1,42 @@
 """sandbox.submit, the five stage tasks, the errback, and cancel."""
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
-from celery import chain, states
+from celery import Task, chain, states
 
 from sandbox import lifecycle
 from sandbox.errors import TransientError
 from tasks.app import app, node_queue, services
 
+log = logging.getLogger("sandbox.tasks")
+
 # Backend hiccups (S3 or Fly unreachable, throttled, 5xx) are worth retrying: every stage is
 # idempotent. Celery's own retry (not tenacity) so the worker slot is free while it waits and the
 # retry survives a worker restart; tenacity retries single calls inside storage and webhooks.
-RETRY = dict(autoretry_for=(TransientError,), retry_backoff=2, retry_backoff_max=60, retry_jitter=True,
-             max_retries=5)
+# The retry is explicit rather than autoretry_for so that the last failure becomes the job's
+# outcome: the stage records it and returns, the chain goes on to cleanup (which destroys the
+# sandbox and returns the terminal record to the submit task's waiters). Were the stage to raise,
+# Celery would mark the rest of the chain failed and the waiters would get an exception instead.
+MAX_RETRIES = 5
+BACKOFF_S = (2, 4, 8, 16, 32)
 EXECUTE_GRACE_S = 60
+
+
+def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any) -> str:
+    """Run one lifecycle stage; transient errors retry, anything else ends the job as `error`."""
+    name = stage.__name__
+    try:
+        stage(services(), job_id, **kwargs)
+    except TransientError as exc:
+        if task.request.retries < MAX_RETRIES:
+            raise task.retry(exc=exc, countdown=BACKOFF_S[task.request.retries], max_retries=MAX_RETRIES)
+        lifecycle.fail(services(), job_id, name, exc)
+    except Exception as exc:  # noqa: BLE001 - any other failure is the job's end, with its reason
+        log.exception("stage %s of job %s failed", name, job_id)
+        lifecycle.fail(services(), job_id, name, exc)
+    return job_id
 
 
 @app.task(name="sandbox.submit", bind=True)
@@ -40,40 +62,39 @@ def pipeline(job_id: str, node: str, timeout_s: float) -> chain:
     ).on_error(on_stage_error.s())
 
 
-@app.task(name="sandbox.create", **RETRY)
-def create(job_id: str) -> str:
-    lifecycle.create(services(), job_id)
-    return job_id
+@app.task(name="sandbox.create", bind=True)
+def create(self, job_id: str) -> str:
+    return run_stage(self, lifecycle.create, job_id)
 
 
-@app.task(name="sandbox.prepare", **RETRY)
-def prepare(job_id: str) -> str:
-    lifecycle.prepare(services(), job_id)
-    return job_id
+@app.task(name="sandbox.prepare", bind=True)
+def prepare(self, job_id: str) -> str:
+    return run_stage(self, lifecycle.prepare, job_id)
 
 
-@app.task(name="sandbox.execute", bind=True, **RETRY)
+@app.task(name="sandbox.execute", bind=True)
 def execute(self, job_id: str) -> str:
-    lifecycle.execute(services(), job_id, token=self.request.id)
-    return job_id
+    return run_stage(self, lifecycle.execute, job_id, token=self.request.id)
 
 
-@app.task(name="sandbox.collect", **RETRY)
-def collect(job_id: str) -> str:
-    lifecycle.collect(services(), job_id)
-    return job_id
+@app.task(name="sandbox.collect", bind=True)
+def collect(self, job_id: str) -> str:
+    return run_stage(self, lifecycle.collect, job_id)
 
 
-@app.task(name="sandbox.cleanup", **RETRY)
-def cleanup(job_id: str) -> dict:
-    record = lifecycle.cleanup(services(), job_id)
+@app.task(name="sandbox.cleanup", bind=True)
+def cleanup(self, job_id: str) -> dict:
+    """Always destroys the sandbox; the terminal record it returns is what sandbox.submit yields."""
+    run_stage(self, lifecycle.cleanup, job_id)
+    record = services().store.get(job_id)
     _notify(record)
     return record
 
 
 @app.task(name="sandbox.on_stage_error")
 def on_stage_error(request, exc, traceback) -> None:
-    """Runs in the failing stage's worker (so on the sandbox's host); later stages never run."""
+    """Safety net for what run_stage cannot catch (a hard time limit): runs in the failing stage's
+    worker, so on the sandbox's host; the chain's later stages never run after it."""
     job_id, stage = request.args[0], request.task.rsplit(".", 1)[-1]
     record = lifecycle.fail(services(), job_id, stage, exc)
     if record is None:

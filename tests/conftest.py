@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -53,10 +55,18 @@ def s3(session_dir: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def stack_env(redis_url: str, s3: Any, session_dir: Path) -> dict[str, str]:
+def work_dir() -> Iterator[Path]:
+    """A sandbox work dir the unprivileged sandbox uid can traverse (pytest's tmp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-work-", dir="/var/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack_env(redis_url: str, s3: Any, work_dir: Path) -> dict[str, str]:
     """SANDBOX_* variables of the test stack; workers and the tests' own Settings share them."""
-    work = session_dir / "work"
-    work.mkdir(exist_ok=True)
+    work = work_dir
     return {
         "SANDBOX_REDIS_URL": redis_url,
         **s3.env(),
