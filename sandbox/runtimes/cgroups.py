@@ -87,7 +87,7 @@ def _pids_in(procs_file: str) -> list[int]:
 
 
 def _rmdir(path: str) -> None:
-    for _ in range(50):
+    for _ in range(500):
         try:
             os.rmdir(path)
             return
@@ -96,7 +96,7 @@ def _rmdir(path: str) -> None:
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            time.sleep(0.01)  # the kernel frees the group a moment after its last task exits
+            time.sleep(0.001)  # the kernel frees the group a moment after its last task exits
     os.rmdir(path)
 
 
