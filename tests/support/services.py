@@ -90,13 +90,14 @@ class Worker:
         self.log_path = log_path
         self.concurrency = concurrency
         self.proc: subprocess.Popen | None = None
+        self.extra_args: list[str] = []
 
     def start(self, app, timeout_s: float = 60.0) -> None:  # noqa: ANN001
         env = {**os.environ, **self.env, "SANDBOX_NODE_NAME": self.node}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", self.node, "-c", str(self.concurrency),
-             "-l", "INFO", "--without-mingle", "--without-gossip", "-Q", "sandbox"],
+             "-l", "INFO", "--without-mingle", "--without-gossip", "-Q", "sandbox", *self.extra_args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -1,0 +1,98 @@
+"""End-to-end latency and throughput of a trivial job, beside a five-task no-op chain, same broker.
+
+    .venv/bin/python bench/e2e.py [--jobs 100] [--concurrency 8]
+
+Starts its own Redis, SeaweedFS and one worker (concurrency 2, as on a 2-core host), then measures
+sequential latency (p50/p95/p99) and parallel throughput for: (a) the baseline, a chain of five
+no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints both and their ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from celery import Celery, chain  # noqa: E402
+
+from tests.support.seaweed import seaweed_server  # noqa: E402
+from tests.support.services import RedisServer, Worker  # noqa: E402
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def measure(run_one: Callable[[], None], jobs: int, concurrency: int) -> dict[str, float]:
+    for _ in range(5):
+        run_one()  # warm up: first connections, imports in the pool processes
+    latencies = []
+    for _ in range(jobs):
+        start = time.perf_counter()
+        run_one()
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: run_one(), range(jobs)))
+    elapsed = time.perf_counter() - start
+    return {"p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": statistics.mean(latencies) * 1e3,
+            "throughput_per_s": jobs / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir="/var/tmp"))
+    base.chmod(0o711)
+    redis_server = RedisServer(base)
+    redis_server.start()
+    try:
+        with seaweed_server(base / "s3") as s3:
+            env = {"SANDBOX_REDIS_URL": redis_server.url, **s3.env(), "SANDBOX_WORK_DIR": str(base),
+                   "SANDBOX_DEFAULT_DISK": "16Mi"}
+            client = Celery("bench", broker=redis_server.url, backend=redis_server.url)
+            client.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"],
+                               task_default_queue="sandbox")
+            worker = Worker(env, node="bench@host", log_path=base / "worker.log")
+            worker.extra_args = ["--include", "bench.noop"]
+            worker.start(client)
+            try:
+                baseline = measure(lambda: chain(*[client.signature("bench.noop") for _ in range(5)])
+                                   .apply_async().get(timeout=60), args.jobs, args.concurrency)
+
+                def one_job() -> None:
+                    job = {"id": f"bench-{uuid.uuid4().hex[:12]}", "command": "ls"}
+                    record = client.send_task("sandbox.submit", args=[json.dumps(job)]).get(timeout=120)
+                    assert record["status"] == "succeeded", record
+
+                pipeline = measure(one_job, args.jobs, args.concurrency)
+            finally:
+                worker.stop()
+    finally:
+        redis_server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'per s':>10}")
+    for name, row in (("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)):
+        print(f"{name:24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}{row['throughput_per_s']:10.1f}")
+    print(f"{'ratio job/chain':24}" + "".join(f"{pipeline[k] / baseline[k]:10.2f}" for k in ("p50_ms", "p95_ms", "p99_ms",
+                                                                                        "throughput_per_s")))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
