@@ -192,7 +192,8 @@ class LocalRuntime:
         fsutil.unmount(os.path.join(d, "mnt"))
         if os.path.ismount(os.path.join(d, "mnt")):
             raise SandboxFailure(f"workspace of {sid} is still mounted; not removing it")
-        shutil.rmtree(d, ignore_errors=False) if os.path.isdir(d) else None
+        if os.path.isdir(d):
+            shutil.rmtree(d)  # fd-based on Linux: never follows a symlink out of the directory
 
     def list_sandboxes(self) -> list[SandboxInfo]:
         """Every sandbox with a meta file under work_dir."""
