@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from sandbox.spec import parse_job
+    from sandbox.lifecycle import validate
 
     try:
-        spec = parse_job(args.file.read_bytes(), load_settings())
+        spec = validate(args.file.read_bytes(), load_settings())
     except JobRejected as e:
         print(json.dumps({"valid": False, "error": e.as_dict()}, indent=2))
         return EXIT_REJECTED
@@ -73,7 +73,13 @@ def _submit(args: argparse.Namespace) -> int:
         return EXIT_OK
     if job_id:
         threading.Thread(target=_print_progress, args=(job_id,), daemon=True).start()
-    record = result.get(timeout=args.timeout, propagate=True)
+    try:
+        record = result.get(timeout=args.timeout, propagate=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a stage hit its hard time limit: the record still says why
+        if not job_id:
+            raise
+        print(f"the submit task ended with {type(e).__name__}: {e}; reading the job record", file=sys.stderr)
+        record = _store().get(job_id)
     print(json.dumps(record, indent=2))
     return {"succeeded": EXIT_OK, "rejected": EXIT_REJECTED}.get(record.get("status"), EXIT_FAILED)
 
@@ -106,13 +112,16 @@ def _logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _show(args: argparse.Namespace) -> int:
+def _store() -> Any:
     import redis
 
     from sandbox.state import JobStore
 
-    settings = load_settings()
-    print(json.dumps(JobStore(redis.Redis.from_url(settings.redis_url)).get(args.id), indent=2))
+    return JobStore(redis.Redis.from_url(load_settings().redis_url))
+
+
+def _show(args: argparse.Namespace) -> int:
+    print(json.dumps(_store().get(args.id), indent=2))
     return EXIT_OK
 
 

@@ -38,12 +38,18 @@ class Services:
     host: str
 
 
+def validate(raw: Any, settings: Settings) -> JobSpec:
+    """Every check a submitted job passes (the CLI's `validate` runs exactly this)."""
+    spec = parse_job(raw, settings)
+    if spec.callback_url:
+        webhooks.check_callback_url(spec.callback_url, settings.webhook_allowed_hosts)
+    return spec
+
+
 def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     """Validate and record a job; True when the caller should start its stages."""
     try:
-        spec = parse_job(raw, svc.settings)
-        if spec.callback_url:
-            webhooks.check_callback_url(spec.callback_url, svc.settings.webhook_allowed_hosts)
+        spec = validate(raw, svc.settings)
     except JobRejected as rejection:
         return _reject(svc, raw, rejection), False
     record = new_record(spec.id, JobStatus.QUEUED)

@@ -1,0 +1,59 @@
+"""Settings: defaults as the seed has them, and every bad value stops start-up naming its variable."""
+from __future__ import annotations
+
+import pytest
+
+from config import load_settings
+from config.units import parse_cpu, parse_size
+from sandbox.errors import ConfigError
+
+
+def test_seed_defaults() -> None:
+    s = load_settings({})
+    assert s.default_cpu == 0.5
+    assert s.default_memory_bytes == 512 * 2**20
+    assert s.default_disk_bytes == 2**30
+    assert s.default_timeout_s == 300
+    assert s.allowed_commands == ("ls", "cat", "grep", "curl", "wget")
+    assert s.fly_api_url == "https://api.machines.dev/v1"
+    assert s.r2_bucket == "chronos-synapse"
+    assert s.s3_endpoint == "https://.r2.cloudflarestorage.com"  # no account id set yet
+    assert s.visibility_timeout_s > s.max_timeout_s
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"SANDBOX_DEFAULT_MEMORY": "lots"}, "SANDBOX_DEFAULT_MEMORY"),
+    ({"SANDBOX_DEFAULT_CPU": "-1"}, "SANDBOX_DEFAULT_CPU"),
+    ({"SANDBOX_DEFAULT_CPU": "0"}, "SANDBOX_DEFAULT_CPU"),
+    ({"SANDBOX_REDIS_URL": "http://localhost:6379"}, "SANDBOX_REDIS_URL"),
+    ({"SANDBOX_REDIS_URL": "not a url"}, "SANDBOX_REDIS_URL"),
+    ({"SANDBOX_DEFAULT_TIMEOUT": "nan"}, "SANDBOX_DEFAULT_TIMEOUT"),
+    ({"SANDBOX_DEFAULT_TIMEOUT": "inf"}, "SANDBOX_DEFAULT_TIMEOUT"),
+    ({"SANDBOX_BLOCKED_PORTS": "22,70000"}, "SANDBOX_BLOCKED_PORTS"),
+    ({"SANDBOX_RUNTIME": "docker"}, "SANDBOX_RUNTIME"),
+    ({"SANDBOX_PRESIGN_TTL": "604801"}, "SANDBOX_PRESIGN_TTL"),
+    ({"SANDBOX_DEFAULT_MEMORY": "8Gi"}, "SANDBOX_DEFAULT_MEMORY"),  # above SANDBOX_MAX_MEMORY
+    ({"SANDBOX_RUNTIME": "fly"}, "SANDBOX_FLY_APP"),
+])
+def test_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert caught.value.variable == variable
+    assert variable in str(caught.value)
+
+
+def test_units() -> None:
+    assert parse_size("512Mi") == 512 * 2**20
+    assert parse_size("1Gi") == 2**30
+    assert parse_size("1G") == 10**9
+    assert parse_cpu("0.5") == 0.5
+    assert parse_cpu("250m") == 0.25
+    for bad in ("", "1.5.5", "-1Gi", "0", "1Qi", "1e9"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_secrets_are_masked() -> None:
+    shown = load_settings({"SANDBOX_CLOUDFLARE_SECRET_KEY": "s3cr3t"}).redacted()
+    assert shown["SANDBOX_CLOUDFLARE_SECRET_KEY"] == "***"
+    assert "s3cr3t" not in repr(shown)
