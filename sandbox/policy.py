@@ -84,8 +84,9 @@ PROGRAMS: dict[str, ProgramRules] = {
                  "--ext-diff": _RUNS, "-O": _RUNS, "--open-files-in-pager": _RUNS, "--exec": _RUNS,
                  "--separate-git-dir": _WRITES},
         takes_value=frozenset({"-C", "-m", "--message", "-b", "--branch", "--depth", "-n", "--max-count",
-                               "--author", "--format", "--pretty", "-o", "--origin", "--since", "--until"}),
-        output_paths=frozenset({"-C"}),
+                               "--author", "--format", "--pretty", "-o", "--origin", "--since", "--until",
+                               "--output"}),
+        output_paths=frozenset({"-C", "--output"}),
         refused_values=((r"^[A-Za-z0-9+.-]+::", "selects a remote helper that runs programs (ext::, fd::)"),
                         (r"(?i)^(?!https?://)[a-z][a-z0-9+.-]*://", "only https:// and http:// remotes are allowed")),
         subcommands={name: frozenset() for name in (
