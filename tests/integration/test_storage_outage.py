@@ -1,0 +1,98 @@
+"""S3 stopped in the middle of a multipart upload: retried as documented, never a partial object."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from config.settings import load_settings
+from sandbox.errors import StorageError, StorageUnavailable
+from sandbox.storage import PART_BYTES, ArtifactStore
+from tests.support.seaweed import SeaweedServer, seaweed_or_skip
+
+KEY = "jobs/out1/output/big.bin"
+
+
+@pytest.fixture()
+def seaweed(tmp_path: Path) -> Iterator[SeaweedServer]:
+    # Each test stops its server, so none is shared.
+    with seaweed_or_skip(tmp_path / "seaweed") as server:
+        yield server
+
+
+class _Tripwire(io.BytesIO):
+    """A seekable source that runs `trip` once, when the reader first passes `at` bytes."""
+
+    def __init__(self, data: bytes, at: int, trip: Callable[[], None]) -> None:
+        super().__init__(data)
+        self._at, self._trip, self.tripped = at, trip, False
+
+    def read(self, n: int | None = -1) -> bytes:
+        if not self.tripped and self.tell() >= self._at:
+            self.tripped = True
+            self._trip()
+        return super().read(n)
+
+
+def _visible(server: SeaweedServer, key: str) -> bool:
+    found = server.client().list_objects_v2(Bucket=server.bucket, Prefix=key).get("Contents", [])
+    return any(o["Key"] == key for o in found)
+
+
+def test_short_outage_mid_upload_is_retried_and_the_object_is_whole(seaweed: SeaweedServer) -> None:
+    events: list[dict] = []
+    store = ArtifactStore(load_settings(seaweed.env()), actor="w", audit=events.append,
+                          max_attempts=4, upload_attempts=4)
+    data = os.urandom(3 * PART_BYTES + 5)
+    seen_during_upload: list[bool] = []
+    restarter: list[threading.Thread] = []
+
+    def outage() -> None:
+        # Given two parts already sent: no object may be visible yet; then S3 goes away for ~1 s.
+        seen_during_upload.append(_visible(seaweed, KEY))
+        seaweed.stop()
+        thread = threading.Timer(1.0, seaweed.start)
+        thread.start()
+        restarter.append(thread)
+
+    source = _Tripwire(data, at=2 * PART_BYTES, trip=outage)
+    try:
+        stored = store.upload(KEY, source, "out1", size=len(data))
+    finally:
+        for thread in restarter:
+            thread.join()
+    assert source.tripped and seen_during_upload == [False]
+    assert stored == len(data)
+    body = seaweed.client().get_object(Bucket=seaweed.bucket, Key=KEY)["Body"].read()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()  # nothing lost or doubled
+    assert [e["outcome"] for e in events if e["op"] == "put"] == ["ok"]
+    # An upload id abandoned while S3 was down is invisible, and the sweep aborts it later.
+    store.sweep_expired({}, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2))
+    assert seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket).get("Uploads", []) == []
+
+
+def test_lasting_outage_fails_as_unavailable_and_leaves_no_object(seaweed: SeaweedServer) -> None:
+    events: list[dict] = []
+    store = ArtifactStore(load_settings(seaweed.env()), actor="w", audit=events.append,
+                          max_attempts=2, upload_attempts=2)
+    data = os.urandom(2 * PART_BYTES + 5)
+    source = _Tripwire(data, at=PART_BYTES, trip=seaweed.stop)
+    with pytest.raises(StorageUnavailable):
+        store.upload(KEY, source, "out1", size=len(data))
+    assert events[-1]["op"] == "put" and events[-1]["outcome"] == "unavailable"
+    with pytest.raises(StorageUnavailable):
+        store.open_input("jobs/out1/input/x", "out1")
+    # When S3 comes back, the failed upload left nothing that looks like an object.
+    seaweed.start()
+    assert not _visible(seaweed, KEY)
+    with pytest.raises(StorageError, match="no such object"):
+        ArtifactStore(load_settings(seaweed.env()), actor="w").open_input("shared/none", "out1")
+    # And the stage's own retry (what Celery does after StorageUnavailable) then succeeds.
+    assert store.upload(KEY, io.BytesIO(data), "out1", size=len(data)) == len(data)
+    assert _visible(seaweed, KEY)
