@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := redis-server bubblewrap libseccomp2 iproute2
+APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs
 STAMP := $(VENV)/.installed
 
 .PHONY: deps system-deps run up test test-fast bench clean
@@ -46,7 +46,7 @@ test-fast: deps
 
 bench: deps
 	$(BIN)/python bench/e2e.py
-	$(BIN)/python bench/sandbox_start.py
+	$(BIN)/python bench/sandbox_start.py 50
 
 clean:
 	rm -rf var .pytest_cache

@@ -151,9 +151,10 @@ def collect(svc: Services, job_id: str) -> None:
     logs = [_upload(svc, job_id, f"jobs/{job_id}/logs/{name}.log", fh, None)
             for name, fh in svc.runtime.logs(handle).items()]
     spec = _spec(svc, job_id)
+    collected = svc.runtime.collect(handle, spec.collect)
     artifacts = [_upload(svc, job_id, _output_key(job_id, f.relpath), f.open(), f.size, path=f.relpath)
-                 for f in svc.runtime.collect(handle, spec.collect)]
-    skipped = list(getattr(svc.runtime, "last_skipped", lambda h: [])(handle))
+                 for f in collected]
+    skipped = list(getattr(collected, "skipped", []))  # files over a cap, links, devices: and why
     svc.store.update(job_id, lambda r: r.update(logs=logs, artifacts=artifacts, skipped_outputs=skipped))
     _finish_stage(svc, job_id, "collect")
 
