@@ -108,17 +108,14 @@ def _is_loopback(host: str) -> bool:
 
 def check_key(key: str) -> str:
     """The key unchanged if it is a safe object key, else StorageError (keys may carry job-chosen names)."""
-    if not isinstance(key, str) or not key or len(key.encode("utf-8", "surrogatepass")) > 1024:
-        raise StorageError(f"object key must be 1..1024 bytes: {key!r:.80}")
-    parts = key.split("/")
-    if key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
-        raise StorageError(f"object key has an empty, '.' or '..' segment: {key!r:.200}")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
-        raise StorageError(f"object key contains control characters: {key!r:.200}")
     try:
-        key.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise StorageError(f"object key is not valid UTF-8: {key!r:.200}") from e
+        size = len(key.encode("utf-8"))
+    except (UnicodeEncodeError, AttributeError) as e:
+        raise StorageError(f"object key is not valid UTF-8 text: {key!r:.200}") from e
+    if (not 0 < size <= 1024 or any(p in ("", ".", "..") for p in key.split("/"))
+            or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key)):
+        raise StorageError(f"object key must be 1..1024 bytes of '/'-separated names, none empty, '.' or '..', "
+                           f"without control characters: {key!r:.200}")
     return key
 
 
@@ -321,18 +318,30 @@ class ArtifactStore:
 
     def presign_get(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
         """A presigned GET URL for key, valid ttl_s seconds (1 s..7 days; default from settings)."""
+        return self._presign("get_object", key, job_id, ttl_s)
+
+    def presign_put(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
+        """A presigned PUT URL for a remote (fly) sandbox's own output; never for a local sandbox."""
+        if getattr(self._settings, "runtime", "local") == "local":
+            raise StorageError("presigned upload URLs are never handed to a local sandbox")
+        if not key.startswith(tuple(f"jobs/{job_id}/{c}/" for c in ("output", "artifacts", "logs"))):
+            raise StorageError(f"upload key {key!r:.200} is outside the job's output, artifacts and logs")
+        return self._presign("put_object", key, job_id, ttl_s)
+
+    def _presign(self, method: str, key: str, job_id: str, ttl_s: int | None) -> str:
         check_key(key)
+        op = "presign" if method == "get_object" else "presign_put"
         ttl = int(self._settings.presign_ttl_s if ttl_s is None else ttl_s)
         if not 1 <= ttl <= PRESIGN_MAX_S:
             raise StorageError(f"presign ttl must lie between 1 and {PRESIGN_MAX_S} seconds, not {ttl}")
         try:
-            # With SSE-C the key headers are signed in; the downloader must send them too.
+            # With SSE-C the key headers are signed in; whoever uses the URL must send them too.
             url = self.client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key, **self._sse()}, ExpiresIn=ttl)
-        except (ClientError, BotoCoreError) as e:
-            self._emit("presign", job_id, key, None, "error", ttl_s=ttl)
+                method, Params={"Bucket": self.bucket, "Key": key, **self._sse()}, ExpiresIn=ttl)
+        except _EDGE as e:
+            self._emit(op, job_id, key, None, "error", ttl_s=ttl)
             raise self._translate(e, f"presign {key}") from e
-        self._emit("presign", job_id, key, None, "ok", ttl_s=ttl)  # the URL itself is never logged
+        self._emit(op, job_id, key, None, "ok", ttl_s=ttl)  # the URL itself is never logged
         return url
 
     def list_keys(self, prefix: str) -> Iterator[dict]:

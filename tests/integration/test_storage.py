@@ -131,7 +131,7 @@ def test_open_input_refuses_keys_outside_the_jobs_inputs(store: ArtifactStore, k
         store.open_input(key, "j6")
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/../b", "a/./b", "a/b\x00c", "a/b\nc", "x" * 1025])
+@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/../b", "a/./b", "a/", "a/b\x00c", "a/b\nc", "x" * 1025, "a/\udc80"])
 def test_hostile_keys_are_refused(store: ArtifactStore, key: str) -> None:
     with pytest.raises(StorageError):
         store.upload(key, io.BytesIO(b"x"), "j7")
@@ -239,3 +239,17 @@ def test_ensure_bucket_creates_a_missing_bucket(seaweed: SeaweedServer) -> None:
 
 def test_retention_defaults_until_settings_carry_them(seaweed: SeaweedServer) -> None:
     assert retention_from_settings(_settings(seaweed)) == {"input": 7, "output": 30, "logs": 30, "artifacts": 30}
+
+
+def test_presigned_upload_urls_are_never_made_for_a_local_sandbox(seaweed: SeaweedServer) -> None:
+    local = ArtifactStore(_settings(seaweed, SANDBOX_RUNTIME="local"), actor="w")
+    with pytest.raises(StorageError, match="local sandbox"):
+        local.presign_put("jobs/j11/output/a", "j11")
+    remote = ArtifactStore(_settings(seaweed, SANDBOX_RUNTIME="fly", SANDBOX_FLY_APP="a", SANDBOX_FLY_API_TOKEN="t"),
+                           actor="w")
+    with pytest.raises(StorageError, match="outside"):
+        remote.presign_put("jobs/j11/input/a", "j11")
+    url = remote.presign_put("jobs/j11/output/a", "j11", ttl_s=60)
+    assert requests.put(url, data=b"from the machine", timeout=10).status_code == 200
+    assert requests.put(url.replace("/j11/output/a", "/j11/output/b"), data=b"x", timeout=10).status_code == 403
+    assert seaweed.client().get_object(Bucket=seaweed.bucket, Key="jobs/j11/output/a")["Body"].read() == b"from the machine"
