@@ -253,3 +253,20 @@ def test_presigned_upload_urls_are_never_made_for_a_local_sandbox(seaweed: Seawe
     assert requests.put(url, data=b"from the machine", timeout=10).status_code == 200
     assert requests.put(url.replace("/j11/output/a", "/j11/output/b"), data=b"x", timeout=10).status_code == 403
     assert seaweed.client().get_object(Bucket=seaweed.bucket, Key="jobs/j11/output/a")["Body"].read() == b"from the machine"
+
+
+def test_a_forked_worker_builds_its_own_client(store: ArtifactStore) -> None:
+    # Given a client made in the parent; when a worker process forks, it must not reuse its sockets.
+    parent = store.client
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            ok = store.client is not parent and store.upload("jobs/f1/output/x", io.BytesIO(b"child"), "f1") == 5
+            os.write(write_end, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"
+    assert store.client is parent
+    assert store.client.get_object(Bucket=store.bucket, Key="jobs/f1/output/x")["Body"].read() == b"child"
