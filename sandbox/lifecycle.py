@@ -6,6 +6,7 @@ nothing, except cleanup, which always destroys whatever sandbox the record names
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 import uuid
@@ -150,6 +151,9 @@ def collect(svc: Services, job_id: str) -> None:
     handle = _owned_handle(svc, record)
     logs = [_upload(svc, job_id, f"jobs/{job_id}/logs/{name}.log", fh, None)
             for name, fh in svc.runtime.logs(handle).items()]
+    events = json.dumps({key: svc.store.get(job_id)[key] for key in ("timeline", "stages", "security_events")},
+                        indent=1).encode()
+    logs.append(_upload(svc, job_id, f"jobs/{job_id}/logs/events.json", io.BytesIO(events), len(events)))
     spec = _spec(svc, job_id)
     collected = svc.runtime.collect(handle, spec.collect)
     artifacts = [_upload(svc, job_id, _output_key(job_id, f.relpath), f.open(), f.size, path=f.relpath)

@@ -29,5 +29,7 @@ def sweep_stuck() -> list[str]:
 
 @app.task(name="sandbox.sweep_artifacts")
 def sweep_artifacts() -> int:
+    """Re-assert the bucket's lifecycle rules, then delete what is past retention anyway."""
     svc = services()
+    svc.artifacts.apply_lifecycle(svc.settings.retention_days)
     return svc.artifacts.sweep_expired(svc.settings.retention_days)

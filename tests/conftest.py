@@ -18,6 +18,7 @@ from tests.support.seaweed import SeaweedUnavailable, seaweed_server
 from tests.support.services import RedisServer, Worker
 
 E2E_COMMANDS = "ls,cat,grep,curl,wget,python3,sleep"
+WEBHOOK_SECRET = "e2e-webhook-secret"
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +77,8 @@ def stack_env(redis_url: str, s3: Any, work_dir: Path) -> dict[str, str]:
         "SANDBOX_MAX_TIMEOUT": "600",
         "SANDBOX_DEFAULT_MEMORY": "256Mi",
         "SANDBOX_DEFAULT_DISK": "64Mi",
+        "SANDBOX_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "SANDBOX_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
     }
 
 

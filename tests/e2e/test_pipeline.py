@@ -38,6 +38,8 @@ def test_hello_job_succeeds_with_outputs_and_logs_in_s3(submit, stack_env, redis
     logs = {entry["key"].rsplit("/", 1)[1]: entry for entry in record["logs"]}
     assert requests.get(logs["stdout.log"]["url"], timeout=10).text == "Hello, sandbox!\n"
     assert "wrote output/greeting.txt" in requests.get(logs["stderr.log"]["url"], timeout=10).text
+    events = requests.get(logs["events.json"]["url"], timeout=10).json()
+    assert [t["status"] for t in events["timeline"]][:4] == ["queued", "creating", "preparing", "running"]
     assert set(record["stages"]) == {"create", "prepare", "execute", "collect", "cleanup"}
     assert all(stage["duration_s"] >= 0 for stage in record["stages"].values())
     assert record["resources_used"]["cpu_seconds"] > 0

@@ -1,0 +1,62 @@
+"""Beat's sweeps against a real Redis and real sandboxes: they find work by labels, not memory."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sandbox import sweeps
+from sandbox.lifecycle import Services
+from sandbox.spec import JobSpec, ResourceLimits
+from sandbox.state import JobStatus, JobStore, new_record
+from tests.conftest import new_job_id
+from tests.integration.test_local_runtime import runtime, settings  # noqa: F401  (fixtures)
+
+HOST = "sweeper@host"
+
+
+@pytest.fixture
+def services(runtime, settings, redis_client) -> Services:  # noqa: F811
+    return Services(settings=settings, store=JobStore(redis_client), runtime=runtime, artifacts=None,
+                    events=None, host=HOST)
+
+
+def spec_for(job_id: str) -> JobSpec:
+    return JobSpec(id=job_id, command="ls", argv=("/usr/bin/ls",), environment={}, timeout_s=5,
+                   resources=ResourceLimits(cpu=0.5, memory_bytes=64 << 20, disk_bytes=16 << 20, pids=32))
+
+
+def test_orphan_sweep_destroys_only_sandboxes_of_ended_or_vanished_jobs(services):
+    ended, running, vanished = new_job_id("ended"), new_job_id("running"), new_job_id("vanished")
+    for job_id, status in ((ended, JobStatus.SUCCEEDED), (running, JobStatus.RUNNING)):
+        services.store.create(new_record(job_id, status))
+    handles = {job_id: services.runtime.create(spec_for(job_id), HOST) for job_id in (ended, running, vanished)}
+    services.store.update(ended, lambda r: r.update(finished_at=time.time()))
+
+    assert sweeps.sweep_orphans(services) == []  # everything is inside its grace period
+    later = time.time() + sweeps.GRACE_S + 1
+    destroyed = sweeps.sweep_orphans(services, now=later)
+
+    assert sorted(destroyed) == sorted([handles[ended].sandbox_id, handles[vanished].sandbox_id])
+    assert [info.job_id for info in services.runtime.list_sandboxes()] == [running]
+
+
+def test_orphan_sweep_leaves_other_hosts_sandboxes_alone(services):
+    job_id = new_job_id("elsewhere")
+    services.runtime.create(spec_for(job_id), "another@host")
+    assert sweeps.sweep_orphans(services, now=time.time() + 10**6) == []
+    assert [info.job_id for info in services.runtime.list_sandboxes()] == [job_id]
+
+
+def test_stuck_sweep_ends_jobs_without_progress_as_error(services):
+    stuck, fresh = new_job_id("stuck"), new_job_id("fresh")
+    services.store.create(new_record(stuck, JobStatus.RUNNING, now=time.time() - 1000))
+    services.store.create(new_record(fresh, JobStatus.RUNNING))
+
+    ended = sweeps.sweep_stuck(services, max_idle_s=500)
+
+    assert stuck in ended and fresh not in ended
+    record = services.store.get(stuck)
+    assert record["status"] == "error" and record["error"]["code"] == "stuck"
+    assert services.store.get(fresh)["status"] == "running"
+    assert stuck not in sweeps.sweep_stuck(services, max_idle_s=500)  # a terminal job stays as it is
