@@ -98,7 +98,7 @@ def run_example(stack: Stack, job_file: Path) -> int:
                           cwd=ROOT, env=env, stdout=subprocess.PIPE)
     record = json.loads(done.stdout or b"{}")
     print(json.dumps(record, indent=2))
-    for entry in record.get("logs", []):
+    for entry in (e for e in record.get("logs", []) if e["key"].endswith(".log")):
         body = urllib.request.urlopen(entry["url"], timeout=10).read().decode(errors="replace")  # noqa: S310
         print(f"--- {entry['key']} (fetched through its presigned URL) ---\n{body}", end="")
     for entry in record.get("artifacts", []):

@@ -71,7 +71,7 @@ def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     event = {"type": "rejected", "field": rejection.field, "rule": rejection.rule,
              "detail": rejection.message, "at": time.time()}
     record["security_events"].append(event)
-    audit.warning("job rejected", extra={"event": {"job_id": job_id, **event}})
+    audit.warning(json.dumps({"op": "reject", "job_id": job_id, "outcome": "rejected", **event}, sort_keys=True))
     if not svc.store.create(record):
         # The id belongs to an earlier job: answer with the rejection, never overwrite that job.
         return record
