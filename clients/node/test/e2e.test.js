@@ -3,7 +3,8 @@
 // harness, tests/e2e/test_node_client.py, which sets SANDBOX_E2E=1 and REDIS_URL).
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { SandboxClient, JobRejected } = require('..');
+const http = require('node:http');
+const { SandboxClient, JobRejected, verifyWebhook, signWebhook } = require('..');
 const { newId } = require('./helpers');
 
 const opts = process.env.SANDBOX_E2E === '1' && process.env.REDIS_URL
@@ -70,5 +71,60 @@ test('end to end through the worker', opts, async (t) => {
     const jobId = newId('never');
     await assert.rejects(client.submit({ id: jobId, command: 'ls', countdown: 5 }), JobRejected);
     assert.equal(await client.getRecord(jobId), null);
+  });
+
+  const secret = process.env.SANDBOX_WEBHOOK_SECRET;
+  await t.test('a Node receiver verifies the signed terminal record, after failing the first delivery', { skip: !secret && 'the worker has no SANDBOX_WEBHOOK_SECRET' }, async () => {
+    const accepted = new Map();
+    const refused = [];
+    let requests = 0;
+    const server = http.createServer((req, res) => {
+      const chunks = [];
+      req.on('data', (c) => chunks.push(c));
+      req.on('end', () => {
+        requests += 1;
+        if (requests === 1) { res.writeHead(500).end(); return; } // the first delivery fails
+        try {
+          const { envelope } = verifyWebhook({ secret, header: req.headers['x-sandbox-signature'], body: Buffer.concat(chunks) });
+          if (accepted.has(envelope.delivery_id)) { refused.push('duplicate'); res.writeHead(200).end(); return; }
+          accepted.set(envelope.delivery_id, envelope);
+          res.writeHead(204).end();
+        } catch (e) {
+          refused.push(e.message);
+          res.writeHead(401).end();
+        }
+      });
+    });
+    await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const url = `http://127.0.0.1:${server.address().port}/hook`;
+      const record = await client.run({ id: newId('hook'), command: 'ls', callback_url: url }, { timeoutMs: 120_000 });
+      assert.equal(record.status, 'succeeded', JSON.stringify(record));
+      const deadline = Date.now() + 90_000;
+      while (accepted.size === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      const [envelope] = accepted.values();
+      assert.ok(envelope, `no verified delivery; refused: ${refused}`);
+      assert.equal(envelope.event, 'job.terminal');
+      assert.equal(envelope.data.id, record.id);
+      assert.equal(envelope.data.status, 'succeeded');
+      // A forged delivery to the same receiver is refused.
+      const body = JSON.stringify({ ...envelope, delivery_id: 'forged' });
+      const t0 = Math.floor(Date.now() / 1000);
+      const forged = await fetch(url, { method: 'POST', body, headers: { 'X-Sandbox-Signature': `t=${t0},v1=${signWebhook('guess', t0, body)}` } });
+      assert.equal(forged.status, 401);
+      assert.equal(accepted.size, 1);
+      // The delivery log lands in the record: one id, first attempt 500, then accepted.
+      let log = [];
+      while (Date.now() < deadline) {
+        log = (await client.getRecord(record.id)).webhook_deliveries;
+        if (log.length >= 2) break;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      assert.deepEqual(log.map((d) => d.status_code), [500, 204]);
+      assert.equal(new Set(log.map((d) => d.delivery_id)).size, 1);
+      assert.equal(log[0].delivery_id, envelope.delivery_id);
+    } finally {
+      server.close();
+    }
   });
 });
