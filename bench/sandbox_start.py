@@ -26,14 +26,17 @@ BARE = ["/usr/bin/bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/u
         "--proc", "/proc", "--dev", "/dev", "/bin/true"]
 
 
-def measure(fn: Callable[[], None], n: int) -> list[float]:
-    """Wall time in ms of `n` calls after two warm-ups."""
-    fn(), fn()
-    out = []
+def measure(variants: dict[str, Callable[[], None]], n: int) -> dict[str, list[float]]:
+    """Wall time in ms of `n` calls of each variant after two warm-ups, interleaved round-robin
+    so that load from other processes on the host falls on every variant alike."""
+    for fn in variants.values():
+        fn(), fn()
+    out: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - t) * 1000)
     return out
 
 
@@ -63,12 +66,20 @@ def main() -> None:
                        timeout_s=30, resources=ResourceLimits(cpu=1.0, memory_bytes=256 << 20,
                                                               disk_bytes=1 << 30, pids=64))
 
+    phases: dict[str, list[float]] = {"  of which create": [], "  of which execute": [], "  of which destroy": []}
+
     def full() -> None:
         s = spec()
+        t0 = time.perf_counter()
         h = rt.create(s, "bench")
+        t1 = time.perf_counter()
         r = rt.execute(h, s, lambda *_: None)
+        t2 = time.perf_counter()
         assert r.outcome == "succeeded", r
         rt.destroy(h)
+        t3 = time.perf_counter()
+        for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            phases[name].append(dt * 1000)
 
     ready: list = []
 
@@ -76,23 +87,24 @@ def main() -> None:
         s, h = ready.pop()
         rt.execute(h, s, lambda *_: None)
 
-    def prepare_ready() -> None:
+    for _ in range(n + 2):  # sandboxes made ahead, so "execute only" times just the run
         s = spec()
         ready.append((s, rt.create(s, "bench")))
-
-    variants: dict[str, list[float]] = {
-        "plain subprocess /bin/true": measure(lambda: subprocess.run(["/bin/true"], check=True), n),
-        "bare bwrap /bin/true": measure(lambda: subprocess.run(BARE, env={}, check=True), n),
-        "bare bwrap + cgroup": measure(bare_cgroup, n),
-        "LocalRuntime create+execute+destroy": measure(full, n),
-    }
-    for _ in range(n + 2):
-        prepare_ready()
     handles = [h for _, h in ready]
-    variants["LocalRuntime execute only"] = measure(execute_only, n)
-    for h in handles:
-        rt.destroy(h)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        variants = measure({
+            "plain subprocess /bin/true": lambda: subprocess.run(["/bin/true"], check=True),
+            "bare bwrap /bin/true": lambda: subprocess.run(BARE, env={}, check=True),
+            "bare bwrap + cgroup": bare_cgroup,
+            "LocalRuntime create+execute+destroy": full,
+            "LocalRuntime execute only": execute_only,
+        }, n)
+    finally:
+        for h in handles:
+            rt.destroy(h)
+        shutil.rmtree(work, ignore_errors=True)
+    for name, times in phases.items():
+        variants[name] = times[2:]  # drop the warm-ups
 
     base = statistics.median(variants["bare bwrap + cgroup"])
     print(f"{'variant':40} {'p50 ms':>8} {'p95 ms':>8} {'x bwrap+cg':>11}")

@@ -6,15 +6,13 @@ component at a time with openat (dir_fd) and O_NOFOLLOW, and only regular files 
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import stat
-import subprocess
 from typing import IO, Any, Iterator
 
-from sandbox.errors import JobRejected, RuntimeUnavailable
+from sandbox.errors import JobRejected
 from sandbox.runtimes.base import OutputFile
 
 # Host files the base image needs, bound read-only on top of the synthetic /etc.
@@ -26,7 +24,6 @@ HOST_ETC = (
 )
 CHUNK = 64 * 1024
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def write_etc(etc: str, uid: int) -> None:
@@ -54,29 +51,6 @@ def write_etc(etc: str, uid: int) -> None:
     os.chmod(etc, 0o755)
 
 
-def make_disk(image: str, mnt: str, size_bytes: int, uid: int) -> None:
-    """A sparse ext4 image of `size_bytes`, loop-mounted nosuid,nodev at `mnt`, with workspace/ and tmp/."""
-    with open(image, "wb") as f:
-        f.truncate(size_bytes)
-    # no journal and lazy init: a scratch disk thrown away after one job needs no crash safety
-    subprocess.run(["/usr/sbin/mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-                    "-E", "nodiscard,lazy_itable_init=1", image],
-                   check=True, capture_output=True, env={"PATH": "/usr/sbin:/usr/bin"})
-    os.mkdir(mnt, 0o755)
-    done = subprocess.run(["/usr/bin/mount", "-o", "loop,nosuid,nodev", image, mnt],
-                          capture_output=True, env={"PATH": "/usr/sbin:/usr/bin"})
-    if done.returncode != 0:
-        text = done.stderr.decode(errors="replace").strip()
-        if "loop" in text.lower():  # every loop device busy: worth retrying later
-            raise RuntimeUnavailable(f"no free loop device for the workspace: {text}")
-        raise OSError(errno.EIO, f"mount of the workspace failed: {text}")
-    for sub, mode in (("workspace", 0o700), ("tmp", 0o700)):
-        path = os.path.join(mnt, sub)
-        os.mkdir(path, mode)
-        os.chown(path, uid, uid)
-    os.chmod(mnt, 0o755)  # the fs root stays root's: the job can never rename workspace/ away
-
-
 def used_bytes(mnt: str) -> int:
     """Bytes in use on the filesystem mounted at `mnt`."""
     st = os.statvfs(mnt)
@@ -87,19 +61,6 @@ def free_bytes(mnt: str) -> int:
     """Bytes still available on the filesystem mounted at `mnt`."""
     st = os.statvfs(mnt)
     return st.f_bavail * st.f_frsize
-
-
-def unmount(mnt: str) -> None:
-    """Unmount `mnt` (the loop device auto-clears); lazily if busy; not mounted is fine."""
-    if not os.path.ismount(mnt):
-        return
-    path = mnt.encode()
-    if _libc.umount2(path, 0) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EBUSY:
-            _libc.umount2(path, 2)  # MNT_DETACH: nothing of the job runs any more
-        elif err not in (errno.EINVAL, errno.ENOENT):
-            raise OSError(err, os.strerror(err), mnt)
 
 
 def write_json_atomic(path: str, value: Any) -> None:

@@ -16,7 +16,7 @@ from typing import IO, Iterator
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, fsutil
+from sandbox.runtimes import cgroups, diskimage, fsutil
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
@@ -101,8 +101,8 @@ class LocalRuntime:
             os.mkdir(os.path.join(d, "logs"), 0o700)
             fsutil.write_etc(os.path.join(d, "etc"), self.settings.sandbox_uid)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
-            fsutil.make_disk(os.path.join(d, "disk.img"), os.path.join(d, "mnt"), disk,
-                             self.settings.sandbox_uid)
+            diskimage.clone_template(self.work_dir, os.path.join(d, "disk.img"), disk, self.settings.sandbox_uid)
+            diskimage.mount_image(os.path.join(d, "disk.img"), os.path.join(d, "mnt"))
             limits = cgroups.CgroupLimits(spec.resources.cpu, spec.resources.memory_bytes,
                                           spec.resources.pids)
             self.cgroups.create(sid, limits)
@@ -189,7 +189,7 @@ class LocalRuntime:
         d = self._dir(sid)
         self.cgroups.kill(sid)
         self.cgroups.remove(sid)
-        fsutil.unmount(os.path.join(d, "mnt"))
+        diskimage.unmount(os.path.join(d, "mnt"))
         if os.path.ismount(os.path.join(d, "mnt")):
             raise SandboxFailure(f"workspace of {sid} is still mounted; not removing it")
         if os.path.isdir(d):
