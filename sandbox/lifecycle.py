@@ -75,7 +75,7 @@ def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     if not svc.store.create(record):
         # The id belongs to an earlier job: answer with the rejection, never overwrite that job.
         return record
-    svc.events.publish(job_id, {"type": "security", **event})
+    svc.events.publish(job_id, {**event, "kind": event.get("type"), "type": "security"})
     return record
 
 

@@ -174,7 +174,7 @@ class JobStore:
             return
         self.update(job_id, lambda r: r["security_events"].extend(events))
         for event in events:
-            self.events.publish(job_id, {"type": "security", **event})
+            self.events.publish(job_id, {**event, "kind": event.get("type"), "type": "security"})
 
     def claim_execution(self, job_id: str, token: str) -> bool:
         """True exactly once per job: the command is never started twice."""
