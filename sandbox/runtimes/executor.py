@@ -91,7 +91,7 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            rt.bwrap_argv(d, spec, seccomp_fd), env={}, cwd="/", stdin=subprocess.DEVNULL,
+            rt.bwrap_argv(d, meta, spec, seccomp_fd), env={}, cwd="/", stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd,),
             preexec_fn=_enter_cgroup_then_drop(rt.cgroups.procs_files(sid), rt.settings.sandbox_uid),
         )

@@ -99,14 +99,14 @@ class LocalRuntime:
         try:
             os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach etc/ and mnt/
             os.mkdir(os.path.join(d, "logs"), 0o700)
-            fsutil.write_etc(os.path.join(d, "etc"), self.settings.sandbox_uid)
+            etc = fsutil.shared_etc(self.work_dir, self.settings.sandbox_uid)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
             diskimage.clone_template(self.work_dir, os.path.join(d, "disk.img"), disk, self.settings.sandbox_uid)
             diskimage.mount_image(os.path.join(d, "disk.img"), os.path.join(d, "mnt"))
             limits = cgroups.CgroupLimits(spec.resources.cpu, spec.resources.memory_bytes,
                                           spec.resources.pids)
             self.cgroups.create(sid, limits)
-            meta = {"handle": handle.to_dict(), "disk_bytes": disk,
+            meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc,
                     "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta)
         except RuntimeUnavailable:
@@ -209,8 +209,9 @@ class LocalRuntime:
         return found
 
     # -- used by the executor ------------------------------------------------------------------
-    def bwrap_argv(self, d: str, spec: JobSpec, seccomp_fd: int) -> list[str]:
+    def bwrap_argv(self, d: str, meta: dict, spec: JobSpec, seccomp_fd: int) -> list[str]:
         """The bubblewrap command line for one job in sandbox directory `d`."""
+        etc = meta.get("etc")  # the shared /etc recorded at create
         uid = str(self.settings.sandbox_uid)
         argv = [
             BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
@@ -219,10 +220,13 @@ class LocalRuntime:
             "--ro-bind", "/usr", "/usr", "--tmpfs", "/usr/local/etc",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--ro-bind", os.path.join(d, "etc"), "/etc",
         ]
-        for path in fsutil.HOST_ETC:
-            argv += ["--ro-bind-try", path, path]
+        if etc:
+            argv += ["--ro-bind", etc, "/etc"]  # synthetic files plus copies of fsutil.HOST_ETC
+        else:  # a sandbox created before the shared /etc: its own etc/ with the host files bound on
+            argv += ["--ro-bind", os.path.join(d, "etc"), "/etc"]
+            for path in fsutil.HOST_ETC:
+                argv += ["--ro-bind-try", path, path]
         argv += [
             "--proc", "/proc", "--dev", "/dev",
             "--bind", os.path.join(d, "mnt", "workspace"), "/workspace",
