@@ -56,6 +56,8 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     record = new_record(spec.id, JobStatus.QUEUED)
     record["submit_task_id"] = task_id
     record["callback_url"] = spec.callback_url
+    record["callback_events"] = spec.callback_events
+    record["transitions_notified"] = 0
     if svc.store.create(record, spec.to_dict()):
         return record, True
     existing = svc.store.get(spec.id)
@@ -279,12 +281,32 @@ def _spec(svc: Services, job_id: str) -> JobSpec:
     return JobSpec.from_dict(svc.store.spec(job_id))
 
 
-def notify(svc: Services, job_id: str) -> list[dict[str, Any]]:
-    """POST the terminal record, signed, to the job's callback_url; the delivery log joins the record."""
+def transitions_to_notify(svc: Services, job_id: str) -> list[dict[str, Any]]:
+    """Timeline entries not yet POSTed, for a job that asked for every transition (each once)."""
+    taken: list[dict[str, Any]] = []
+
+    def change(r: JobRecord) -> None:
+        taken.clear()
+        if r.get("callback_events") != "all" or not r.get("callback_url"):
+            return
+        start = r.get("transitions_notified", 0)
+        taken.extend(e for e in r["timeline"][start:] if not JobStatus(e["status"]).terminal)
+        r["transitions_notified"] = start + len(taken)
+
+    svc.store.update(job_id, change)
+    return list(taken)
+
+
+def notify(svc: Services, job_id: str, event_type: str = "job.terminal",
+           transition: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """POST the terminal record (or one transition), signed, to the job's callback_url; log the delivery."""
     record = svc.store.get(job_id)
-    if not record.get("callback_url") or not JobStatus(record["status"]).terminal:
+    if not record.get("callback_url"):
         return []
-    deliveries = webhooks.deliver(record["callback_url"], "job.terminal", record,
+    if event_type == "job.terminal" and not JobStatus(record["status"]).terminal:
+        return []
+    payload = record if event_type == "job.terminal" else {"id": job_id, **(transition or {})}
+    deliveries = webhooks.deliver(record["callback_url"], event_type, payload,
                                   webhooks.secret_from(svc.settings), **webhooks.options_from(svc.settings))
     svc.store.update(job_id, lambda r: r["webhook_deliveries"].extend(deliveries))
     return deliveries

@@ -65,6 +65,7 @@ class JobSpec:
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     files: tuple[JobFile, ...] = ()
     callback_url: str | None = None
+    callback_events: str = "terminal"  # or "all": every status transition is POSTed too
     collect: tuple[str, ...] = DEFAULT_COLLECT_DIRS
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +103,7 @@ class JobSpec:
             ),
             files=files,
             callback_url=raw.get("callback_url"),
+            callback_events=raw.get("callback_events", "terminal"),
             collect=tuple(raw.get("collect", DEFAULT_COLLECT_DIRS)),
         )
 
@@ -298,8 +300,16 @@ def parse_job(raw: bytes | str | dict[str, Any], settings: Settings, policy: "Po
         network=policy.check_network(doc.get("network", {})),
         files=policy.check_files(doc.get("files", []), job_id),
         callback_url=policy.check_callback_url(doc.get("callback_url")),
+        callback_events=_callback_events(doc),
         collect=policy.check_collect(doc.get("collect")),
     )
+
+
+def _callback_events(doc: dict[str, Any]) -> str:
+    events = doc.get("callback_events", "terminal")
+    if events == "all" and not doc.get("callback_url"):
+        raise JobRejected("/callback_events", "needs_callback_url", "\"all\" needs a callback_url to POST to")
+    return events
 
 
 def job_id_of(raw: bytes | str | dict[str, Any] | Any) -> str | None:

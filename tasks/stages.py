@@ -36,6 +36,7 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any)
     except Exception as exc:  # noqa: BLE001 - any other failure is the job's end, with its reason
         log.exception("stage %s of job %s failed", name, job_id)
         lifecycle.fail(services(), job_id, name, exc)
+    _notify_transitions(job_id)
     return job_id
 
 
@@ -45,6 +46,7 @@ def submit(self, job: Any) -> dict:
     record, run = lifecycle.submit(services(), job, self.request.id)
     if not run:
         return record
+    _notify_transitions(record["id"])
     timeout_s = float(services().store.spec(record["id"])["timeout_s"])
     raise self.replace(pipeline(record["id"], services().host, timeout_s))
 
@@ -120,9 +122,14 @@ def kill(job_id: str) -> None:
 
 
 @app.task(name="sandbox.notify", autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)
-def notify(job_id: str) -> None:
-    """Deliver the terminal record to the job's callback_url, if it named one."""
-    lifecycle.notify(services(), job_id)
+def notify(job_id: str, event_type: str = "job.terminal", transition: dict | None = None) -> None:
+    """Deliver the terminal record (or one transition) to the job's callback_url, if it named one."""
+    lifecycle.notify(services(), job_id, event_type, transition)
+
+
+def _notify_transitions(job_id: str) -> None:
+    for transition in lifecycle.transitions_to_notify(services(), job_id):
+        notify.delay(job_id, "job.status", transition)
 
 
 def _notify(record: dict) -> None:

@@ -22,6 +22,8 @@ export interface Job {
   network?: { allowed_hosts?: string[]; blocked_ports?: number[]; outbound?: boolean };
   files?: JobFile[];
   callback_url?: string;
+  /** "terminal" (default) POSTs the final record only; "all" also POSTs each status transition. */
+  callback_events?: "terminal" | "all";
   collect?: string[];
 }
 

@@ -12,8 +12,9 @@ from tests.conftest import WEBHOOK_SECRET, new_job_id, wait_for
 class Receiver(ThreadingHTTPServer):
     """Answers 500 to the first delivery, then verifies every signature and keeps what it accepts."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: bool = True) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
+        self.fail_first = fail_first
         self.attempts: list[dict] = []
         self.accepted: list[dict] = []
 
@@ -29,7 +30,7 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.send_response(401)
         else:
-            if len(self.server.attempts) == 1:
+            if self.server.fail_first and len(self.server.attempts) == 1:
                 self.send_response(500)
             else:
                 self.server.accepted.append(json.loads(body))
@@ -65,3 +66,19 @@ def test_callback_host_off_the_allow_list_is_rejected(submit):
     record = submit({"id": new_job_id("hookbad"), "command": "ls", "callback_url": "https://evil.example/x"})
     assert record["status"] == "rejected"
     assert record["error"]["field"] == "/callback_url"
+
+
+def test_callback_events_all_posts_every_transition_once_then_the_record(submit):
+    receiver = Receiver(fail_first=False)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        job_id = new_job_id("hookall")
+        url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks"
+        record = submit({"id": job_id, "command": "ls", "callback_url": url, "callback_events": "all"})
+        wait_for(lambda: any(e["event"] == "job.terminal" for e in receiver.accepted), timeout_s=60)
+        wait_for(lambda: len(receiver.accepted) >= 7, timeout_s=30)
+        statuses = sorted((e["data"]["at"], e["data"]["status"]) for e in receiver.accepted if e["event"] == "job.status")
+        assert [s for _, s in statuses] == ["queued", "creating", "preparing", "running", "collecting", "cleaning"]
+        assert [e["data"]["status"] for e in receiver.accepted if e["event"] == "job.terminal"] == [record["status"]]
+    finally:
+        receiver.shutdown()
