@@ -1,4 +1,4 @@
-"""A 200 MB object moves through ArtifactStore with the worker's memory bounded (ru_maxrss, in a child)."""
+"""A 200 MB object moves through ArtifactStore with the worker's memory bounded (peak RSS, VmHWM, in a child process)."""
 from __future__ import annotations
 
 import hashlib
