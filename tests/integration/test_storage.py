@@ -28,10 +28,10 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
         yield server
 
 
-def _settings(server: SeaweedServer, **extra: str) -> Settings:
-    settings = load_settings({**server.env(), **extra})
-    if "sse_c_key" in extra:  # until the lead adds SANDBOX_R2_SSE_C_KEY to Settings
-        object.__setattr__(settings, "r2_sse_c_key", extra["sse_c_key"])
+def _settings(server: SeaweedServer, sse_c_key: str = "", **extra: str) -> Settings:
+    settings = load_settings({**server.env(), "SANDBOX_R2_SSE_C_KEY": sse_c_key, **extra})
+    if getattr(settings, "r2_sse_c_key", None) != sse_c_key:  # a Settings without the field yet
+        object.__setattr__(settings, "r2_sse_c_key", sse_c_key)
     return settings
 
 
