@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 

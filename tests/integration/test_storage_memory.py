@@ -6,7 +6,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import pytest
 
 from tests.support.seaweed import seaweed_or_skip
 
