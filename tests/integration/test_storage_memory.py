@@ -6,7 +6,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-
 from tests.support.seaweed import seaweed_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
