@@ -149,13 +149,14 @@ def free_bytes(mnt: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def write_json_atomic(path: str, value: Any) -> None:
-    """Write JSON via a temp file and rename, so readers never see half a file."""
+def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
+    """Write JSON via a temp file and rename, so readers never see half a file (fsync if durable)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

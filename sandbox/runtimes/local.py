@@ -131,7 +131,8 @@ class LocalRuntime:
     def execute(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
         """Run spec.argv once; a redelivered execute returns the first run's result, never re-runs."""
         d, meta = self._require(handle)
-        lock_fd = os.open(os.path.join(d, "execute.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # the lock is on meta.json, which exists for the sandbox's whole life: no extra file to create
+        lock_fd = os.open(os.path.join(d, "meta.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -147,7 +148,10 @@ class LocalRuntime:
             else:
                 fsutil.touch(os.path.join(d, "execute.started"))
                 result = run_job(self, d, meta, handle, spec, sink)
-            fsutil.write_json_atomic(os.path.join(d, "result.json"), result.to_dict())
+            # Not fsynced: only a host crash could lose it, and that takes the mount and the cgroup
+            # with it, so a redelivered execute can never run the job again (it finds the marker,
+            # or fails on the missing workspace); the rename still keeps readers from half a file.
+            fsutil.write_json_atomic(os.path.join(d, "result.json"), result.to_dict(), durable=False)
             return result
         finally:
             os.close(lock_fd)
