@@ -1,6 +1,8 @@
 """Settings: every SANDBOX_* variable, typed and checked once at start-up."""
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import socket
 from dataclasses import dataclass, field, fields
@@ -74,6 +76,12 @@ def _presign_ttl(text: str) -> int:
     return value
 
 
+def _sse_c_key(text: str) -> str:
+    if text and len(base64.b64decode(text, validate=True)) != 32:
+        raise ValueError("must be base64 of exactly 32 bytes")
+    return text
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
 
@@ -118,7 +126,7 @@ class Settings:
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
     max_log_line_bytes: int = _setting("SANDBOX_MAX_LOG_LINE_BYTES", "4Ki", parse_size)
     max_log_lines: int = _setting("SANDBOX_MAX_LOG_LINES", "10000", _positive_int)
-    r2_sse_c_key: str = _setting("SANDBOX_R2_SSE_C_KEY", "", secret=True)
+    r2_sse_c_key: str = _setting("SANDBOX_R2_SSE_C_KEY", "", _sse_c_key, secret=True)
     retention_days_input: int = _setting("SANDBOX_RETENTION_DAYS_INPUT", "7", _positive_int)
     retention_days_output: int = _setting("SANDBOX_RETENTION_DAYS_OUTPUT", "30", _positive_int)
     retention_days_logs: int = _setting("SANDBOX_RETENTION_DAYS_LOGS", "30", _positive_int)
@@ -165,7 +173,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raw = environ.get(env, default)
         try:
             values[f.name] = parse(raw)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, binascii.Error) as e:
             raise ConfigError(env, f"bad value {raw!r}: {e}") from e
     settings = Settings(**values)
     _check_consistency(settings)

@@ -11,13 +11,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from config.settings import Settings
 from sandbox import webhooks
-from sandbox.errors import JobRejected, PlacementError, SandboxError
+from sandbox.errors import JobRejected, PlacementError, SandboxError, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
+from sandbox.storage import check_key
 from sandbox.state import JobRecord, JobStatus, JobStore, new_record
 
 log = logging.getLogger("sandbox.lifecycle")
@@ -158,9 +159,16 @@ def collect(svc: Services, job_id: str) -> None:
     logs.append(_upload(svc, job_id, f"jobs/{job_id}/logs/events.json", io.BytesIO(events), len(events)))
     spec = _spec(svc, job_id)
     collected = svc.runtime.collect(handle, spec.collect)
-    artifacts = [_upload(svc, job_id, _output_key(job_id, f.relpath), f.open(), f.size, path=f.relpath)
-                 for f in collected]
-    skipped = list(getattr(collected, "skipped", []))  # files over a cap, links, devices: and why
+    artifacts, refused = [], []
+    for f in collected:
+        key = _output_key(job_id, f.relpath)
+        try:
+            check_key(key)  # a job-chosen name: control characters or '..' never reach S3
+        except StorageError as e:
+            refused.append({"path": repr(f.relpath)[1:-1], "reason": str(e)})
+            continue
+        artifacts.append(_upload(svc, job_id, key, f.open(), f.size, path=f.relpath))
+    skipped = list(getattr(collected, "skipped", [])) + refused  # over a cap, links, devices, bad names
     svc.store.update(job_id, lambda r: r.update(logs=logs, artifacts=artifacts, skipped_outputs=skipped))
     _finish_stage(svc, job_id, "collect")
 

@@ -113,3 +113,13 @@ def test_cli_submit_wait_prints_the_record_and_exits_by_status(worker, stack_env
                             cwd=ROOT, env=env, capture_output=True, timeout=180)
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["status"] == "failed"
+
+
+def test_hostile_output_names_are_skipped_with_a_reason_and_the_rest_is_kept(submit):
+    code = ("import os; os.makedirs('output'); open('output/ok.txt','w').write('fine'); "
+            "open('output/bad\\x01name','w').write('x'); os.symlink('/etc/passwd','output/link')")
+    record = submit({"id": new_job_id("names"), "command": f'python3 -c "{code}"'})
+    assert record["status"] == "succeeded", record
+    assert [a["path"] for a in record["artifacts"]] == ["output/ok.txt"]
+    reasons = {s["path"]: s["reason"] for s in record["skipped_outputs"]}
+    assert any("bad" in path for path in reasons) and any("link" in path for path in reasons), reasons

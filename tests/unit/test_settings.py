@@ -34,6 +34,8 @@ def test_seed_defaults() -> None:
     ({"SANDBOX_PRESIGN_TTL": "604801"}, "SANDBOX_PRESIGN_TTL"),
     ({"SANDBOX_DEFAULT_MEMORY": "8Gi"}, "SANDBOX_DEFAULT_MEMORY"),  # above SANDBOX_MAX_MEMORY
     ({"SANDBOX_RUNTIME": "fly"}, "SANDBOX_FLY_APP"),
+    ({"SANDBOX_R2_SSE_C_KEY": "c2hvcnQ="}, "SANDBOX_R2_SSE_C_KEY"),
+    ({"SANDBOX_R2_SSE_C_KEY": "not base64!"}, "SANDBOX_R2_SSE_C_KEY"),
 ])
 def test_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError) as caught:
