@@ -57,6 +57,11 @@ def _make_template(work_dir: str, size_bytes: int, uid: int) -> str:
         # no journal and lazy init: a scratch disk thrown away after one job needs no crash safety
         subprocess.run([*MKFS, "-d", stage, tmp], check=True, capture_output=True,
                        env={"PATH": "/usr/sbin:/usr/bin"})
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # it outlives reboots: a torn template would break every later sandbox
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         for sub in ("workspace", "tmp"):

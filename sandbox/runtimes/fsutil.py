@@ -81,6 +81,7 @@ def _copy_file(src: int, dst: str) -> None:
             os.fchmod(out, 0o644)  # whatever the worker's umask: the sandbox uid must read it
             while chunk := os.read(src, CHUNK):
                 os.write(out, chunk)
+            os.fsync(out)  # built once and kept across reboots: never a torn copy after a crash
         finally:
             os.close(out)
     finally:
@@ -93,7 +94,9 @@ def _build_etc(etc: str, uid: int) -> None:
     for name, text in _etc_files(uid).items():
         with open(os.path.join(etc, name), "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
             os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
     for path in HOST_ETC:
         target = os.path.join(etc, os.path.relpath(path, "/etc"))
         os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
