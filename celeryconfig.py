@@ -19,7 +19,10 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Redis redelivers anything unacknowledged after visibility_timeout: it must exceed the longest
 # stage (execute at the operator's maximum timeout) or a healthy job would run twice.
-broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+# A killed worker's unacknowledged messages come back once the visibility timeout has passed and
+# a restore sweep runs: every 10 s here (kombu's default is every 100 s).
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
+                            "unacked_restore_interval": 10, "unacked_restore_throttle": 1}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
 broker_connection_retry_on_startup = True
 

@@ -124,6 +124,7 @@ class Settings:
     sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
+    visibility_timeout_override_s: int = _setting("SANDBOX_VISIBILITY_TIMEOUT", "0", int)
     max_log_line_bytes: int = _setting("SANDBOX_MAX_LOG_LINE_BYTES", "4Ki", parse_size)
     max_log_lines: int = _setting("SANDBOX_MAX_LOG_LINES", "10000", _positive_int)
     r2_sse_c_key: str = _setting("SANDBOX_R2_SSE_C_KEY", "", _sse_c_key, secret=True)
@@ -153,7 +154,7 @@ class Settings:
     @property
     def visibility_timeout_s(self) -> int:
         """Longer than the longest stage (execute at the maximum timeout) plus margins for I/O."""
-        return int(self.max_timeout_s) + 1800
+        return self.visibility_timeout_override_s or int(self.max_timeout_s) + 1800
 
     def redacted(self) -> dict[str, Any]:
         """Every setting by variable name, secrets masked, for logs and `python -m sandbox config`."""
@@ -182,6 +183,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+EXECUTE_HARD_MARGIN_S = 120  # execute's hard time limit: the job's timeout + 120 s (tasks.stages)
+LONGEST_OTHER_STAGE_S = 960  # prepare's and collect's hard time limit (celeryconfig)
+
+
 def _check_consistency(s: Settings) -> None:
     pairs = (
         ("SANDBOX_DEFAULT_CPU", s.default_cpu, s.max_cpu),
@@ -193,5 +198,9 @@ def _check_consistency(s: Settings) -> None:
     for env, default, maximum in pairs:
         if default > maximum:
             raise ConfigError(env, f"default {default} exceeds the operator maximum {maximum}")
+    longest_stage_s = max(s.max_timeout_s + EXECUTE_HARD_MARGIN_S, LONGEST_OTHER_STAGE_S)
+    if s.visibility_timeout_override_s and s.visibility_timeout_override_s <= longest_stage_s:
+        raise ConfigError("SANDBOX_VISIBILITY_TIMEOUT", f"must exceed the longest stage ({longest_stage_s:.0f} s), "
+                          "or a healthy stage would be delivered twice")
     if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
         raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")

@@ -84,8 +84,10 @@ class RedisServer:
 class Worker:
     """A real `celery worker` process consuming the service's queues under a given node name."""
 
-    def __init__(self, env: dict[str, str], node: str, log_path: Path, concurrency: int = 2) -> None:
+    def __init__(self, env: dict[str, str], node: str, log_path: Path, concurrency: int = 2,
+                 queue: str = "sandbox") -> None:
         self.env = env
+        self.queue = queue
         self.node = node
         self.log_path = log_path
         self.concurrency = concurrency
@@ -97,7 +99,7 @@ class Worker:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", self.node, "-c", str(self.concurrency),
-             "-l", "INFO", "--without-mingle", "--without-gossip", "-Q", "sandbox", *self.extra_args],
+             "-l", "INFO", "--without-mingle", "--without-gossip", "-Q", self.queue, *self.extra_args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ def test_seed_defaults() -> None:
     ({"SANDBOX_PRESIGN_TTL": "604801"}, "SANDBOX_PRESIGN_TTL"),
     ({"SANDBOX_DEFAULT_MEMORY": "8Gi"}, "SANDBOX_DEFAULT_MEMORY"),  # above SANDBOX_MAX_MEMORY
     ({"SANDBOX_RUNTIME": "fly"}, "SANDBOX_FLY_APP"),
+    ({"SANDBOX_VISIBILITY_TIMEOUT": "600"}, "SANDBOX_VISIBILITY_TIMEOUT"),  # below max timeout + margin
     ({"SANDBOX_R2_SSE_C_KEY": "c2hvcnQ="}, "SANDBOX_R2_SSE_C_KEY"),
     ({"SANDBOX_R2_SSE_C_KEY": "not base64!"}, "SANDBOX_R2_SSE_C_KEY"),
 ])
