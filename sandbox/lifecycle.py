@@ -18,7 +18,7 @@ from sandbox import webhooks
 from sandbox.errors import JobRejected, PlacementError, SandboxError, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
-from sandbox.storage import check_key
+from sandbox.layout import check_key, log_key, output_key
 from sandbox.state import JobRecord, JobStatus, JobStore, new_record
 
 log = logging.getLogger("sandbox.lifecycle")
@@ -152,16 +152,16 @@ def collect(svc: Services, job_id: str) -> None:
     if not JobStatus(record["status"]).terminal:
         _begin(svc, job_id, "collect", JobStatus.COLLECTING)
     handle = _owned_handle(svc, record)
-    logs = [_upload(svc, job_id, f"jobs/{job_id}/logs/{name}.log", fh, None)
+    logs = [_upload(svc, job_id, log_key(job_id, f"{name}.log"), fh, None)
             for name, fh in svc.runtime.logs(handle).items()]
     events = json.dumps({key: svc.store.get(job_id)[key] for key in ("timeline", "stages", "security_events")},
                         indent=1).encode()
-    logs.append(_upload(svc, job_id, f"jobs/{job_id}/logs/events.json", io.BytesIO(events), len(events)))
+    logs.append(_upload(svc, job_id, log_key(job_id, "events.json"), io.BytesIO(events), len(events)))
     spec = _spec(svc, job_id)
     collected = svc.runtime.collect(handle, spec.collect)
     artifacts, refused = [], []
     for f in collected:
-        key = _output_key(job_id, f.relpath)
+        key = output_key(job_id, f.relpath)
         try:
             check_key(key)  # a job-chosen name: control characters or '..' never reach S3
         except StorageError as e:
@@ -171,11 +171,6 @@ def collect(svc: Services, job_id: str) -> None:
     skipped = list(getattr(collected, "skipped", [])) + refused  # over a cap, links, devices, bad names
     svc.store.update(job_id, lambda r: r.update(logs=logs, artifacts=artifacts, skipped_outputs=skipped))
     _finish_stage(svc, job_id, "collect")
-
-
-def _output_key(job_id: str, relpath: str) -> str:
-    top = relpath.split("/", 1)[0]
-    return f"jobs/{job_id}/{relpath}" if top in ("output", "artifacts") else f"jobs/{job_id}/artifacts/{relpath}"
 
 
 def _upload(svc: Services, job_id: str, key: str, fh: Any, size: int | None, path: str | None = None) -> dict:

@@ -24,6 +24,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from sandbox.errors import ConfigError, StorageError, StorageUnavailable
+from sandbox.layout import CATEGORIES, DEFAULT_RETENTION_DAYS, category_of, check_key  # noqa: F401
 
 audit_log = logging.getLogger("sandbox.audit")
 log = logging.getLogger(__name__)
@@ -32,8 +33,6 @@ MIB = 1024 * 1024
 PART_BYTES = 8 * MIB            # multipart part size (R2: all parts equal except the last; min 5 MiB)
 MAX_PARTS = 10_000              # S3 and R2 limit per multipart upload
 PRESIGN_MAX_S = 7 * 24 * 3600   # R2 and S3 SigV4 limit
-CATEGORIES = ("input", "output", "logs", "artifacts")
-DEFAULT_RETENTION_DAYS = {"input": 7, "output": 30, "logs": 30, "artifacts": 30}
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                    "ServiceUnavailable", "InternalError", "TooManyRequests"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
@@ -104,27 +103,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def check_key(key: str) -> str:
-    """The key unchanged if it is a safe object key, else StorageError (keys may carry job-chosen names)."""
-    try:
-        size = len(key.encode("utf-8"))
-    except (UnicodeEncodeError, AttributeError) as e:
-        raise StorageError(f"object key is not valid UTF-8 text: {key!r:.200}") from e
-    if (not 0 < size <= 1024 or any(p in ("", ".", "..") for p in key.split("/"))
-            or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key)):
-        raise StorageError(f"object key must be 1..1024 bytes of '/'-separated names, none empty, '.' or '..', "
-                           f"without control characters: {key!r:.200}")
-    return key
-
-
-def category_of(key: str) -> str | None:
-    """'input'/'output'/'logs'/'artifacts' for jobs/{id}/{cat}/..., 'templates'/'shared' at the top."""
-    parts = key.split("/")
-    if parts[0] == "jobs":
-        return parts[2] if len(parts) > 3 and parts[2] in CATEGORIES else None
-    return parts[0] if len(parts) > 1 and parts[0] in ("templates", "shared") else None
 
 
 class ArtifactStore:
