@@ -1,0 +1,54 @@
+"""Operations: Flower behind basic auth, and beat's sweeps run as real tasks on a real worker."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import requests
+
+import celeryconfig
+from tests.support.services import ROOT, free_port, stop_process
+
+
+def test_every_beat_entry_names_a_task_the_worker_has(worker, celery_client):
+    registered = set(celery_client.control.inspect(destination=[worker.node], timeout=5).registered()[worker.node])
+    assert {entry["task"] for entry in celeryconfig.beat_schedule.values()} <= registered
+
+
+def test_orphan_sweep_fans_out_to_every_live_node(worker, celery_client):
+    nodes = celery_client.send_task("sandbox.sweep_orphans").get(timeout=30)
+    assert worker.node in nodes
+
+
+def test_stuck_and_artifact_sweeps_run(worker, celery_client):
+    assert isinstance(celery_client.send_task("sandbox.sweep_stuck").get(timeout=30), list)
+    assert celery_client.send_task("sandbox.sweep_artifacts").get(timeout=60) >= 0
+
+
+def test_flower_serves_the_workers_behind_basic_auth(worker, stack_env, session_dir):
+    port = free_port()
+    env = {**os.environ, **stack_env, "FLOWER_PORT": str(port), "FLOWER_BASIC_AUTH": "ops:secret",
+           "FLOWER_DB": str(session_dir / "flower.db")}
+    command = [line.split(":", 1)[1] for line in (ROOT / "Procfile").read_text().splitlines()
+               if line.startswith("flower:")][0]
+    proc = subprocess.Popen(["bash", "-c", f"exec {command.strip()}"], cwd=ROOT, start_new_session=True,
+                            env={**env, "PATH": f"{os.path.dirname(sys.executable)}:{env['PATH']}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/flower"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{base}/healthcheck", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
+        workers = {}
+        while time.monotonic() < deadline and worker.node not in workers:
+            workers = requests.get(f"{base}/api/workers?refresh=1", auth=("ops", "secret"), timeout=10).json()
+        assert worker.node in workers
+    finally:
+        stop_process(proc)
