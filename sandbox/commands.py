@@ -34,6 +34,7 @@ class ProgramRules:
     old_style_first: bool = False  # tar: "tar xIf prog a.tar" reads its first word as options
     subcommands: Mapping[str, frozenset[str]] | None = None  # git: allowed subcommand -> its refused options
     harmless: frozenset[str] = frozenset()  # exact options that merely look like abbreviations of refused ones
+    first_args: tuple[str, ...] = ()  # put before the job's arguments (curl -q: never read a .curlrc)
 
 
 _RUNS = "runs another program"
@@ -102,6 +103,7 @@ PROGRAMS: dict[str, ProgramRules] = {
                                 "--trace", "--trace-ascii", "--stderr", "--libcurl", "--etag-save", "--hsts",
                                 "--alt-svc"}),
         url_operands=True,
+        first_args=("-q",),
         url_options=frozenset({"--url"}),
     ),
     "wget": ProgramRules(

@@ -98,9 +98,10 @@ class Policy:
             raise JobRejected("/command", "not_allowed", f"{_show(program)} is not an allowed command (allowed: {allowed})")
         if program in LAUNCHERS:
             raise JobRejected("/command", "launcher", f"{program} exists to run other programs; run the program directly")
-        if program in PROGRAMS:
-            check_arguments(program, PROGRAMS[program], argv[1:])
-        return (self.resolve(program),) + tuple(argv[1:])
+        rules = PROGRAMS.get(program)
+        if rules:
+            check_arguments(program, rules, argv[1:])
+        return (self.resolve(program),) + (rules.first_args if rules else ()) + tuple(argv[1:])
 
     def resolve(self, program: str) -> str:
         """The absolute path of an allowed program in the base image's fixed directories."""

@@ -47,6 +47,20 @@ def _check_traversable(path: str, uid: int) -> None:
         current = os.path.dirname(current)
 
 
+
+# Set for every job, after its own variables (the policy refuses these names in a job anyway).
+# Tools that read config from $HOME or a system file are pointed at nothing, so a dotfile among a
+# job's inputs (.curlrc, .wgetrc, .gitconfig, a planted bare repository's hooks) changes nothing.
+_GIT_CONFIG = {"core.fsmonitor": "false", "core.hooksPath": "/dev/null", "safe.bareRepository": "explicit",
+               "protocol.allow": "never", "protocol.https.allow": "always"}
+FIXED_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/workspace", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
+    "CURL_HOME": "/dev/null", "WGETRC": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_COUNT": str(len(_GIT_CONFIG)),
+    **{f"GIT_CONFIG_{kind}_{i}": text for i, (key, value) in enumerate(_GIT_CONFIG.items())
+       for kind, text in (("KEY", key), ("VALUE", value))},
+}
+
 class LocalRuntime:
     """The Runtime protocol on this Linux host (bubblewrap + cgroups + seccomp + loop ext4)."""
 
@@ -239,7 +253,7 @@ class LocalRuntime:
             "--add-seccomp-fd", str(seccomp_fd),
         ]
         env = {k: v for k, v in spec.environment.items() if k and "=" not in k and "\0" not in k + v}
-        env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME="/workspace", LANG="C.UTF-8", TMPDIR="/tmp")
+        env.update(FIXED_ENV)
         for key, value in env.items():
             argv += ["--setenv", key, value]
         return argv + ["--", *spec.argv]
