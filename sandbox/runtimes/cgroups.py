@@ -17,6 +17,7 @@ from sandbox.errors import SandboxFailure
 CPU_PERIOD_US = 100_000
 PARENT = "sandbox"
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
 
 
 @dataclass(frozen=True)
@@ -200,9 +201,20 @@ class CgroupV2:
         return os.path.join(self.parent, name)
 
     def create(self, name: str, limits: CgroupLimits) -> None:
-        """Make the group and write memory.max, memory.swap.max, pids.max and cpu.max."""
+        """Make the group, forbid nesting in it, and write memory.max, memory.swap.max, pids.max, cpu.max."""
         d = self._dir(name)
         os.makedirs(d, exist_ok=True)
+        missing = [c for c in V2_CONTROLLERS if c not in _read(os.path.join(d, "cgroup.controllers")).split()]
+        if missing:
+            # Without them the limit files do not exist (EACCES on write): never run a job unlimited.
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass  # a populated group from an earlier create; kill/remove deal with it
+            raise SandboxFailure(f"cgroup {d} lacks the {', '.join(missing)} controller(s): "
+                                 f"{self.parent} does not delegate them, so limits cannot be enforced")
+        # No sub-groups under a job: kill, populated and rmdir then cover one directory.
+        _write(os.path.join(d, "cgroup.max.descendants"), "0")
         _write(os.path.join(d, "memory.max"), str(limits.memory_bytes))
         swap = os.path.join(d, "memory.swap.max")
         if os.path.exists(swap):
@@ -219,16 +231,28 @@ class CgroupV2:
         """Pids listed in cgroup.procs."""
         return _pids_in(os.path.join(self._dir(name), "cgroup.procs"))
 
+    def populated(self, name: str) -> bool:
+        """The kernel's own answer (cgroup.events), which also counts processes in sub-groups."""
+        try:
+            return _keyed(_read(os.path.join(self._dir(name), "cgroup.events"))).get("populated", 0) == 1
+        except FileNotFoundError:
+            return False
+
     def kill(self, name: str) -> None:
         """cgroup.kill (kernel 5.14+) kills the whole subtree atomically, forks included."""
         d = self._dir(name)
         if not os.path.isdir(d):
             return
-        _write(os.path.join(d, "cgroup.kill"), "1")
+        try:
+            _write(os.path.join(d, "cgroup.kill"), "1")
+        except FileNotFoundError:
+            return  # removed meanwhile by another cleanup path
+        # A killed task leaves the group in do_exit, so an unreaped zombie child does not keep it
+        # populated (checked on a real v2 hierarchy): waiting here cannot deadlock on our own wait().
         deadline = time.monotonic() + 2.0
-        while self.pids(name) and time.monotonic() < deadline:
+        while self.populated(name) and time.monotonic() < deadline:
             time.sleep(0.002)
-        if self.pids(name):
+        if self.populated(name):
             raise SandboxFailure(f"cgroup {name} still has processes after cgroup.kill")
 
     def usage(self, name: str) -> dict[str, float | int | None]:
@@ -281,11 +305,16 @@ def _under(mount: tuple[str, str], own: str) -> str:
     return os.path.join(point, rel.lstrip("/"), PARENT)
 
 
-def detect(root: str = "/sys/fs/cgroup") -> Cgroups:
-    """The cgroup hierarchy of this host: v2 if `root` is unified, else v1; SandboxFailure if neither."""
+def detect(root: str = "/sys/fs/cgroup", v2_parent: str | None = None) -> Cgroups:
+    """The cgroup hierarchy of this host: v2 if `root` is unified, else v1; SandboxFailure if neither.
+
+    On a hybrid host (v1 controllers, an empty cgroup2 at /sys/fs/cgroup/unified) `root` is a tmpfs,
+    so v1 is used. `v2_parent` overrides where job groups live on v2 (default: "sandbox" under the
+    worker's own cgroup, which works only if that cgroup holds no processes, see _delegate_v2).
+    """
     own = _own_paths(_read("/proc/self/cgroup"))
     if os.path.exists(os.path.join(root, "cgroup.controllers")):
-        parent = os.path.join(root, own.get("", "/").lstrip("/"), PARENT)
+        parent = v2_parent or os.path.join(root, own.get("", "/").lstrip("/"), PARENT)
         _delegate_v2(parent)
         return CgroupV2(parent)
     mounts = _v1_mounts(_read("/proc/self/mountinfo"))
@@ -298,13 +327,22 @@ def detect(root: str = "/sys/fs/cgroup") -> Cgroups:
     return CgroupV1(parents)
 
 
-def _delegate_v2(parent: str) -> None:
-    """Enable memory, pids and cpu for the job groups under `parent`."""
-    os.makedirs(parent, exist_ok=True)
+def _delegate_v2(parent: str, controllers: tuple[str, ...] = V2_CONTROLLERS) -> None:
+    """Enable `controllers` in parent's parent and in `parent`, so each job group under it has them."""
+    upper = os.path.dirname(parent)
+    available = _read(os.path.join(upper, "cgroup.controllers")).split()
+    missing = [c for c in controllers if c not in available]
+    if missing:  # checked first, so a failed start-up leaves no directory behind
+        raise SandboxFailure(f"cannot delegate cgroup controllers to {parent}: {', '.join(missing)} "
+                             f"not available in {upper} (bound to a v1 hierarchy, or not delegated)")
+    enable = " ".join(f"+{c}" for c in controllers)
     try:
-        _write(os.path.join(os.path.dirname(parent), "cgroup.subtree_control"), "+memory +pids +cpu")
-        _write(os.path.join(parent, "cgroup.subtree_control"), "+memory +pids +cpu")
+        _write(os.path.join(upper, "cgroup.subtree_control"), enable)
+        os.makedirs(parent, exist_ok=True)
+        _write(os.path.join(parent, "cgroup.subtree_control"), enable)
     except OSError as e:
-        # EBUSY: the worker's own cgroup holds processes ("no internal processes" rule). Run the
-        # worker in a delegated unit (systemd Delegate=yes) whose processes sit in a leaf.
+        # EBUSY: `upper` holds processes. v2's no-internal-process rule forbids a non-root cgroup
+        # to have both processes and enabled controllers, and the worker's own cgroup holds the
+        # worker: run the worker in a leaf of a delegated cgroup (systemd Delegate=yes, worker in
+        # <unit>/worker) and pass v2_parent=<unit>/sandbox.
         raise SandboxFailure(f"cannot delegate cgroup controllers to {parent}: {e}") from e
