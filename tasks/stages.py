@@ -5,6 +5,7 @@ import logging
 from typing import Any, Callable
 
 from celery import Task, chain, states
+from celery.worker.control import control_command
 
 from sandbox import lifecycle
 from sandbox.errors import TransientError
@@ -109,16 +110,23 @@ def on_stage_error(request, exc, traceback) -> None:
 
 @app.task(name="sandbox.cancel")
 def cancel(job_id: str) -> dict:
-    """Cancel a job at any stage; its sandbox is killed on its own host, cleanup still runs."""
+    """Cancel a job at any stage; its sandbox is killed on its own host at once, cleanup still runs."""
     answer = lifecycle.cancel(services(), job_id)
-    if answer.pop("kill_on", None):
-        kill.apply_async((job_id,), queue=node_queue(services().store.get(job_id)["sandbox"]["host"]))
+    node = answer.pop("kill_on", None)
+    if node:
+        # A remote-control command runs in the node's main process, so the kill never waits
+        # behind busy pool slots the way a task on the node's queue would.
+        replies = app.control.broadcast("sandbox_kill", arguments={"job_id": job_id}, destination=[node],
+                                        reply=True, timeout=10)
+        answer["killed_on"] = [name for reply in replies or [] for name in reply]
     return answer
 
 
-@app.task(name="sandbox.kill")
-def kill(job_id: str) -> None:
+@control_command(args=[("job_id", str)], signature="<job_id>")
+def sandbox_kill(state: Any, job_id: str) -> dict:
+    """Kill a job's sandbox on this node (the remote half of sandbox.cancel)."""
     lifecycle.kill(services(), job_id)
+    return {"ok": f"killed {job_id}"}
 
 
 @app.task(name="sandbox.notify", autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)

@@ -5,6 +5,7 @@ import json
 
 from tests.conftest import new_job_id, wait_for
 from tests.e2e.test_pipeline import assert_cleaned_up
+from tests.support.services import Worker
 
 
 def status_of(redis_client, job_id: str) -> str | None:
@@ -39,3 +40,22 @@ def test_cancelling_a_finished_job_changes_nothing_and_says_so(submit, celery_cl
 def test_cancelling_an_unknown_job_says_so(celery_client, worker):
     answer = celery_client.send_task("sandbox.cancel", args=["no-such-job"]).get(timeout=30)
     assert answer == {"job_id": "no-such-job", "cancelled": False, "status": None, "message": "no such job"}
+
+
+def test_cancel_handled_on_another_node_kills_the_sandbox_on_its_own_node(celery_client, worker, stack_env,
+                                                                           session_dir, redis_client):
+    other = Worker(stack_env, node="w-cancel@host-d", log_path=session_dir / "worker-cancel.log", queue="cancel-intake")
+    other.start(celery_client)
+    try:
+        job_id = new_job_id("xcancel")
+        pending = celery_client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "sleep 60",
+                                                                              "timeout": 120})])
+        wait_for(lambda: status_of(redis_client, job_id) == "running")
+        answer = celery_client.send_task("sandbox.cancel", args=[job_id], queue="cancel-intake").get(timeout=30)
+        record = pending.get(timeout=60)
+    finally:
+        other.stop()
+    assert answer["cancelled"] is True and answer["killed_on"] == [worker.node]
+    assert record["sandbox"]["host"] == worker.node
+    assert record["status"] == "cancelled" and record["outcome"]["outcome"] == "cancelled"
+    assert_cleaned_up(record, stack_env, redis_client)
