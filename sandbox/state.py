@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from enum import Enum
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import redis
 
@@ -184,14 +184,6 @@ class JobStore:
         """Ids of jobs not yet terminal, optionally only those created before `older_than`."""
         upper = "+inf" if older_than is None else older_than
         return [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrangebyscore(ACTIVE_SET, "-inf", upper)]
-
-    def iter_records(self) -> Iterator[JobRecord]:
-        for key in self.redis.scan_iter(match="sandbox:job:*", count=500):
-            name = key.decode() if isinstance(key, bytes) else key
-            if name.count(":") == 2:
-                record = self.find(name.split(":", 2)[2])
-                if record:
-                    yield record
 
     def _publish_status(self, record: JobRecord) -> None:
         self.events.publish(record["id"], {"type": "status", "status": record["status"],
