@@ -82,6 +82,12 @@ def _sse_c_key(text: str) -> str:
     return text
 
 
+def _absolute_path(text: str) -> str:
+    if text and (not text.startswith("/") or ".." in text.split("/")):
+        raise ValueError("must be an absolute path without '..'")
+    return text
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
 
@@ -122,6 +128,7 @@ class Settings:
     max_inline_bytes: int = _setting("SANDBOX_MAX_INLINE_BYTES", "10Mi", parse_size)
     work_dir: str = _setting("SANDBOX_WORK_DIR", "/var/lib/sandbox")
     sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)
+    cgroup_parent: str = _setting("SANDBOX_CGROUP_PARENT", "", _absolute_path)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
     visibility_timeout_override_s: int = _setting("SANDBOX_VISIBILITY_TIMEOUT", "0", int)

@@ -59,6 +59,13 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     record["callback_url"] = spec.callback_url
     record["callback_events"] = spec.callback_events
     record["transitions_notified"] = 0
+    if spec.network.outbound:
+        # Validated and allowed by the operator, but the egress proxy does not exist yet: say so
+        # on the record rather than let the job find out from a failed connection.
+        record["security_events"].append({
+            "type": "network_unavailable", "at": record["created_at"],
+            "detail": "outbound network was requested, but this service has no egress proxy yet: "
+                      "the sandbox has no network"})
     if svc.store.create(record, spec.to_dict()):
         return record, True
     existing = svc.store.get(spec.id)

@@ -12,12 +12,12 @@ import re
 import shutil
 import subprocess
 import time
-from typing import IO, Iterator
+from typing import IO
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
 from sandbox.runtimes import cgroups, diskimage, fsutil
-from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
+from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
 
@@ -61,6 +61,7 @@ FIXED_ENV = {
        for kind, text in (("KEY", key), ("VALUE", value))},
 }
 
+
 class LocalRuntime:
     """The Runtime protocol on this Linux host (bubblewrap + cgroups + seccomp + loop ext4)."""
 
@@ -71,7 +72,7 @@ class LocalRuntime:
         self.work_dir = os.path.abspath(settings.work_dir)
         if not os.access(BWRAP, os.X_OK):
             raise SandboxFailure(f"{BWRAP} is missing: install bubblewrap")
-        self.cgroups = cgroups.detect(cgroup_root)
+        self.cgroups = cgroups.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
         _check_traversable(self.work_dir, settings.sandbox_uid)
 

@@ -123,3 +123,11 @@ def test_hostile_output_names_are_skipped_with_a_reason_and_the_rest_is_kept(sub
     assert [a["path"] for a in record["artifacts"]] == ["output/ok.txt"]
     reasons = {s["path"]: s["reason"] for s in record["skipped_outputs"]}
     assert any("bad" in path for path in reasons) and any("link" in path for path in reasons), reasons
+
+
+def test_outbound_request_without_operator_hosts_is_rejected_by_name(celery_client, worker, stack_env, tmp_path):
+    # The session's worker allows no hosts, so this is rejected by name; an accepted outbound job's
+    # network_unavailable note is checked in tests/integration/test_submit.py.
+    record = celery_client.send_task("sandbox.submit", args=[json.dumps(
+        {"id": new_job_id("net"), "command": "ls", "network": {"outbound": True}})]).get(timeout=60)
+    assert record["status"] == "rejected" and record["error"]["field"].startswith("/network")
