@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs
+APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs curl git
 STAMP := $(VENV)/.installed
 
 .PHONY: deps system-deps run up test test-fast bench clean

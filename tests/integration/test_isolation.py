@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 
-from tests.integration.test_local_runtime import run, settings, runtime, sh  # noqa: F401  (fixtures)
+from tests.integration.test_local_runtime import run, sh
 
 # Run inside the sandbox with Debian's python3: each probe prints the errno it got (0 = it worked).
 PROBES = r"""

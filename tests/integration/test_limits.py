@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.integration.test_local_runtime import MiB, run, settings, runtime, sh  # noqa: F401  (fixtures)
+from tests.integration.test_local_runtime import MiB, run, sh
 
 ALLOC = "import sys\nblocks = []\nfor _ in range(int(sys.argv[1])):\n    blocks.append(bytearray(1 << 20))\nprint('survived')\n"
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from sandbox.runtimes import diskimage, fsutil
-from tests.integration.test_local_runtime import REPO, MiB, make_spec, runtime, settings, sh  # noqa: F401
+from tests.integration.test_local_runtime import REPO, MiB, sh
 
 
 def _loops_backed_under(work_dir: str) -> list[str]:

@@ -11,54 +11,15 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Iterator
 
 import pytest
 
-from config.settings import Settings, load_settings
-from sandbox.errors import JobRejected, SandboxFailure
+from sandbox.errors import JobRejected
 from sandbox.runtimes.base import ExecResult, SandboxHandle
 from sandbox.spec import JobSpec, ResourceLimits
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1 << 20
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"local sandbox unavailable under CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def settings() -> Iterator[Settings]:
-    """Settings with a fresh work dir the sandbox uid can traverse (pytest's tmp_path is 0700)."""
-    work = tempfile.mkdtemp(prefix="sbx-test-", dir="/tmp")
-    os.chmod(work, 0o711)
-    try:
-        yield load_settings({"SANDBOX_WORK_DIR": work, "SANDBOX_MAX_LOG_BYTES": "64Ki",
-                             "SANDBOX_MAX_OUTPUT_FILES": "5", "SANDBOX_MAX_OUTPUT_FILE_BYTES": "1Mi",
-                             "SANDBOX_MAX_OUTPUT_BYTES": "2Mi"})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture
-def runtime(settings: Settings) -> Iterator["LocalRuntime"]:  # noqa: F821
-    """A LocalRuntime; fails under CI (skips elsewhere) if bwrap, root or cgroups are missing."""
-    if not os.path.exists("/usr/bin/bwrap"):
-        _unavailable("bubblewrap is not installed")
-    if os.geteuid() != 0:
-        _unavailable("the local runtime needs root to manage cgroups and loop mounts")
-    from sandbox.runtimes.local import LocalRuntime
-
-    try:
-        rt = LocalRuntime(settings)
-    except SandboxFailure as e:
-        _unavailable(str(e))
-    yield rt
-    for info in rt.list_sandboxes():
-        rt.destroy(SandboxHandle(info.sandbox_id, info.job_id, "local", info.host, 0, 0))
 
 
 def make_spec(argv: list[str], *, timeout_s: float = 20, cpu: float = 1.0, memory: int = 256 * MiB,

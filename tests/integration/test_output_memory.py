@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import tracemalloc
 
-from tests.integration.test_local_runtime import make_spec, runtime, settings  # noqa: F401  (fixtures)
+from tests.integration.test_local_runtime import make_spec
 
 OUTPUT_BYTES = 300 * 1024 * 1024
 HEAP_BOUND_BYTES = 16 * 1024 * 1024
 
 
-def test_300mb_of_output_leaves_the_worker_heap_bounded(runtime) -> None:  # noqa: F811
+def test_300mb_of_output_leaves_the_worker_heap_bounded(runtime) -> None:
     spec = make_spec(["/bin/sh", "-c", f"head -c {OUTPUT_BYTES} /dev/zero"], timeout_s=60)
     handle = runtime.create(spec, "h")
     seen = {"bytes": 0}

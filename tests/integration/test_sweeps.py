@@ -10,13 +10,13 @@ from sandbox.lifecycle import Services
 from sandbox.spec import JobSpec, ResourceLimits
 from sandbox.state import JobStatus, JobStore, new_record
 from tests.conftest import new_job_id
-from tests.integration.test_local_runtime import runtime, settings  # noqa: F401  (fixtures)
+
 
 HOST = "sweeper@host"
 
 
 @pytest.fixture
-def services(runtime, settings, redis_client) -> Services:  # noqa: F811
+def services(runtime, settings, redis_client) -> Services:
     return Services(settings=settings, store=JobStore(redis_client), runtime=runtime, artifacts=None,
                     events=None, host=HOST)
 

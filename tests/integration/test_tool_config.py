@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import io
-import shutil
 from dataclasses import replace
 
-import pytest
-
 from sandbox.policy import Policy
+from tests.support.services import require
 
-from tests.integration.test_local_runtime import make_spec, runtime, settings  # noqa: F401  (fixtures)
+from tests.integration.test_local_runtime import make_spec
 
 
 def run_with_files(rt, argv: list[str], files: dict[str, bytes]) -> bytes:  # noqa: ANN001
@@ -22,9 +20,8 @@ def run_with_files(rt, argv: list[str], files: dict[str, bytes]) -> bytes:  # no
     return rt.logs(handle)["stdout"].read()
 
 
-def test_a_planted_curlrc_is_not_read(runtime, settings) -> None:  # noqa: F811
-    if not shutil.which("curl"):
-        pytest.skip("curl is not installed in the base image")
+def test_a_planted_curlrc_is_not_read(runtime, settings) -> None:
+    require("curl")
     policy = Policy(replace(settings, allowed_commands=("curl",)))
     argv = list(policy.check_command("curl -s http://example.invalid/"))  # no network: the fetch fails
     rc = {".curlrc": b'write-out = "PLANTED"\n'}
@@ -34,9 +31,8 @@ def test_a_planted_curlrc_is_not_read(runtime, settings) -> None:  # noqa: F811
     assert b"PLANTED" in run_with_files(runtime, [argv[0]] + argv[2:], rc)
 
 
-def test_git_runs_with_hooks_and_system_config_pointed_at_nothing(runtime) -> None:  # noqa: F811
-    if not shutil.which("git"):
-        pytest.skip("git is not installed in the base image")
+def test_git_runs_with_hooks_and_system_config_pointed_at_nothing(runtime) -> None:
+    require("git")
     out = run_with_files(runtime, ["/usr/bin/git", "config", "--get", "core.hooksPath"],
                          {".gitconfig": b"[core]\n\thooksPath = /workspace/hooks\n"})
     assert out == b"/dev/null\n"
