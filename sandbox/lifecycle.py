@@ -24,7 +24,6 @@ from sandbox.state import JobRecord, JobStatus, JobStore, new_record
 log = logging.getLogger("sandbox.lifecycle")
 audit = logging.getLogger("sandbox.audit")
 
-STAGES = ("create", "prepare", "execute", "collect", "cleanup")
 _OUTCOME_STATUS = {s.value: s for s in JobStatus}
 
 
@@ -209,7 +208,10 @@ def fail(svc: Services, job_id: str, stage: str, exc: BaseException) -> JobRecor
     record = svc.store.find(job_id)
     if record is None:
         return None
-    _destroy(svc, record)
+    try:
+        _destroy(svc, record)
+    except Exception:  # noqa: BLE001 - the job must still end; the orphan sweep retries the destroy
+        log.exception("could not destroy the sandbox of failed job %s; the orphan sweep will", job_id)
     code = exc.code if isinstance(exc, SandboxError) else "internal"
     error = {"code": code, "message": f"{stage} failed: {type(exc).__name__}: {str(exc)[:2000]}",
              "field": None, "stage": stage}
@@ -235,7 +237,7 @@ def cancel(svc: Services, job_id: str) -> dict[str, Any]:
     if record.get("sandbox"):
         handle = SandboxHandle.from_dict(record["sandbox"])
         if handle.host == svc.host:
-            svc.runtime.kill(handle)
+            _kill_quietly(svc, handle)
         else:
             answer["kill_on"] = handle.host  # the caller routes a kill to the sandbox's own host
     return answer
@@ -245,7 +247,15 @@ def kill(svc: Services, job_id: str) -> None:
     """Kill the job's running sandbox on this host (the second half of a cancel)."""
     record = svc.store.get(job_id)
     if record.get("sandbox"):
-        svc.runtime.kill(_owned_handle(svc, record))
+        _kill_quietly(svc, _owned_handle(svc, record))
+
+
+def _kill_quietly(svc: Services, handle: SandboxHandle) -> None:
+    # The job is already `cancelled`; a kill racing the sandbox's own teardown must not undo that.
+    try:
+        svc.runtime.kill(handle)
+    except Exception:  # noqa: BLE001
+        log.exception("kill of sandbox %s failed; cleanup or the orphan sweep destroys it", handle.sandbox_id)
 
 
 def _destroy(svc: Services, record: JobRecord) -> None:

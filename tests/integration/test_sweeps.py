@@ -60,3 +60,25 @@ def test_stuck_sweep_ends_jobs_without_progress_as_error(services):
     assert record["status"] == "error" and record["error"]["code"] == "stuck"
     assert services.store.get(fresh)["status"] == "running"
     assert stuck not in sweeps.sweep_stuck(services, max_idle_s=500)  # a terminal job stays as it is
+
+
+def test_a_failed_destroy_still_ends_the_job_and_the_sweep_destroys_later(services, monkeypatch):
+    from sandbox import lifecycle
+    from sandbox.errors import SandboxFailure
+
+    job_id = new_job_id("stubborn")
+    services.store.create(new_record(job_id, JobStatus.RUNNING))
+    handle = services.runtime.create(spec_for(job_id), HOST)
+    services.store.update(job_id, lambda r: r.update(sandbox=handle.to_dict()))
+
+    def refuse(handle):  # noqa: ANN001 - a destroy that fails, as a busy mount would make it
+        raise SandboxFailure("workspace is still mounted")
+
+    real_destroy = services.runtime.destroy
+    monkeypatch.setattr(services.runtime, "destroy", refuse)
+    record = lifecycle.fail(services, job_id, "cleanup", SandboxFailure("workspace is still mounted"))
+    assert record["status"] == "error" and record["error"]["stage"] == "cleanup"
+
+    monkeypatch.setattr(services.runtime, "destroy", real_destroy)
+    assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
+    assert services.runtime.list_sandboxes() == []
