@@ -1,5 +1,6 @@
 """Celery's own settings, built from Settings (the SANDBOX_* variables)."""
 from config import load_settings
+from config.settings import LONGEST_OTHER_STAGE_S
 
 _settings = load_settings()
 
@@ -40,8 +41,8 @@ task_track_started = True
 task_annotations = {
     "sandbox.submit": {"soft_time_limit": 30, "time_limit": 60},
     "sandbox.create": {"soft_time_limit": 120, "time_limit": 180},
-    "sandbox.prepare": {"soft_time_limit": 900, "time_limit": 960},
-    "sandbox.collect": {"soft_time_limit": 900, "time_limit": 960},
+    "sandbox.prepare": {"soft_time_limit": LONGEST_OTHER_STAGE_S - 60, "time_limit": LONGEST_OTHER_STAGE_S},
+    "sandbox.collect": {"soft_time_limit": LONGEST_OTHER_STAGE_S - 60, "time_limit": LONGEST_OTHER_STAGE_S},
     "sandbox.cleanup": {"soft_time_limit": 120, "time_limit": 180},
     "sandbox.cancel": {"soft_time_limit": 30, "time_limit": 60},
 }

@@ -190,7 +190,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-EXECUTE_HARD_MARGIN_S = 120  # execute's hard time limit: the job's timeout + 120 s (tasks.stages)
+EXECUTE_HARD_MARGIN_S = 120  # execute's hard time limit is the job's timeout + this (tasks.stages)
 LONGEST_OTHER_STAGE_S = 960  # prepare's and collect's hard time limit (celeryconfig)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from celery import Task, chain, states
 from celery.worker.control import control_command
 
+from config.settings import EXECUTE_HARD_MARGIN_S
 from sandbox import lifecycle
 from sandbox.errors import TransientError
 from tasks.app import app, node_queue, services
@@ -22,7 +23,6 @@ log = logging.getLogger("sandbox.tasks")
 # Celery would mark the rest of the chain failed and the waiters would get an exception instead.
 MAX_RETRIES = 5
 BACKOFF_S = (2, 4, 8, 16, 32)
-EXECUTE_GRACE_S = 60
 
 
 def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any) -> str:
@@ -55,7 +55,8 @@ def submit(self, job: Any) -> dict:
 def pipeline(job_id: str, node: str, timeout_s: float) -> chain:
     """create → prepare → execute → collect → cleanup, all on `node`, with the errback on each."""
     queue = node_queue(node)
-    execute_limits = dict(soft_time_limit=timeout_s + EXECUTE_GRACE_S, time_limit=timeout_s + 2 * EXECUTE_GRACE_S)
+    # The runtime enforces the job's own timeout; these are the backstop if the runtime hangs.
+    execute_limits = dict(soft_time_limit=timeout_s + EXECUTE_HARD_MARGIN_S / 2, time_limit=timeout_s + EXECUTE_HARD_MARGIN_S)
     return chain(
         create.si(job_id).set(queue=queue),
         prepare.si(job_id).set(queue=queue),
