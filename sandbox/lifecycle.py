@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from config.settings import Settings
 from sandbox import webhooks
@@ -95,8 +95,7 @@ def create(svc: Services, job_id: str) -> None:
         return
     spec = _spec(svc, job_id)
     handle = svc.runtime.create(spec, svc.host)
-    svc.store.update(job_id, lambda r: r.update(sandbox=handle.to_dict()))
-    _finish_stage(svc, job_id, "create")
+    _finish_stage(svc, job_id, "create", also=lambda r: r.update(sandbox=handle.to_dict()))
 
 
 def prepare(svc: Services, job_id: str) -> None:
@@ -133,21 +132,19 @@ def execute(svc: Services, job_id: str, token: str) -> None:
             result = svc.runtime.execute(handle, _spec(svc, job_id), sink)
         finally:
             sink.close()
-    _record_outcome(svc, job_id, result)
-    _finish_stage(svc, job_id, "execute")
+    _finish_stage(svc, job_id, "execute", also=lambda r: _record_outcome(r, result))
+    for event in result.security_events:
+        svc.events.publish(job_id, {**event, "kind": event.get("type"), "type": "security"})
 
 
-def _record_outcome(svc: Services, job_id: str, result: ExecResult) -> None:
-    def change(r: JobRecord) -> None:
-        r["outcome"] = result.to_dict()
-        r["exit_code"], r["signal"] = result.exit_code, result.signal
-        r["resources_used"] = result.resources_used
-        r["output_truncated"] = {"stdout": result.stdout_truncated, "stderr": result.stderr_truncated}
-        if result.outcome == "error":
-            r["error"] = {"code": "execute", "message": result.reason, "field": None}
-
-    svc.store.update(job_id, change)
-    svc.store.add_security_events(job_id, result.security_events)
+def _record_outcome(r: JobRecord, result: ExecResult) -> None:
+    r["outcome"] = result.to_dict()
+    r["exit_code"], r["signal"] = result.exit_code, result.signal
+    r["resources_used"] = result.resources_used
+    r["output_truncated"] = {"stdout": result.stdout_truncated, "stderr": result.stderr_truncated}
+    r["security_events"].extend(result.security_events)
+    if result.outcome == "error":
+        r["error"] = {"code": "execute", "message": result.reason, "field": None}
 
 
 def collect(svc: Services, job_id: str) -> None:
@@ -175,8 +172,8 @@ def collect(svc: Services, job_id: str) -> None:
             continue
         artifacts.append(_upload(svc, job_id, key, f.open(), f.size, path=f.relpath))
     skipped = list(getattr(collected, "skipped", [])) + refused  # over a cap, links, devices, bad names
-    svc.store.update(job_id, lambda r: r.update(logs=logs, artifacts=artifacts, skipped_outputs=skipped))
-    _finish_stage(svc, job_id, "collect")
+    _finish_stage(svc, job_id, "collect", also=lambda r: r.update(logs=logs, artifacts=artifacts,
+                                                                  skipped_outputs=skipped))
 
 
 def _upload(svc: Services, job_id: str, key: str, fh: Any, size: int | None, path: str | None = None) -> dict:
@@ -267,25 +264,26 @@ def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobReco
     """Mark a stage started; None when the job already ended (cancelled) and the stage should skip."""
     now = time.time()
 
-    def change(r: JobRecord) -> None:
-        if JobStatus(r["status"]).terminal:
-            return
+    def start(r: JobRecord) -> None:
         entry = r["stages"].setdefault(stage, {"attempts": 0})
         entry.update(host=svc.host, started_at=now, attempts=entry["attempts"] + 1)
 
-    svc.store.update(job_id, change)
-    record = svc.store.transition(job_id, status)
+    record = svc.store.transition(job_id, status, also=start)
     return None if JobStatus(record["status"]).terminal else record
 
 
-def _finish_stage(svc: Services, job_id: str, stage: str) -> None:
+def _finish_stage(svc: Services, job_id: str, stage: str,
+                  also: Callable[[JobRecord], None] | None = None) -> JobRecord:
+    """Record the stage's end (and the stage's own result, `also`) in one atomic write."""
     now = time.time()
 
     def change(r: JobRecord) -> None:
+        if also:
+            also(r)
         entry = r["stages"].setdefault(stage, {"attempts": 1, "host": svc.host, "started_at": now})
         entry.update(finished_at=now, duration_s=round(now - entry["started_at"], 6))
 
-    svc.store.update(job_id, change)
+    return svc.store.update(job_id, change)
 
 
 def _owned_handle(svc: Services, record: JobRecord) -> SandboxHandle:
@@ -303,6 +301,9 @@ def _spec(svc: Services, job_id: str) -> JobSpec:
 
 def transitions_to_notify(svc: Services, job_id: str) -> list[dict[str, Any]]:
     """Timeline entries not yet POSTed, for a job that asked for every transition (each once)."""
+    record = svc.store.get(job_id)
+    if record.get("callback_events") != "all" or not record.get("callback_url"):
+        return []  # the common case: one read, no write
     taken: list[dict[str, Any]] = []
 
     def change(r: JobRecord) -> None:

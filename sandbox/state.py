@@ -149,8 +149,10 @@ class JobStore:
             self._publish_status(record)
         return record
 
-    def transition(self, job_id: str, status: JobStatus, **fields: Any) -> JobRecord:
-        """Move a non-terminal job forward to `status`; a terminal record never changes again."""
+    def transition(self, job_id: str, status: JobStatus, also: Callable[[JobRecord], None] | None = None,
+                   **fields: Any) -> JobRecord:
+        """Move a non-terminal job forward to `status` (applying `also` and `fields` in the same
+        atomic write); a terminal record never changes again."""
 
         def change(record: JobRecord) -> None:
             current = JobStatus(record["status"])
@@ -165,16 +167,10 @@ class JobStore:
                 if status.terminal:
                     record["finished_at"] = now
             record.update(fields)
+            if also:
+                also(record)
 
         return self.update(job_id, change)
-
-    def add_security_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
-        """Append security events to the record and publish each one."""
-        if not events:
-            return
-        self.update(job_id, lambda r: r["security_events"].extend(events))
-        for event in events:
-            self.events.publish(job_id, {**event, "kind": event.get("type"), "type": "security"})
 
     def claim_execution(self, job_id: str, token: str) -> bool:
         """True exactly once per job: the command is never started twice."""
