@@ -18,6 +18,7 @@ from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
 from sandbox.runtimes import cgroups, diskimage, fsutil
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
+from sandbox.runtimes import executor
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
 
@@ -70,8 +71,9 @@ class LocalRuntime:
     def __init__(self, settings: Settings, cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.settings = settings
         self.work_dir = os.path.abspath(settings.work_dir)
-        if not os.access(BWRAP, os.X_OK):
-            raise SandboxFailure(f"{BWRAP} is missing: install bubblewrap")
+        for binary, package in ((BWRAP, "bubblewrap"), (executor.SETPRIV, "util-linux")):
+            if not os.access(binary, os.X_OK):
+                raise SandboxFailure(f"{binary} is missing: install {package}")
         self.cgroups = cgroups.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
         _check_traversable(self.work_dir, settings.sandbox_uid)
