@@ -36,6 +36,21 @@ def launcher(procs_files: list[str], uid: int) -> list[str]:
             SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
 
 
+def _wait_until_joined(proc: subprocess.Popen, last_procs_file: str, timeout_s: float = 5.0) -> None:
+    """Block until the launcher has joined every cgroup (it writes `last_procs_file` last).
+
+    Popen returns once the launcher has started, before it joined: a cancel that killed the
+    cgroup in between would find it empty. After this, a kill of the cgroup reaches the job.
+    """
+    pid = str(proc.pid)
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open(last_procs_file) as f:
+            if pid in f.read().split():
+                return
+        time.sleep(0.0002)
+
+
 def _event(kind: str, detail: str) -> dict[str, Any]:
     return {"type": kind, "detail": detail, "at": time.time()}
 
@@ -91,11 +106,13 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
                 for s in ("stdout", "stderr")}
     start = time.monotonic()
     try:
-        argv = launcher(rt.cgroups.procs_files(sid), rt.settings.sandbox_uid) + rt.bwrap_argv(d, meta, spec, seccomp_fd)
+        procs_files = rt.cgroups.procs_files(sid)
+        argv = launcher(procs_files, rt.settings.sandbox_uid) + rt.bwrap_argv(d, meta, spec, seccomp_fd)
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd,))
     finally:
         os.close(seccomp_fd)
+    _wait_until_joined(proc, procs_files[-1])
     if os.path.exists(os.path.join(d, "cancelled")):  # kill() raced our spawn
         rt.cgroups.kill(sid)
     timed_out = _pump(rt, sid, proc, captures, start + spec.timeout_s)

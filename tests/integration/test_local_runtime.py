@@ -205,3 +205,20 @@ def test_kill_before_execute_means_it_never_runs(runtime) -> None:  # type: igno
     runtime.kill(handle)
     assert runtime.execute(handle, spec, lambda s, c: None).outcome == "cancelled"
     assert runtime.logs(handle)["stdout"].read() == b""
+
+
+def test_a_kill_while_the_launcher_is_still_joining_its_cgroups_still_cancels(runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.runtimes import executor
+
+    # Widen the window between "the launcher started" and "it joined the job's cgroups" to 300 ms.
+    monkeypatch.setattr(executor, "_JOIN_THEN_EXEC", "sleep 0.3; " + executor._JOIN_THEN_EXEC)
+    spec = make_spec(["/bin/sleep", "30"], timeout_s=40)
+    handle = runtime.create(spec, "h")
+    results: list[ExecResult] = []
+    worker = threading.Thread(target=lambda: results.append(runtime.execute(handle, spec, lambda s, c: None)))
+    worker.start()
+    time.sleep(0.1)  # the launcher is running but not yet in the cgroup
+    runtime.kill(handle)
+    worker.join(35)
+    assert results and results[0].outcome == "cancelled", results
+    assert results[0].duration_s < 20
