@@ -31,11 +31,11 @@ node-deps:
 # Bring up Redis, SeaweedFS, a worker, beat and Flower; submit examples/hello.json; show its
 # logs and final record; stop everything.
 run: deps
-	$(BIN)/python devstack.py run examples/hello.json
+	$(BIN)/python -m devstack run examples/hello.json
 
 # The same stack in the foreground until Ctrl-C.
 up: deps
-	$(BIN)/python devstack.py up
+	$(BIN)/python -m devstack up
 
 # The whole suite; every service it needs is started (and stopped) by the test fixtures.
 test: deps

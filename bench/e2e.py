@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from celery import Celery, chain  # noqa: E402
 
-from tests.support.seaweed import seaweed_server  # noqa: E402
-from tests.support.services import RedisServer, Worker  # noqa: E402
+from devstack.seaweed import seaweed_server  # noqa: E402
+from devstack.processes import RedisServer, Worker  # noqa: E402
 
 
 def percentile(samples: list[float], p: float) -> float:

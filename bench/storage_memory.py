@@ -101,7 +101,7 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
     sys.path.insert(0, str(ROOT))
-    from tests.support.seaweed import seaweed_server
+    from devstack.seaweed import seaweed_server
 
     with tempfile.TemporaryDirectory() as tmp, seaweed_server(Path(tmp) / "seaweed") as server:
         env = {**os.environ, **server.env()}

@@ -1,129 +1,26 @@
-"""Real services for tests: a Redis server and Celery worker processes, on free loopback ports."""
+"""Test-side helpers over devstack's processes: a missing program fails under CI=true, skips elsewhere."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import redis
 
-ROOT = Path(__file__).resolve().parents[2]
+from devstack.processes import (  # noqa: F401  (the tests' names for them)
+    ROOT, RedisServer, ServiceUnavailable, Worker, find_binary, free_port, stop_process,
+)
 
 
-def require(binary: str) -> str:
-    """Path of `binary`; a missing one fails the test under CI=true and skips it elsewhere."""
-    path = shutil.which(binary) or (str(Path(sys.executable).parent / binary)
-                                    if (Path(sys.executable).parent / binary).exists() else None)
-    if path:
-        return path
-    message = f"{binary} is not installed (make test installs it)"
+def unavailable(message: str) -> None:
+    """Fail the test under CI=true (the service must be there), skip it elsewhere."""
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
-    """TERM the process group, then KILL whatever is left."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class RedisServer:
-    """redis-server on 127.0.0.1 with no persistence, in its own process group."""
-
-    def __init__(self, base_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.base_dir = base_dir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = require("redis-server")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.base_dir), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc:
-            stop_process(self.proc)
-
-
-class Worker:
-    """A real `celery worker` process consuming the service's queues under a given node name."""
-
-    def __init__(self, env: dict[str, str], node: str, log_path: Path, concurrency: int = 2,
-                 queue: str = "sandbox") -> None:
-        self.env = env
-        self.queue = queue
-        self.node = node
-        self.log_path = log_path
-        self.concurrency = concurrency
-        self.proc: subprocess.Popen | None = None
-        self.extra_args: list[str] = []
-
-    def start(self, app, timeout_s: float = 60.0) -> None:  # noqa: ANN001
-        env = {**os.environ, **self.env, "SANDBOX_NODE_NAME": self.node}
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", self.node, "-c", str(self.concurrency),
-             "-l", "INFO", "--without-mingle", "--without-gossip", "-Q", self.queue, *self.extra_args],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.node} exited: {self.tail()}")
-            replies = app.control.ping(destination=[self.node], timeout=0.5) or []
-            if replies:
-                return
-        raise RuntimeError(f"worker {self.node} did not answer ping: {self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool), as a crash would."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc:
-            stop_process(self.proc, timeout_s=30)
-        if getattr(self, "log", None):
-            self.log.close()
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+def require(binary: str) -> str:
+    """Path of `binary`, or fail/skip the test as `unavailable` does."""
+    try:
+        return find_binary(binary)
+    except ServiceUnavailable as e:
+        unavailable(str(e))
+        raise

@@ -1,7 +1,7 @@
 """The local stack for a developer: Redis, SeaweedFS (S3), and the Procfile's worker, beat, flower.
 
-    python devstack.py up                 # run until Ctrl-C; submit from another terminal
-    python devstack.py run examples/hello.json   # up, submit one job, show it, stop
+    python -m devstack up                        # run until Ctrl-C; submit from another terminal
+    python -m devstack run examples/hello.json   # up, submit one job, show it, stop
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.support.seaweed import SeaweedServer
-from tests.support.services import RedisServer, free_port, stop_process
-
-ROOT = Path(__file__).resolve().parent
+from devstack.processes import ROOT, RedisServer, free_port, stop_process
+from devstack.seaweed import SeaweedServer
 VAR = ROOT / "var"
 
 
@@ -108,7 +106,7 @@ def run_example(stack: Stack, job_file: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["up", "run"])
     parser.add_argument("job", nargs="?", type=Path, default=ROOT / "examples" / "hello.json")
     args = parser.parse_args()
