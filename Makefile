@@ -3,10 +3,10 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs curl git
+APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs curl git python3
 STAMP := $(VENV)/.installed
 
-.PHONY: deps system-deps run up test test-fast bench clean
+.PHONY: deps system-deps node-deps run up test test-fast bench clean
 
 deps: system-deps $(STAMP) node-deps
 
@@ -25,8 +25,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 node-deps:
-	@if [ -f clients/node/package-lock.json ]; then \
-	  cd clients/node && npm ci --no-audit --no-fund --loglevel=error; fi
+	@command -v npm >/dev/null || { echo "npm (Node.js 20) is needed for clients/node and its tests"; exit 1; }
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
 
 # Bring up Redis, SeaweedFS, a worker, beat and Flower; submit examples/hello.json; show its
 # logs and final record; stop everything.
