@@ -45,6 +45,11 @@ task_annotations = {
     "sandbox.collect": {"soft_time_limit": LONGEST_OTHER_STAGE_S - 60, "time_limit": LONGEST_OTHER_STAGE_S},
     "sandbox.cleanup": {"soft_time_limit": 120, "time_limit": 180},
     "sandbox.cancel": {"soft_time_limit": 30, "time_limit": 60},
+    "sandbox.notify": {"soft_time_limit": 300, "time_limit": 360},  # every retry of one delivery
+    "sandbox.sweep_orphans": {"soft_time_limit": 30, "time_limit": 60},
+    "sandbox.sweep_node": {"soft_time_limit": 300, "time_limit": 360},
+    "sandbox.sweep_stuck": {"soft_time_limit": 300, "time_limit": 360},
+    "sandbox.sweep_artifacts": {"soft_time_limit": 3000, "time_limit": 3300},  # under its 1 h period
 }
 
 # One beat only (see README, Operations): two beats would send every sweep twice.
