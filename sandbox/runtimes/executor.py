@@ -23,7 +23,9 @@ SETPRIV = "/usr/bin/setpriv"
 # Writes its own pid into each cgroup.procs file given before "--" (so it, and everything it
 # becomes, is in the job's cgroups), then execs the rest. No job-controlled text is in this
 # script: the files are ours and the command is passed as arguments, never interpolated.
-_JOIN_THEN_EXEC = 'for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
+# `ulimit -c 0` sets the hard limit too: no core dumps, which a pipe core_pattern (systemd-coredump,
+# apport) would hand to a root helper on the host, whatever the worker's own hard limit was.
+_JOIN_THEN_EXEC = 'ulimit -c 0; for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
 
 
 def launcher(procs_files: list[str], uid: int) -> list[str]:
