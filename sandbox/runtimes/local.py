@@ -249,9 +249,12 @@ class LocalRuntime:
             for path in fsutil.HOST_ETC:
                 argv += ["--ro-bind-try", path, path]
         argv += [
-            "--proc", "/proc", "--dev", "/dev",
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
             "--bind", os.path.join(d, "mnt", "workspace"), "/workspace",
             "--bind", os.path.join(d, "mnt", "tmp"), "/tmp",
+            # /dev and the /usr/local/etc mask are tmpfs mounts of their own that `--remount-ro /`
+            # does not reach (the job owns them): only /dev/shm (POSIX shm, semaphores) stays writable.
+            "--remount-ro", "/usr/local/etc", "--remount-ro", "/dev",
             "--remount-ro", "/", "--chdir", "/workspace",
             "--add-seccomp-fd", str(seccomp_fd),
         ]
