@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from config.settings import Settings
 from sandbox import webhooks
+from sandbox.events import escape_line
 from sandbox.errors import JobRejected, PlacementError, SandboxError, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
@@ -165,15 +166,24 @@ def collect(svc: Services, job_id: str) -> None:
     artifacts, refused = [], []
     for f in collected:
         key = output_key(job_id, f.relpath)
+        shown = shown_path(f.relpath)
         try:
+            if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
+                raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
             check_key(key)  # a job-chosen name: control characters or '..' never reach S3
         except StorageError as e:
-            refused.append({"path": repr(f.relpath)[1:-1], "reason": str(e)})
+            refused.append({"path": shown, "reason": str(e)})
             continue
         artifacts.append(_upload(svc, job_id, key, f.open(), f.size, path=f.relpath))
-    skipped = list(getattr(collected, "skipped", [])) + refused  # over a cap, links, devices, bad names
+    # over a cap, links, devices, bad names: every job-chosen path in the record is shown escaped
+    skipped = [{**s, "path": shown_path(s["path"])} for s in getattr(collected, "skipped", [])] + refused
     _finish_stage(svc, job_id, "collect", also=lambda r: r.update(logs=logs, artifacts=artifacts,
                                                                   skipped_outputs=skipped))
+
+
+def shown_path(relpath: str) -> str:
+    """A job-chosen path as text that shows what it is: bad UTF-8, controls, bidi and zero-width escaped."""
+    return escape_line(relpath.encode("utf-8", "surrogateescape"))
 
 
 def _upload(svc: Services, job_id: str, key: str, fh: Any, size: int | None, path: str | None = None) -> dict:

@@ -40,3 +40,91 @@ def test_no_writable_tmpfs_outside_workspace_tmp_and_dev_shm(runtime) -> None:  
     assert result.outcome == "succeeded", err
     assert out.decode().split("\n")[:-1] == ["refused /dev/x", "refused /usr/local/etc/x", "refused /dev/null2",
                                              "WROTE /dev/shm/ok", "shm works"], out
+
+
+class _Store:
+    """Just enough of JobStore for lifecycle.collect: one record and its spec, in memory."""
+
+    def __init__(self, record: dict, spec: dict) -> None:
+        self.record, self._spec = record, spec
+
+    def get(self, job_id: str) -> dict:
+        return self.record
+
+    def spec(self, job_id: str) -> dict:
+        return self._spec
+
+    def transition(self, job_id: str, status, also=None, **_: object) -> dict:  # type: ignore[no-untyped-def]
+        self.record["status"] = status.value
+        if also:
+            also(self.record)
+        return self.record
+
+    def update(self, job_id: str, change) -> dict:  # type: ignore[no-untyped-def]
+        change(self.record)
+        return self.record
+
+
+class _Bucket:
+    """Just enough of ArtifactStore: keeps what was uploaded, checks keys as the real one does."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def upload(self, key: str, fh, job_id: str, size: int | None = None) -> int:  # type: ignore[no-untyped-def]
+        from sandbox.layout import check_key
+
+        self.objects[check_key(key)] = fh.read()
+        return len(self.objects[key])
+
+    def presign_get(self, key: str, job_id: str) -> str:
+        return f"https://bucket.invalid/{key}"
+
+
+def collect_through_lifecycle(runtime, settings, script: str) -> tuple[dict, _Bucket]:  # type: ignore[no-untyped-def]
+    """Run `script` in a sandbox, then lifecycle.collect it; returns the record and what was uploaded."""
+    from sandbox import lifecycle
+    from sandbox.runtimes.base import ExecResult
+    from sandbox.state import JobStatus, new_record
+    from tests.integration.test_local_runtime import make_spec
+
+    spec = make_spec(["/usr/bin/python3", "-c", script])
+    handle = runtime.create(spec, "h")
+    result = runtime.execute(handle, spec, lambda s, c: None)
+    assert result.outcome == "succeeded", runtime.logs(handle)["stderr"].read()
+    record = new_record(spec.id, JobStatus.RUNNING)
+    record.update(sandbox=handle.to_dict(), outcome=ExecResult(**result.to_dict()).to_dict())
+    bucket = _Bucket()
+    svc = lifecycle.Services(settings=settings, store=_Store(record, spec.to_dict()), runtime=runtime,
+                             artifacts=bucket, events=None, host="h")
+    lifecycle.collect(svc, spec.id)
+    return record, bucket
+
+
+def test_output_names_that_display_as_something_else_are_refused(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Attack: name an output so that a person sees another name ("Trojan Source"): a right-to-left
+    # override shows 'invoice\u202efdp.exe' as 'invoiceexe.pdf'; also a newline and invalid UTF-8.
+    script = ("import os; os.makedirs('output')\n"
+              "for name in ('ok.txt', 'invoice\\u202efdp.exe', 'zero\\u200bwidth', 'new\\nline', "
+              "b'bad\\xffname', 'caf\\u00e9.txt', 'tab\\tname'):\n"
+              " open(os.path.join(b'output' if isinstance(name, bytes) else 'output', name), 'w').write('x')\n")
+    record, bucket = collect_through_lifecycle(runtime, settings, script)
+    assert sorted(a["path"] for a in record["artifacts"]) == ["output/caf\u00e9.txt", "output/ok.txt"]
+    assert sorted(k for k in bucket.objects if "/logs/" not in k) == sorted(a["key"] for a in record["artifacts"])
+    assert len(record["skipped_outputs"]) == 5
+    text = json.dumps(record["skipped_outputs"], ensure_ascii=False)
+    assert all(ord(c) >= 0x20 and c not in "\u202e\u200b" for c in text), text  # shown escaped
+    text.encode("utf-8")  # no lone surrogates: printable and storable as is
+
+
+def test_unreadable_setuid_and_hidden_outputs_are_collected_as_plain_bytes(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Attack: mode 000 files, a directory without x, setuid bits: the worker (root) must neither fail
+    # on them nor carry the modes anywhere; the bytes alone are uploaded.
+    script = ("import os; os.makedirs('output/nox')\n"
+              "open('output/nox/f', 'w').write('hidden'); open('output/zero', 'w').write('000')\n"
+              "open('output/suid', 'w').write('s'); os.chmod('output/suid', 0o6777)\n"
+              "os.chmod('output/zero', 0); os.chmod('output/nox', 0)\n")
+    record, bucket = collect_through_lifecycle(runtime, settings, script)
+    assert {a["path"]: bucket.objects[a["key"]] for a in record["artifacts"]} == {
+        "output/nox/f": b"hidden", "output/suid": b"s", "output/zero": b"000"}
+    assert record["skipped_outputs"] == []
