@@ -175,6 +175,8 @@ def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, d
     # ext4 holds back min(2%, 16 MiB) for delayed allocation, so "full" means within that reserve
     if fsutil.free_bytes(mnt) < min(disk_bytes // 50, 16 << 20) + (256 << 10):
         events.append(_event("disk_full", f"workspace disk full (limit {disk_bytes} bytes)"))
+    elif fsutil.free_inodes(mnt) == 0:  # ENOSPC from many small files, with bytes to spare
+        events.append(_event("disk_full", f"workspace disk out of inodes (limit {disk_bytes} bytes)"))
     for c in captures.values():
         if c.truncated:
             events.append(_event("output_truncated", f"{c.name}: kept {c.kept} of {c.seen} bytes"))

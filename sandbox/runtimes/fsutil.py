@@ -152,6 +152,11 @@ def free_bytes(mnt: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def free_inodes(mnt: str) -> int:
+    """Inodes (files, directories, links) still available on the filesystem mounted at `mnt`."""
+    return os.statvfs(mnt).f_favail
+
+
 def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
     """Write JSON via a temp file and rename, so readers never see half a file (fsync if durable)."""
     tmp = f"{path}.tmp{os.getpid()}"

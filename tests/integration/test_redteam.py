@@ -128,3 +128,13 @@ def test_unreadable_setuid_and_hidden_outputs_are_collected_as_plain_bytes(runti
     assert {a["path"]: bucket.objects[a["key"]] for a in record["artifacts"]} == {
         "output/nox/f": b"hidden", "output/suid": b"s", "output/zero": b"000"}
     assert record["skipped_outputs"] == []
+
+
+def test_running_out_of_inodes_is_reported_as_a_full_disk(runtime) -> None:  # type: ignore[no-untyped-def]
+    # Attack: many empty files fill the image's inode table; the job gets ENOSPC with most bytes still
+    # free, and the record must still say why.
+    script = ("import os\nn = 0\ntry:\n while True:\n  open(f'f{n}', 'w').close(); n += 1\n"
+              "except OSError as e: print(e.errno, n > 1000)\n")
+    result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", script], disk=8 << 20)
+    assert result.outcome == "succeeded" and out == b"28 True\n", err
+    assert "disk_full" in {e["type"] for e in result.security_events}, result.security_events
