@@ -6,7 +6,9 @@ older suites (test_isolation, test_limits, test_local_runtime) already cover are
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import uuid
 
 from tests.integration.test_local_runtime import run, sh
@@ -138,3 +140,44 @@ def test_running_out_of_inodes_is_reported_as_a_full_disk(runtime) -> None:  # t
     result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", script], disk=8 << 20)
     assert result.outcome == "succeeded" and out == b"28 True\n", err
     assert "disk_full" in {e["type"] for e in result.security_events}, result.security_events
+
+
+def test_host_processes_of_the_same_uid_and_host_sockets_are_out_of_reach(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Attack: the job is host uid 65534, like a host daemon running as nobody: kill(-1) and kill(pid),
+    # /proc/<pid>/root of that daemon, and the host's abstract unix sockets (not bound to any path).
+    uid = str(settings.sandbox_uid)
+    victim = subprocess.Popen(["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                               "/bin/sleep", "60"])
+    name = f"redteam-{uuid.uuid4().hex}"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind("\0" + name)
+    server.listen()
+    probe = ("import ctypes, os, signal, socket, sys\n"
+             "pid = int(sys.argv[1])\n"
+             "for target in (-1, pid):\n"
+             " try:\n  os.kill(target, signal.SIGKILL); print('SIGNALLED', target)\n"
+             " except OSError as e: print('kill', target, e.errno)\n"
+             "print('proc', os.path.exists(f'/proc/{pid}'), os.path.exists(f'/proc/{pid}/root/etc/shadow'))\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n s.connect('\\0' + sys.argv[2]); print('CONNECTED')\n"
+             "except OSError as e: print('abstract', e.errno)\n"
+             "libc = ctypes.CDLL(None, use_errno=True)\n"
+             "handle = ctypes.create_string_buffer(136); mount_id = ctypes.c_int()\n"
+             "ctypes.memmove(handle, (128).to_bytes(4, 'little'), 4)\n"
+             "r = libc.syscall(303, -100, b'/usr', handle, ctypes.byref(mount_id), 0)\n"
+             "print('name_to_handle_at', r, ctypes.get_errno())\n"
+             "r = libc.syscall(304, -100, handle, 0)\n"
+             "print('open_by_handle_at', r, ctypes.get_errno())\n")
+    try:
+        result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", probe, str(victim.pid), name])
+        alive = victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        server.close()
+    assert result.outcome == "succeeded", err
+    assert alive, "the job killed a host process"
+    lines = out.decode().split("\n")
+    assert lines[0].startswith("kill -1 ") or lines[0] == "SIGNALLED -1"  # -1 means its own namespace only
+    assert lines[1:] == [f"kill {victim.pid} 3", "proc False False", "abstract 111",
+                         "name_to_handle_at -1 1", "open_by_handle_at -1 1", ""], out
