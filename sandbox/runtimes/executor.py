@@ -23,9 +23,12 @@ SETPRIV = "/usr/bin/setpriv"
 # Writes its own pid into each cgroup.procs file given before "--" (so it, and everything it
 # becomes, is in the job's cgroups), then execs the rest. No job-controlled text is in this
 # script: the files are ours and the command is passed as arguments, never interpolated.
-# `ulimit -c 0` sets the hard limit too: no core dumps, which a pipe core_pattern (systemd-coredump,
-# apport) would hand to a root helper on the host, whatever the worker's own hard limit was.
-_JOIN_THEN_EXEC = 'ulimit -c 0; for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
+# `ulimit` sets hard limits too, whatever the worker's own were. -c 0: no core dumps, which a pipe
+# core_pattern (systemd-coredump, apport) would hand to a root helper on the host. -n: the file table
+# (fs.file-max) is one per host and no cgroup limits it; 20000 per process let one job of 128
+# processes hold half of this host's handles, 1024 (the usual soft default) bounds it by pids.max.
+MAX_OPEN_FILES = 1024
+_JOIN_THEN_EXEC = f'ulimit -c 0; ulimit -n {MAX_OPEN_FILES}; for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
 
 
 def launcher(procs_files: list[str], uid: int) -> list[str]:

@@ -181,3 +181,24 @@ def test_host_processes_of_the_same_uid_and_host_sockets_are_out_of_reach(runtim
     assert lines[0].startswith("kill -1 ") or lines[0] == "SIGNALLED -1"  # -1 means its own namespace only
     assert lines[1:] == [f"kill {victim.pid} 3", "proc False False", "abstract 111",
                          "name_to_handle_at -1 1", "open_by_handle_at -1 1", ""], out
+
+
+def test_a_job_cannot_take_the_host_s_file_table(runtime) -> None:  # type: ignore[no-untyped-def]
+    # Attack: open files in every process the pids limit allows. The file table (fs.file-max) is one
+    # per host and no cgroup limits it: with the worker's RLIMIT_NOFILE (20000 here) a 1 GiB job of
+    # 128 processes held 1.2M of this host's 2.4M file handles, so two such jobs starve the worker.
+    script = ("import os, resource\n"
+              "try:\n resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20)); print('RAISED')\n"
+              "except (ValueError, OSError): pass\n"
+              "r, w = os.pipe()\n"
+              "for _ in range(4):\n"
+              " if os.fork() == 0:\n"
+              "  n = 0\n"
+              "  try:\n   while n < 50000: os.open('/dev/null', os.O_RDONLY); n += 1\n"
+              "  except OSError: pass\n"
+              "  os.write(w, b'%d\\n' % n); os._exit(0)\n"
+              "for _ in range(4): os.wait()\n"
+              "os.close(w); print(sum(int(x) for x in os.read(r, 1000).split()))\n")
+    result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", script], memory=512 * (1 << 20))
+    assert result.outcome == "succeeded", err
+    assert b"RAISED" not in out and int(out) <= 4 * 1024, out
