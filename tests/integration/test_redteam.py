@@ -9,7 +9,11 @@ import json
 import os
 import socket
 import subprocess
+import threading
+import time
 import uuid
+
+import pytest
 
 from tests.integration.test_local_runtime import run, sh
 
@@ -202,3 +206,33 @@ def test_a_job_cannot_take_the_host_s_file_table(runtime) -> None:  # type: igno
     result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", script], memory=512 * (1 << 20))
     assert result.outcome == "succeeded", err
     assert b"RAISED" not in out and int(out) <= 4 * 1024, out
+
+
+INOTIFY_ALL = ("import ctypes, sys, time\nlibc = ctypes.CDLL(None, use_errno=True)\nn = 0\n"
+               "while libc.inotify_init() >= 0: n += 1\n"
+               "print(n, flush=True); time.sleep(float(sys.argv[1]))\n")
+
+
+@pytest.mark.xfail(strict=True, reason="every sandbox runs as the one host uid SANDBOX_UID, and per-uid kernel "
+                   "counters (inotify instances and watches, pending signals) are shared by all jobs on a host; "
+                   "needs one host uid per concurrent sandbox")
+def test_one_job_cannot_starve_a_concurrent_job_of_inotify(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Attack: take every inotify instance the kernel allows uid 65534 (128) and hold them.
+    from tests.integration.test_local_runtime import make_spec
+
+    spec = make_spec(["/usr/bin/python3", "-c", INOTIFY_ALL, "8"])
+    handle = runtime.create(spec, "h")
+    holder = threading.Thread(target=runtime.execute, args=(handle, spec, lambda s, c: None))
+    holder.start()
+    log = os.path.join(settings.work_dir, handle.sandbox_id, "logs", "stdout")
+    try:
+        for _ in range(500):
+            if os.path.exists(log) and os.path.getsize(log):
+                break
+            time.sleep(0.01)
+        result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", INOTIFY_ALL, "0"])
+    finally:
+        runtime.kill(handle)
+        holder.join(30)
+    assert result.outcome == "succeeded", err
+    assert int(out) > 0, "the other job could not create a single inotify instance"
