@@ -129,6 +129,7 @@ class Settings:
     work_dir: str = _setting("SANDBOX_WORK_DIR", "/var/lib/sandbox")
     sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)
     cgroup_parent: str = _setting("SANDBOX_CGROUP_PARENT", "", _absolute_path)
+    max_open_files: int = _setting("SANDBOX_MAX_OPEN_FILES", "1024", _positive_int)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
     visibility_timeout_override_s: int = _setting("SANDBOX_VISIBILITY_TIMEOUT", "0", int)

@@ -26,18 +26,18 @@ SETPRIV = "/usr/bin/setpriv"
 # `ulimit` sets hard limits too, whatever the worker's own were. -c 0: no core dumps, which a pipe
 # core_pattern (systemd-coredump, apport) would hand to a root helper on the host. -n: the file table
 # (fs.file-max) is one per host and no cgroup limits it; 20000 per process let one job of 128
-# processes hold half of this host's handles, 1024 (the usual soft default) bounds it by pids.max.
-MAX_OPEN_FILES = 1024
-_JOIN_THEN_EXEC = f'ulimit -c 0; ulimit -n {MAX_OPEN_FILES}; for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"'
+# processes hold half of this host's handles; SANDBOX_MAX_OPEN_FILES (1024) bounds it by pids.max.
+_JOIN_THEN_EXEC = ('ulimit -c 0; ulimit -n "$1"; shift; '
+                   'for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"')
 
 
-def launcher(procs_files: list[str], uid: int) -> list[str]:
+def launcher(procs_files: list[str], uid: int, max_open_files: int) -> list[str]:
     """argv prefix: join the job's cgroups as root, drop to `uid` for good (setpriv), then exec bwrap.
 
     A chain of execs rather than a preexec_fn so that subprocess can vfork: forking a ~100 MB
     worker process to run a Python hook cost 15-30 ms per job, spawning this costs about 1 ms.
     """
-    return [SH, "-ec", _JOIN_THEN_EXEC, "sandbox-launch", *procs_files, "--",
+    return [SH, "-ec", _JOIN_THEN_EXEC, "sandbox-launch", str(int(max_open_files)), *procs_files, "--",
             SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
 
 
@@ -112,7 +112,8 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     start = time.monotonic()
     try:
         procs_files = rt.cgroups.procs_files(sid)
-        argv = launcher(procs_files, rt.settings.sandbox_uid) + rt.bwrap_argv(d, meta, spec, seccomp_fd)
+        argv = (launcher(procs_files, rt.settings.sandbox_uid, rt.settings.max_open_files)
+                + rt.bwrap_argv(d, meta, spec, seccomp_fd))
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd,))
     finally:
