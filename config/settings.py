@@ -127,7 +127,8 @@ class Settings:
     max_input_files: int = _setting("SANDBOX_MAX_INPUT_FILES", "100", _positive_int)
     max_inline_bytes: int = _setting("SANDBOX_MAX_INLINE_BYTES", "10Mi", parse_size)
     work_dir: str = _setting("SANDBOX_WORK_DIR", "/var/lib/sandbox")
-    sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)
+    sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)  # first uid of the range
+    sandbox_uid_count: int = _setting("SANDBOX_UID_COUNT", "1024", _positive_int)  # one uid per live sandbox
     cgroup_parent: str = _setting("SANDBOX_CGROUP_PARENT", "", _absolute_path)
     max_open_files: int = _setting("SANDBOX_MAX_OPEN_FILES", "1024", _positive_int)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
@@ -210,5 +211,12 @@ def _check_consistency(s: Settings) -> None:
     if s.visibility_timeout_override_s and s.visibility_timeout_override_s <= longest_stage_s:
         raise ConfigError("SANDBOX_VISIBILITY_TIMEOUT", f"must exceed the longest stage ({longest_stage_s:.0f} s), "
                           "or a healthy stage would be delivered twice")
+    # one host uid per concurrent sandbox: never root (SANDBOX_UID > 0), and below 2^31 (uid_t, and
+    # (uid_t)-1 means "no change" to setreuid)
+    if s.sandbox_uid >= 2**31:
+        raise ConfigError("SANDBOX_UID", f"{s.sandbox_uid} must be below 2^31")
+    if s.sandbox_uid + s.sandbox_uid_count > 2**31:
+        raise ConfigError("SANDBOX_UID_COUNT", f"the range {s.sandbox_uid}..{s.sandbox_uid + s.sandbox_uid_count - 1} "
+                          "must end below 2^31")
     if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
         raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")

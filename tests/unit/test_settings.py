@@ -60,3 +60,25 @@ def test_secrets_are_masked() -> None:
     shown = load_settings({"SANDBOX_CLOUDFLARE_SECRET_KEY": "s3cr3t"}).redacted()
     assert shown["SANDBOX_CLOUDFLARE_SECRET_KEY"] == "***"
     assert "s3cr3t" not in repr(shown)
+
+
+def test_sandbox_uid_range() -> None:
+    s = load_settings({})
+    assert (s.sandbox_uid, s.sandbox_uid_count) == (65534, 1024)
+    s = load_settings({"SANDBOX_UID": "200000", "SANDBOX_UID_COUNT": "1"})
+    assert (s.sandbox_uid, s.sandbox_uid_count) == (200000, 1)
+    assert load_settings({"SANDBOX_UID": str(2**31 - 10), "SANDBOX_UID_COUNT": "10"}).sandbox_uid_count == 10
+
+
+@pytest.mark.parametrize("env,variable", [
+    ({"SANDBOX_UID": "0"}, "SANDBOX_UID"),  # root is never a sandbox uid
+    ({"SANDBOX_UID": "-5"}, "SANDBOX_UID"),
+    ({"SANDBOX_UID": str(2**31)}, "SANDBOX_UID"),
+    ({"SANDBOX_UID_COUNT": "0"}, "SANDBOX_UID_COUNT"),
+    ({"SANDBOX_UID_COUNT": "many"}, "SANDBOX_UID_COUNT"),
+    ({"SANDBOX_UID": str(2**31 - 10), "SANDBOX_UID_COUNT": "11"}, "SANDBOX_UID_COUNT"),  # ends at 2^31
+])
+def test_bad_sandbox_uid_range_names_its_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    assert caught.value.variable == variable and variable in str(caught.value)
