@@ -2,9 +2,11 @@
 loop-mounted with direct syscalls (no mkfs, losetup, mount or umount process per job).
 
 Why: running mkfs.ext4 + mount(8) + umount(8) per sandbox cost about 28 ms of a ~50 ms start. A
-template per (size, uid) is formatted once with the same mkfs options as before, with workspace/
+template per disk size is formatted once with the same mkfs options as before, with workspace/
 and tmp/ already in it; each job gets a fresh sparse copy of only the template's data blocks
-(about 600 KiB for 1 GiB), so no image a job has written to is ever reused.
+(about 600 KiB for 1 GiB), so no image a job has written to is ever reused. workspace/ and tmp/
+are root's in the template and chowned to the sandbox's own host uid after mount (two syscalls),
+so one template serves every uid of the range.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import tempfile
 from sandbox.errors import RuntimeUnavailable
 
 TEMPLATE_DIR = ".templates"  # under the work dir; root-only (0700), never mounted, never written after rename
-TEMPLATE_VERSION = 1  # bump when the mkfs options or the layout below change
-MAX_TEMPLATES = 32  # distinct (size, uid) pairs kept; older ones are re-made on demand
+TEMPLATE_VERSION = 2  # bump when the mkfs options or the layout below change
+MAX_TEMPLATES = 32  # distinct disk sizes kept; older ones are re-made on demand
 MKFS = ["/usr/sbin/mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard,lazy_itable_init=1"]
 # noinit_itable: the copy is sparse, so its inode tables already read as zeros; without it every
 # mount starts a kernel thread that zero-fills them, allocating host disk for nothing.
@@ -36,22 +38,22 @@ _INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")  # struct loop_info64, 232 byte
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _template_path(work_dir: str, size_bytes: int, uid: int) -> str:
-    return os.path.join(work_dir, TEMPLATE_DIR, f"ext4-v{TEMPLATE_VERSION}-{size_bytes}-{uid}.img")
+def _template_path(work_dir: str, size_bytes: int) -> str:
+    return os.path.join(work_dir, TEMPLATE_DIR, f"ext4-v{TEMPLATE_VERSION}-{size_bytes}.img")
 
 
-def _make_template(work_dir: str, size_bytes: int, uid: int) -> str:
+def _make_template(work_dir: str, size_bytes: int) -> str:
     """Format a template atomically (temp name, then rename), so racing processes never see half of one."""
     tdir = os.path.join(work_dir, TEMPLATE_DIR)
     os.makedirs(tdir, 0o700, exist_ok=True)
-    path = _template_path(work_dir, size_bytes, uid)
+    path = _template_path(work_dir, size_bytes)
     stage = tempfile.mkdtemp(prefix=".stage-", dir=tdir)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.chmod(stage, 0o755)  # becomes the image's root: root-owned, so the job cannot rename its dirs away
         for sub in ("workspace", "tmp"):
-            os.mkdir(os.path.join(stage, sub), 0o700)
-            os.chown(os.path.join(stage, sub), uid, uid)
+            os.mkdir(os.path.join(stage, sub), 0o700)  # root's until mount_image gives it to the sandbox uid
+            os.chown(os.path.join(stage, sub), 0, 0)
         with open(tmp, "wb") as f:
             f.truncate(size_bytes)
         # no journal and lazy init: a scratch disk thrown away after one job needs no crash safety
@@ -92,12 +94,12 @@ def _prune(tdir: str, keep: str) -> None:
             pass
 
 
-def _open_template(work_dir: str, size_bytes: int, uid: int) -> int:
-    path = _template_path(work_dir, size_bytes, uid)
+def _open_template(work_dir: str, size_bytes: int) -> int:
+    path = _template_path(work_dir, size_bytes)
     try:
         return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return os.open(_make_template(work_dir, size_bytes, uid), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(_make_template(work_dir, size_bytes), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -116,9 +118,9 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def clone_template(work_dir: str, image: str, size_bytes: int, uid: int) -> None:
-    """Create `image` (must not exist) as a sparse copy of the (size, uid) template."""
-    src = _open_template(work_dir, size_bytes, uid)
+def clone_template(work_dir: str, image: str, size_bytes: int) -> None:
+    """Create `image` (must not exist) as a sparse copy of the template of that size."""
+    src = _open_template(work_dir, size_bytes)
     try:
         dst = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -199,8 +201,9 @@ def _configure(lfd: int, image_fd: int) -> None:
         raise
 
 
-def mount_image(image: str, mnt: str) -> None:
-    """Loop-mount `image` at `mnt` (created here, 0755) nosuid,nodev; the loop device autoclears on unmount."""
+def mount_image(image: str, mnt: str, uid: int) -> None:
+    """Loop-mount `image` at `mnt` (created here, 0755) nosuid,nodev and give its workspace/ and tmp/
+    to `uid`; the loop device autoclears on unmount."""
     os.mkdir(mnt, 0o755)
     image_fd = os.open(image, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -213,6 +216,9 @@ def mount_image(image: str, mnt: str) -> None:
             raise OSError(err, f"mount of the workspace failed: {os.strerror(err)}", mnt)
     finally:
         os.close(lfd)  # from here only the mount keeps the device; without it, autoclear detaches it
+    # a fresh copy of our own template, never seen by a job: still, never follow a link
+    for sub in ("workspace", "tmp"):
+        os.chown(os.path.join(mnt, sub), uid, uid, follow_symlinks=False)
 
 
 def unmount(mnt: str) -> None:

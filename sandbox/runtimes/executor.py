@@ -112,7 +112,7 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     start = time.monotonic()
     try:
         procs_files = rt.cgroups.procs_files(sid)
-        argv = (launcher(procs_files, rt.settings.sandbox_uid, rt.settings.max_open_files)
+        argv = (launcher(procs_files, rt.host_uid(meta), rt.settings.max_open_files)
                 + rt.bwrap_argv(d, meta, spec, seccomp_fd))
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd,))

@@ -16,7 +16,7 @@ from typing import IO
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, diskimage, fsutil
+from sandbox.runtimes import cgroups, diskimage, fsutil, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes import executor
 from sandbox.runtimes.executor import run_job
@@ -35,13 +35,15 @@ def sandbox_id_for(job_id: str) -> str:
     return f"sbx-{job_id}"
 
 
-def _check_traversable(path: str, uid: int) -> None:
-    """bwrap runs as the sandbox uid, so it must be able to walk down to every sandbox directory."""
+def _check_traversable(path: str, first_uid: int, count: int) -> None:
+    """bwrap runs as a sandbox uid, so every uid of the range must be able to walk down to every
+    sandbox directory: o+x (an owner's u+x covers one uid only, so it counts only for a range of one)."""
     current = path
     while True:
         st = os.stat(current)
-        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
-            raise ConfigError("SANDBOX_WORK_DIR", f"{current} must be searchable (o+x) by SANDBOX_UID {uid}; "
+        if not (st.st_mode & 0o001 or (count == 1 and st.st_uid == first_uid and st.st_mode & 0o100)):
+            raise ConfigError("SANDBOX_WORK_DIR", f"{current} must be searchable (o+x) by every sandbox uid "
+                              f"(SANDBOX_UID {first_uid}, SANDBOX_UID_COUNT {count}); "
                               "use a directory like /var/lib/sandbox with mode 0711")
         if current == "/":
             return
@@ -76,7 +78,8 @@ class LocalRuntime:
                 raise SandboxFailure(f"{binary} is missing: install {package}")
         self.cgroups = cgroups.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
-        _check_traversable(self.work_dir, settings.sandbox_uid)
+        _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
+        self.uids = uids.UidPool(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
 
     # -- paths -------------------------------------------------------------------------------
     def _dir(self, sandbox_id: str) -> str:
@@ -90,6 +93,10 @@ class LocalRuntime:
                 return json.load(f)
         except FileNotFoundError:
             return None
+
+    def host_uid(self, meta: dict) -> int:
+        """The host uid the sandbox's processes and files have (SANDBOX_UID for one made before the range)."""
+        return int(meta.get("uid", self.settings.sandbox_uid))
 
     def _require(self, handle: SandboxHandle) -> tuple[str, dict]:
         meta = self._meta(handle.sandbox_id)
@@ -116,14 +123,15 @@ class LocalRuntime:
         try:
             os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach etc/ and mnt/
             os.mkdir(os.path.join(d, "logs"), 0o700)
+            uid = self.uids.allocate(sid)  # after mkdir: a crash leaves a directory for destroy to find
             etc = fsutil.shared_etc(self.work_dir, self.settings.sandbox_uid)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
-            diskimage.clone_template(self.work_dir, os.path.join(d, "disk.img"), disk, self.settings.sandbox_uid)
-            diskimage.mount_image(os.path.join(d, "disk.img"), os.path.join(d, "mnt"))
+            diskimage.clone_template(self.work_dir, os.path.join(d, "disk.img"), disk)
+            diskimage.mount_image(os.path.join(d, "disk.img"), os.path.join(d, "mnt"), uid)
             limits = cgroups.CgroupLimits(spec.resources.cpu, spec.resources.memory_bytes,
                                           spec.resources.pids)
             self.cgroups.create(sid, limits)
-            meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc,
+            meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc, "uid": uid,
                     "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta)
         except RuntimeUnavailable:
@@ -136,10 +144,10 @@ class LocalRuntime:
 
     def put_file(self, handle: SandboxHandle, relpath: str, src: IO[bytes], mode: int) -> int:
         """Write `src` to workspace/`relpath` without following links, owned by the sandbox uid."""
-        d, _ = self._require(handle)
+        d, meta = self._require(handle)
         try:
             return fsutil.write_beneath(os.path.join(d, "mnt", "workspace"), relpath, src, mode,
-                                        self.settings.sandbox_uid)
+                                        self.host_uid(meta))
         except OSError as e:
             if e.errno == 28:  # ENOSPC: the inputs alone exceed the job's disk limit
                 raise JobRejected("/files", "disk", f"input {relpath!r} does not fit the disk limit") from e
@@ -208,11 +216,16 @@ class LocalRuntime:
 
     def _teardown(self, sid: str) -> None:
         d = self._dir(sid)
+        meta = self._meta(sid)
         self.cgroups.kill(sid)
         self.cgroups.remove(sid)
         diskimage.unmount(os.path.join(d, "mnt"))
         if os.path.ismount(os.path.join(d, "mnt")):
             raise SandboxFailure(f"workspace of {sid} is still mounted; not removing it")
+        # Only now is the uid unused: no process (the cgroup is gone) and no file (the image is
+        # unmounted) has it. Released before the directory goes, so a crash here leaves a
+        # directory whose destroy releases it; without meta.json (a half-made create) by a scan.
+        self.uids.release(sid, meta.get("uid") if meta is not None else None)
         if os.path.isdir(d):
             shutil.rmtree(d)  # fd-based on Linux: never follows a symlink out of the directory
 
@@ -233,6 +246,8 @@ class LocalRuntime:
     def bwrap_argv(self, d: str, meta: dict, spec: JobSpec, seccomp_fd: int) -> list[str]:
         """The bubblewrap command line for one job in sandbox directory `d`."""
         etc = meta.get("etc")  # the shared /etc recorded at create
+        # Inside its user namespace every job is SANDBOX_UID, whatever host uid it has (uid_map maps
+        # that one host uid to it): one small shared /etc serves the whole range.
         uid = str(self.settings.sandbox_uid)
         argv = [
             BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",

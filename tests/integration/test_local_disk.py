@@ -103,3 +103,17 @@ def test_shared_etc_is_built_once_per_uid_and_read_only_to_jobs(runtime, setting
     r, out, _, _ = sh(runtime, "cat /etc/passwd; touch /etc/x 2>/dev/null || echo ro; ls /etc/ssl/certs | head -1")
     assert r.outcome == "succeeded"
     assert f"sandbox:x:{settings.sandbox_uid}:".encode() in out and b"ro\n" in out
+
+
+def test_one_template_per_disk_size_serves_every_sandbox_uid(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Two live sandboxes always have distinct host uids; a template per uid would format one per job.
+    (ra, out_a, _, ha), (rb, out_b, _, hb) = (sh(runtime, "stat -c %u /workspace /tmp", disk=32 * MiB)
+                                              for _ in range(2))
+    assert ra.outcome == rb.outcome == "succeeded"
+    assert out_a == out_b == f"{settings.sandbox_uid}\n{settings.sandbox_uid}\n".encode()
+    uids = {h.sandbox_id: os.stat(os.path.join(settings.work_dir, h.sandbox_id, "mnt", "workspace")).st_uid
+            for h in (ha, hb)}
+    assert len(set(uids.values())) == 2, uids
+    assert len(glob.glob(os.path.join(settings.work_dir, diskimage.TEMPLATE_DIR, "*.img"))) == 1
+    runtime.destroy(ha)
+    runtime.destroy(hb)

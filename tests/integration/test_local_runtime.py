@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,7 @@ import uuid
 
 import pytest
 
-from sandbox.errors import JobRejected
+from sandbox.errors import JobRejected, RuntimeUnavailable
 from sandbox.runtimes.base import ExecResult, SandboxHandle
 from sandbox.spec import JobSpec, ResourceLimits
 
@@ -106,6 +107,9 @@ def test_put_file_strips_special_bits_and_owns_by_sandbox_uid(runtime, settings)
     result = runtime.execute(handle, spec, lambda s, c: None)
     assert result.outcome == "succeeded"
     assert runtime.logs(handle)["stdout"].read() == f"755 {settings.sandbox_uid}\nran\n".encode()
+    host_uid = json.load(open(os.path.join(settings.work_dir, handle.sandbox_id, "meta.json")))["uid"]
+    st = os.stat(os.path.join(settings.work_dir, handle.sandbox_id, "mnt", "workspace", "in", "deep", "x.sh"))
+    assert (st.st_uid, st.st_gid) == (host_uid, host_uid)  # on the host: the sandbox's own uid
 
 
 @pytest.mark.parametrize("relpath", ["/etc/x", "../x", "a/../../x", "a//b", ""])
@@ -222,3 +226,104 @@ def test_a_kill_while_the_launcher_is_still_joining_its_cgroups_still_cancels(ru
     worker.join(35)
     assert results and results[0].outcome == "cancelled", results
     assert results[0].duration_s < 20
+
+
+def _uid_of(rt, handle: SandboxHandle) -> int:  # type: ignore[no-untyped-def]
+    with open(os.path.join(rt.work_dir, handle.sandbox_id, "meta.json"), encoding="utf-8") as f:
+        return int(json.load(f)["uid"])
+
+
+def _held(rt) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    """uid -> sandbox id of every allocation entry."""
+    d = os.path.join(rt.work_dir, ".uids")
+    return {int(name): os.readlink(os.path.join(d, name)) for name in os.listdir(d)}
+
+
+def test_concurrent_sandboxes_run_as_distinct_host_uids_and_destroy_releases_them(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    script = "sleep 0.3; id -u; touch mine"
+    specs = [make_spec(["/bin/sh", "-c", script]) for _ in range(4)]
+    handles = [runtime.create(s, "h") for s in specs]
+    uids = [_uid_of(runtime, h) for h in handles]
+    first = settings.sandbox_uid
+    assert len(set(uids)) == 4 and all(first <= u < first + settings.sandbox_uid_count for u in uids), uids
+    assert _held(runtime) == {u: h.sandbox_id for u, h in zip(uids, handles)}
+    st = os.stat(os.path.join(runtime.work_dir, ".uids"))
+    assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
+    threads = [threading.Thread(target=runtime.execute, args=(h, s, lambda *a: None)) for h, s in zip(handles, specs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for h, u in zip(handles, uids):
+        assert runtime.logs(h)["stdout"].read() == f"{settings.sandbox_uid}\n".encode()  # the namespace's view
+        mnt = os.path.join(runtime.work_dir, h.sandbox_id, "mnt")
+        assert os.stat(os.path.join(mnt, "workspace", "mine")).st_uid == u  # the kernel's: the host uid
+        for sub in ("workspace", "tmp"):
+            st = os.stat(os.path.join(mnt, sub))
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (u, u, 0o700)
+    runtime.destroy(handles[0])
+    assert uids[0] not in _held(runtime) and len(_held(runtime)) == 3
+    for h in handles[1:]:
+        runtime.destroy(h)
+    assert _held(runtime) == {}
+
+
+def test_a_redelivered_create_keeps_its_uid(runtime) -> None:  # type: ignore[no-untyped-def]
+    spec = make_spec(["/bin/true"])
+    first = runtime.create(spec, "h")
+    uid = _uid_of(runtime, first)
+    assert runtime.create(spec, "h") == first and _uid_of(runtime, first) == uid
+    assert _held(runtime) == {uid: first.sandbox_id}
+    runtime.destroy(first)
+    assert _held(runtime) == {}
+
+
+def test_destroy_of_a_half_made_sandbox_releases_its_uid(runtime) -> None:  # type: ignore[no-untyped-def]
+    # A worker that died after taking the uid but before meta.json: destroy must still free it.
+    spec = make_spec(["/bin/true"])
+    handle = runtime.create(spec, "h")
+    uid = _uid_of(runtime, handle)
+    os.unlink(os.path.join(runtime.work_dir, handle.sandbox_id, "meta.json"))
+    other = runtime.create(make_spec(["/bin/true"]), "h")
+    runtime.destroy(handle)
+    assert _held(runtime) == {_uid_of(runtime, other): other.sandbox_id} and uid != _uid_of(runtime, other)
+    assert not os.path.exists(os.path.join(runtime.work_dir, handle.sandbox_id))
+    runtime.destroy(other)
+
+
+def test_no_free_uid_is_transient_and_takes_nobody_else_s(settings) -> None:  # type: ignore[no-untyped-def]
+    from config.settings import load_settings
+    from sandbox.runtimes.local import LocalRuntime
+
+    one = load_settings({"SANDBOX_WORK_DIR": settings.work_dir, "SANDBOX_UID": "70000", "SANDBOX_UID_COUNT": "1"})
+    rt = LocalRuntime(one)
+    live = rt.create(make_spec(["/bin/true"]), "h")
+    assert _uid_of(rt, live) == 70000
+    spec = make_spec(["/bin/sh", "-c", "id -u; stat -c %u ."])
+    with pytest.raises(RuntimeUnavailable, match="SANDBOX_UID_COUNT"):
+        rt.create(spec, "h")
+    assert not os.path.exists(os.path.join(rt.work_dir, f"sbx-{spec.id}"))
+    assert _held(rt) == {70000: live.sandbox_id}  # the failed create left the live sandbox's uid alone
+    rt.destroy(live)
+    handle = rt.create(spec, "h")  # the stage's retry, once a uid is free again
+    assert rt.execute(handle, spec, lambda *a: None).outcome == "succeeded"
+    assert rt.logs(handle)["stdout"].read() == b"70000\n70000\n"
+    rt.destroy(handle)
+    assert _held(rt) == {}
+
+
+def test_the_work_dir_must_be_searchable_by_every_uid_of_the_range(settings) -> None:  # type: ignore[no-untyped-def]
+    from config.settings import load_settings
+    from sandbox.errors import ConfigError
+    from sandbox.runtimes.local import LocalRuntime
+
+    work = os.path.join(settings.work_dir, "owned")
+    os.mkdir(work, 0o700)
+    os.chown(work, 70000, 70000)  # searchable by its owner only
+    env = {"SANDBOX_WORK_DIR": work, "SANDBOX_UID": "70000"}
+    LocalRuntime(load_settings({**env, "SANDBOX_UID_COUNT": "1"}))  # the range is just the owner: fine
+    with pytest.raises(ConfigError, match="SANDBOX_WORK_DIR") as caught:
+        LocalRuntime(load_settings({**env, "SANDBOX_UID_COUNT": "2"}))  # uid 70001 could not reach it
+    assert "SANDBOX_UID_COUNT 2" in str(caught.value)
+    os.chmod(work, 0o711)
+    LocalRuntime(load_settings({**env, "SANDBOX_UID_COUNT": "2"}))

@@ -213,11 +213,22 @@ INOTIFY_ALL = ("import ctypes, sys, time\nlibc = ctypes.CDLL(None, use_errno=Tru
                "print(n, flush=True); time.sleep(float(sys.argv[1]))\n")
 
 
-@pytest.mark.xfail(strict=True, reason="every sandbox runs as the one host uid SANDBOX_UID, and per-uid kernel "
-                   "counters (inotify instances and watches, pending signals) are shared by all jobs on a host; "
-                   "needs one host uid per concurrent sandbox")
+def _host_uids(runtime, sandbox_id: str) -> set[int]:  # type: ignore[no-untyped-def]
+    """The real host uids of the processes in a sandbox's cgroup, as the kernel sees them."""
+    found = set()
+    for pid in runtime.cgroups.pids(sandbox_id):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                found.add(int(next(line for line in f if line.startswith("Uid:")).split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
 def test_one_job_cannot_starve_a_concurrent_job_of_inotify(runtime, settings) -> None:  # type: ignore[no-untyped-def]
-    # Attack: take every inotify instance the kernel allows uid 65534 (128) and hold them.
+    # Attack: take every inotify instance the kernel allows the job's host uid (128) and hold them.
+    # Each live sandbox has a host uid of its own, so the per-uid counter the holder exhausts is not
+    # the one the other job is charged to.
     from tests.integration.test_local_runtime import make_spec
 
     spec = make_spec(["/usr/bin/python3", "-c", INOTIFY_ALL, "8"])
@@ -230,9 +241,19 @@ def test_one_job_cannot_starve_a_concurrent_job_of_inotify(runtime, settings) ->
             if os.path.exists(log) and os.path.getsize(log):
                 break
             time.sleep(0.01)
-        result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", INOTIFY_ALL, "0"])
+        holder_uids = _host_uids(runtime, handle.sandbox_id)
+        probe = INOTIFY_ALL.replace("print(n, flush=True)", "print(n, flush=True); open('mine', 'w').close()")
+        result, out, err, other = run(runtime, ["/usr/bin/python3", "-c", probe, "0"])
+        # the file the job made carries its real host uid (the namespace shows every job as SANDBOX_UID)
+        other_uid = os.stat(os.path.join(settings.work_dir, other.sandbox_id, "mnt", "workspace", "mine")).st_uid
     finally:
         runtime.kill(handle)
         holder.join(30)
     assert result.outcome == "succeeded", err
+    assert int(open(log).read()) > 100, "the holder did not take the inotify instances"
     assert int(out) > 0, "the other job could not create a single inotify instance"
+    first, last = settings.sandbox_uid, settings.sandbox_uid + settings.sandbox_uid_count - 1
+    assert len(holder_uids) == 1 and other_uid not in holder_uids, (holder_uids, other_uid)
+    assert all(first <= u <= last for u in holder_uids | {other_uid}), (holder_uids, other_uid)
+    runtime.destroy(other)
+    runtime.destroy(handle)
