@@ -5,6 +5,8 @@ older suites (test_isolation, test_limits, test_local_runtime) already cover are
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import socket
@@ -147,23 +149,28 @@ def test_running_out_of_inodes_is_reported_as_a_full_disk(runtime) -> None:  # t
 
 
 def test_host_processes_of_the_same_uid_and_host_sockets_are_out_of_reach(runtime, settings) -> None:  # type: ignore[no-untyped-def]
-    # Attack: the job is host uid 65534, like a host daemon running as nobody: kill(-1) and kill(pid),
-    # /proc/<pid>/root of that daemon, and the host's abstract unix sockets (not bound to any path).
-    uid = str(settings.sandbox_uid)
+    # Attack: a host daemon runs as the job's own host uid (as one in the range might, misconfigured):
+    # kill(-1) and kill(pid), /proc/<pid>/root of that daemon, the host's abstract unix sockets.
+    from tests.integration.test_local_runtime import make_spec
+
+    spec = make_spec(["/usr/bin/python3", "-c", "PROBE", "NAME"])  # argv filled in below
+    name = f"redteam-{uuid.uuid4().hex}"
+    handle0 = runtime.create(spec, "h")  # the uid is allocated at create; the victim takes the same one
+    with open(os.path.join(settings.work_dir, handle0.sandbox_id, "meta.json")) as f:
+        uid = str(json.load(f)["uid"])
     victim = subprocess.Popen(["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                                "/bin/sleep", "60"])
-    name = f"redteam-{uuid.uuid4().hex}"
     server = socket.socket(socket.AF_UNIX)
     server.bind("\0" + name)
     server.listen()
     probe = ("import ctypes, os, signal, socket, sys\n"
-             "pid = int(sys.argv[1])\n"
+             "pid = int(open('victim.pid').read())\n"
              "for target in (-1, pid):\n"
              " try:\n  os.kill(target, signal.SIGKILL); print('SIGNALLED', target)\n"
              " except OSError as e: print('kill', target, e.errno)\n"
              "print('proc', os.path.exists(f'/proc/{pid}'), os.path.exists(f'/proc/{pid}/root/etc/shadow'))\n"
              "s = socket.socket(socket.AF_UNIX)\n"
-             "try:\n s.connect('\\0' + sys.argv[2]); print('CONNECTED')\n"
+             "try:\n s.connect('\\0' + sys.argv[1]); print('CONNECTED')\n"
              "except OSError as e: print('abstract', e.errno)\n"
              "libc = ctypes.CDLL(None, use_errno=True)\n"
              "handle = ctypes.create_string_buffer(136); mount_id = ctypes.c_int()\n"
@@ -173,7 +180,10 @@ def test_host_processes_of_the_same_uid_and_host_sockets_are_out_of_reach(runtim
              "r = libc.syscall(304, -100, handle, 0)\n"
              "print('open_by_handle_at', r, ctypes.get_errno())\n")
     try:
-        result, out, err, _ = run(runtime, ["/usr/bin/python3", "-c", probe, str(victim.pid), name])
+        spec = dataclasses.replace(spec, argv=("/usr/bin/python3", "-c", probe, name))
+        runtime.put_file(handle0, "victim.pid", io.BytesIO(str(victim.pid).encode()), 0o644)
+        result = runtime.execute(handle0, spec, lambda s, c: None)
+        out, err = (runtime.logs(handle0)[s].read() for s in ("stdout", "stderr"))
         alive = victim.poll() is None
     finally:
         victim.kill()
@@ -185,6 +195,7 @@ def test_host_processes_of_the_same_uid_and_host_sockets_are_out_of_reach(runtim
     assert lines[0].startswith("kill -1 ") or lines[0] == "SIGNALLED -1"  # -1 means its own namespace only
     assert lines[1:] == [f"kill {victim.pid} 3", "proc False False", "abstract 111",
                          "name_to_handle_at -1 1", "open_by_handle_at -1 1", ""], out
+    runtime.destroy(handle0)
 
 
 def test_a_job_cannot_take_the_host_s_file_table(runtime) -> None:  # type: ignore[no-untyped-def]
