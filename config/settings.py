@@ -127,7 +127,9 @@ class Settings:
     max_input_files: int = _setting("SANDBOX_MAX_INPUT_FILES", "100", _positive_int)
     max_inline_bytes: int = _setting("SANDBOX_MAX_INLINE_BYTES", "10Mi", parse_size)
     work_dir: str = _setting("SANDBOX_WORK_DIR", "/var/lib/sandbox")
-    sandbox_uid: int = _setting("SANDBOX_UID", "65534", _positive_int)  # first uid of the range
+    # The first host uid of the range jobs run as: not a system account (65534 is "nobody", whose
+    # per-uid kernel counters host daemons share), and clear of /etc/subuid ranges.
+    sandbox_uid: int = _setting("SANDBOX_UID", "1000000", _positive_int)
     sandbox_uid_count: int = _setting("SANDBOX_UID_COUNT", "1024", _positive_int)  # one uid per live sandbox
     cgroup_parent: str = _setting("SANDBOX_CGROUP_PARENT", "", _absolute_path)
     max_open_files: int = _setting("SANDBOX_MAX_OPEN_FILES", "1024", _positive_int)

@@ -23,6 +23,9 @@ from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
 
 BWRAP = "/usr/bin/bwrap"
+# The uid every job sees itself as inside its user namespace ("sandbox" in its /etc/passwd). Its
+# host uid is its own, from SANDBOX_UID..SANDBOX_UID+SANDBOX_UID_COUNT-1 (see uids.py).
+INSIDE_UID = 65534
 EXPIRY_MARGIN_S = 900.0  # create + prepare + collect + cleanup around the job's own timeout
 MIN_DISK_BYTES = 4 << 20  # ext4 needs room for its own metadata
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
@@ -124,7 +127,7 @@ class LocalRuntime:
             os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach etc/ and mnt/
             os.mkdir(os.path.join(d, "logs"), 0o700)
             uid = self.uids.allocate(sid)  # after mkdir: a crash leaves a directory for destroy to find
-            etc = fsutil.shared_etc(self.work_dir, self.settings.sandbox_uid)
+            etc = fsutil.shared_etc(self.work_dir, INSIDE_UID)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
             diskimage.clone_template(self.work_dir, os.path.join(d, "disk.img"), disk)
             diskimage.mount_image(os.path.join(d, "disk.img"), os.path.join(d, "mnt"), uid)
@@ -246,9 +249,9 @@ class LocalRuntime:
     def bwrap_argv(self, d: str, meta: dict, spec: JobSpec, seccomp_fd: int) -> list[str]:
         """The bubblewrap command line for one job in sandbox directory `d`."""
         etc = meta.get("etc")  # the shared /etc recorded at create
-        # Inside its user namespace every job is SANDBOX_UID, whatever host uid it has (uid_map maps
+        # Inside its user namespace every job is INSIDE_UID, whatever host uid it has (uid_map maps
         # that one host uid to it): one small shared /etc serves the whole range.
-        uid = str(self.settings.sandbox_uid)
+        uid = str(INSIDE_UID)
         argv = [
             BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--cap-drop", "ALL", "--uid", uid, "--gid", uid,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from sandbox.runtimes import diskimage, fsutil
+from sandbox.runtimes.local import INSIDE_UID
 from tests.integration.test_local_runtime import REPO, MiB, sh
 
 
@@ -102,7 +103,7 @@ def test_shared_etc_is_built_once_per_uid_and_read_only_to_jobs(runtime, setting
     assert not os.path.exists(os.path.join(etc, "shadow"))
     r, out, _, _ = sh(runtime, "cat /etc/passwd; touch /etc/x 2>/dev/null || echo ro; ls /etc/ssl/certs | head -1")
     assert r.outcome == "succeeded"
-    assert f"sandbox:x:{settings.sandbox_uid}:".encode() in out and b"ro\n" in out
+    assert f"sandbox:x:{INSIDE_UID}:".encode() in out and b"ro\n" in out
 
 
 def test_one_template_per_disk_size_serves_every_sandbox_uid(runtime, settings) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +111,7 @@ def test_one_template_per_disk_size_serves_every_sandbox_uid(runtime, settings) 
     (ra, out_a, _, ha), (rb, out_b, _, hb) = (sh(runtime, "stat -c %u /workspace /tmp", disk=32 * MiB)
                                               for _ in range(2))
     assert ra.outcome == rb.outcome == "succeeded"
-    assert out_a == out_b == f"{settings.sandbox_uid}\n{settings.sandbox_uid}\n".encode()
+    assert out_a == out_b == f"{INSIDE_UID}\n{INSIDE_UID}\n".encode()
     uids = {h.sandbox_id: os.stat(os.path.join(settings.work_dir, h.sandbox_id, "mnt", "workspace")).st_uid
             for h in (ha, hb)}
     assert len(set(uids.values())) == 2, uids

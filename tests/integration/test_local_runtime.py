@@ -17,6 +17,7 @@ import pytest
 
 from sandbox.errors import JobRejected, RuntimeUnavailable
 from sandbox.runtimes.base import ExecResult, SandboxHandle
+from sandbox.runtimes.local import INSIDE_UID
 from sandbox.spec import JobSpec, ResourceLimits
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,7 +107,7 @@ def test_put_file_strips_special_bits_and_owns_by_sandbox_uid(runtime, settings)
     assert runtime.put_file(handle, "in/deep/x.sh", io.BytesIO(b"#!/bin/sh\necho ran\n"), 0o6755) == 19
     result = runtime.execute(handle, spec, lambda s, c: None)
     assert result.outcome == "succeeded"
-    assert runtime.logs(handle)["stdout"].read() == f"755 {settings.sandbox_uid}\nran\n".encode()
+    assert runtime.logs(handle)["stdout"].read() == f"755 {INSIDE_UID}\nran\n".encode()
     host_uid = json.load(open(os.path.join(settings.work_dir, handle.sandbox_id, "meta.json")))["uid"]
     st = os.stat(os.path.join(settings.work_dir, handle.sandbox_id, "mnt", "workspace", "in", "deep", "x.sh"))
     assert (st.st_uid, st.st_gid) == (host_uid, host_uid)  # on the host: the sandbox's own uid
@@ -255,7 +256,7 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids_and_destroy_releases_the
     for t in threads:
         t.join(60)
     for h, u in zip(handles, uids):
-        assert runtime.logs(h)["stdout"].read() == f"{settings.sandbox_uid}\n".encode()  # the namespace's view
+        assert runtime.logs(h)["stdout"].read() == f"{INSIDE_UID}\n".encode()  # the namespace's view
         mnt = os.path.join(runtime.work_dir, h.sandbox_id, "mnt")
         assert os.stat(os.path.join(mnt, "workspace", "mine")).st_uid == u  # the kernel's: the host uid
         for sub in ("workspace", "tmp"):
@@ -306,8 +307,9 @@ def test_no_free_uid_is_transient_and_takes_nobody_else_s(settings) -> None:  # 
     assert _held(rt) == {70000: live.sandbox_id}  # the failed create left the live sandbox's uid alone
     rt.destroy(live)
     handle = rt.create(spec, "h")  # the stage's retry, once a uid is free again
+    assert _uid_of(rt, handle) == 70000
     assert rt.execute(handle, spec, lambda *a: None).outcome == "succeeded"
-    assert rt.logs(handle)["stdout"].read() == b"70000\n70000\n"
+    assert rt.logs(handle)["stdout"].read() == f"{INSIDE_UID}\n{INSIDE_UID}\n".encode()  # inside view
     rt.destroy(handle)
     assert _held(rt) == {}
 

@@ -64,7 +64,7 @@ def test_secrets_are_masked() -> None:
 
 def test_sandbox_uid_range() -> None:
     s = load_settings({})
-    assert (s.sandbox_uid, s.sandbox_uid_count) == (65534, 1024)
+    assert (s.sandbox_uid, s.sandbox_uid_count) == (1000000, 1024)
     s = load_settings({"SANDBOX_UID": "200000", "SANDBOX_UID_COUNT": "1"})
     assert (s.sandbox_uid, s.sandbox_uid_count) == (200000, 1)
     assert load_settings({"SANDBOX_UID": str(2**31 - 10), "SANDBOX_UID_COUNT": "10"}).sandbox_uid_count == 10
