@@ -22,6 +22,9 @@ def sweep_orphans(svc: Services, now: float | None = None) -> list[str]:
         svc.runtime.destroy(_handle(svc, info))
         destroyed.append(info.sandbox_id)
         log.warning("destroyed orphaned sandbox %s of job %s", info.sandbox_id, info.job_id)
+    for sandbox_id in svc.runtime.reap_incomplete(older_than=now - GRACE_S):
+        destroyed.append(sandbox_id)
+        log.warning("tore down half-created sandbox %s", sandbox_id)
     return destroyed
 
 

@@ -100,3 +100,6 @@ class Runtime(Protocol):
 
     def list_sandboxes(self) -> list[SandboxInfo]:
         """Every sandbox this backend (on this host, for local) holds, for sweeps."""
+
+    def reap_incomplete(self, older_than: float) -> list[str]:
+        """Tear down half-created sandboxes (invisible to list_sandboxes) older than `older_than`."""

@@ -232,6 +232,22 @@ class LocalRuntime:
         if os.path.isdir(d):
             shutil.rmtree(d)  # fd-based on Linux: never follows a symlink out of the directory
 
+    def reap_incomplete(self, older_than: float) -> list[str]:
+        """Tear down sandbox directories without meta.json (a create that died half-way) last
+        changed before `older_than`; list_sandboxes cannot see them, so no other sweep would."""
+        reaped = []
+        for name in sorted(os.listdir(self.work_dir)):
+            if not name.startswith("sbx-") or not _SAFE_ID.fullmatch(name) or self._meta(name) is not None:
+                continue
+            try:
+                if os.lstat(self._dir(name)).st_mtime >= older_than:
+                    continue  # a create may still be under way
+            except FileNotFoundError:
+                continue
+            self._teardown(name)
+            reaped.append(name)
+        return reaped
+
     def list_sandboxes(self) -> list[SandboxInfo]:
         """Every sandbox with a meta file under work_dir."""
         found = []

@@ -82,3 +82,18 @@ def test_a_failed_destroy_still_ends_the_job_and_the_sweep_destroys_later(servic
     monkeypatch.setattr(services.runtime, "destroy", real_destroy)
     assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
     assert services.runtime.list_sandboxes() == []
+
+
+def test_a_create_that_died_half_way_is_torn_down_by_the_sweep(services):
+    import os
+
+    job_id = new_job_id("halfmade")
+    handle = services.runtime.create(spec_for(job_id), HOST)
+    d = os.path.join(services.runtime.work_dir, handle.sandbox_id)
+    os.unlink(os.path.join(d, "meta.json"))  # as if the worker died before writing it
+    assert services.runtime.list_sandboxes() == []  # invisible to the ordinary sweep
+
+    assert sweeps.sweep_orphans(services) == []  # young: a create may still be under way
+    assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
+    assert not os.path.exists(d)
+    assert not os.listdir(os.path.join(services.runtime.work_dir, ".uids"))  # its host uid is free again
