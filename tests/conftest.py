@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 import uuid
@@ -14,7 +13,7 @@ import redis
 from celery import Celery
 
 from tests.support.seaweed import SeaweedUnavailable, seaweed_server
-from tests.support.services import RedisServer, ServiceUnavailable, Worker, unavailable
+from tests.support.services import RedisServer, ServiceUnavailable, Worker, remove_work_dir, unavailable
 
 E2E_COMMANDS = "ls,cat,grep,curl,wget,python3,sleep"
 WEBHOOK_SECRET = "e2e-webhook-secret"
@@ -61,7 +60,7 @@ def work_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sandbox-work-", dir="/var/tmp"))
     path.chmod(0o711)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_work_dir(str(path))
 
 
 @pytest.fixture(scope="session")

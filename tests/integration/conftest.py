@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from typing import Iterator
 
@@ -12,6 +11,7 @@ from config.settings import Settings, load_settings
 from sandbox.errors import SandboxFailure
 from sandbox.runtimes.base import SandboxHandle
 from sandbox.runtimes.local import LocalRuntime
+from tests.support.services import remove_work_dir
 
 
 def _unavailable(reason: str) -> None:
@@ -30,7 +30,7 @@ def settings() -> Iterator[Settings]:
                              "SANDBOX_MAX_OUTPUT_FILES": "5", "SANDBOX_MAX_OUTPUT_FILE_BYTES": "1Mi",
                              "SANDBOX_MAX_OUTPUT_BYTES": "2Mi"})
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_dir(work)
 
 
 @pytest.fixture

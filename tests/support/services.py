@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -24,3 +25,19 @@ def require(binary: str) -> str:
     except ServiceUnavailable as e:
         unavailable(str(e))
         raise
+
+
+def remove_work_dir(work: str) -> None:
+    """Unmount whatever a failed test left mounted beneath `work` (deepest first), then delete it.
+
+    shutil.rmtree alone would empty a still-mounted disk image and leave its loop device attached;
+    a few such leaks exhaust a host's loop devices and fail every later run.
+    """
+    from sandbox.runtimes import diskimage
+
+    prefix = os.path.realpath(work) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        targets = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+        diskimage.unmount(target)
+    shutil.rmtree(work, ignore_errors=True)
