@@ -222,3 +222,5 @@ def _check_consistency(s: Settings) -> None:
                           "must end below 2^31")
     if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
         raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")
+    if s.runtime == "fly":
+        raise ConfigError("SANDBOX_RUNTIME", "the fly runtime is not built yet (see the README); use 'local'")

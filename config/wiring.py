@@ -13,11 +13,7 @@ from sandbox.storage import ArtifactStore
 
 def build_runtime(settings: Settings) -> Runtime:
     """The sandbox backend SANDBOX_RUNTIME names."""
-    if settings.runtime == "fly":
-        from sandbox.runtimes.fly import FlyRuntime
-
-        return FlyRuntime(settings)
-    from sandbox.runtimes.local import LocalRuntime
+    from sandbox.runtimes.local import LocalRuntime  # the only runtime so far (see Settings)
 
     return LocalRuntime(settings)
 

@@ -82,3 +82,9 @@ def test_bad_sandbox_uid_range_names_its_variable(env: dict[str, str], variable:
     with pytest.raises(ConfigError) as caught:
         load_settings(env)
     assert caught.value.variable == variable and variable in str(caught.value)
+
+
+def test_the_fly_runtime_is_refused_by_name_until_it_exists() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SANDBOX_RUNTIME": "fly", "SANDBOX_FLY_APP": "app", "SANDBOX_FLY_API_TOKEN": "t"})
+    assert caught.value.variable == "SANDBOX_RUNTIME"
