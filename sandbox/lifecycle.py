@@ -42,10 +42,7 @@ class Services:
 
 def validate(raw: Any, settings: Settings) -> JobSpec:
     """Every check a submitted job passes (the CLI's `validate` runs exactly this)."""
-    spec = parse_job(raw, settings)
-    if spec.callback_url:
-        webhooks.check_callback_url(spec.callback_url, settings.webhook_allowed_hosts)
-    return spec
+    return parse_job(raw, settings)
 
 
 def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
@@ -154,12 +151,11 @@ def collect(svc: Services, job_id: str) -> None:
     if record.get("outcome") is None:
         return
     if not JobStatus(record["status"]).terminal:
-        _begin(svc, job_id, "collect", JobStatus.COLLECTING)
+        record = _begin(svc, job_id, "collect", JobStatus.COLLECTING) or svc.store.get(job_id)
     handle = _owned_handle(svc, record)
     logs = [_upload(svc, job_id, log_key(job_id, f"{name}.log"), fh, None)
             for name, fh in svc.runtime.logs(handle).items()]
-    events = json.dumps({key: svc.store.get(job_id)[key] for key in ("timeline", "stages", "security_events")},
-                        indent=1).encode()
+    events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
     logs.append(_upload(svc, job_id, log_key(job_id, "events.json"), io.BytesIO(events), len(events)))
     spec = _spec(svc, job_id)
     collected = svc.runtime.collect(handle, spec.collect)

@@ -26,6 +26,7 @@ def settings() -> Settings:
         "SANDBOX_MAX_INPUT_FILES": "3",
         "SANDBOX_MAX_INLINE_BYTES": "1Ki",
         "SANDBOX_MAX_MEMORY": "1Gi",
+        "SANDBOX_WEBHOOK_ALLOWED_HOSTS": "hooks.example.com",
     })
 
 
@@ -251,7 +252,8 @@ HOSTILE: list[tuple[str, bytes, str, str]] = [
     # --- callback ------------------------------------------------------------------------------
     ("callback scheme", raw(callback_url="file:///etc/passwd"), "/callback_url", "pattern"),
     ("callback userinfo", raw(callback_url="https://user:pw@a.example.com/"), "/callback_url", "pattern"),
-    ("callback bad port", raw(callback_url="https://a.example.com:99999/"), "/callback_url", "bad_url"),
+    ("callback bad port", raw(callback_url="https://hooks.example.com:99999/"), "/callback_url", "invalid_url"),
+    ("callback host not allowed", raw(callback_url="https://evil.example.net/"), "/callback_url", "host_not_allowed"),
 ]
 
 

@@ -17,7 +17,7 @@ from sandbox.spec import JOB_ID, JobSpec, job_id_of, job_schema, parse_job
 @pytest.fixture(scope="module")
 def settings() -> Settings:
     return load_settings({"SANDBOX_DEFAULT_MEMORY": "256Mi", "SANDBOX_DEFAULT_TIMEOUT": "60",
-                          "SANDBOX_ALLOWED_HOSTS": "*.example.com"})
+                          "SANDBOX_ALLOWED_HOSTS": "*.example.com", "SANDBOX_WEBHOOK_ALLOWED_HOSTS": "hooks.example.com"})
 
 
 # --- units -----------------------------------------------------------------------------------
