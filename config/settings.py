@@ -88,6 +88,31 @@ def _absolute_path(text: str) -> str:
     return text
 
 
+def _listen_address(text: str) -> str:
+    host, port = split_host_port(text)
+    if host in ("", "0.0.0.0", "::", "*"):
+        raise ValueError("must name one interface (the machine's private address), never all of them")
+    return text
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """('host', port) from 'host:port' or '[v6]:port'; ValueError when malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:  # 0: any free port
+        raise ValueError(f"{text!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [addr]:port")
+    return host, int(port_text)
+
+
+def _sha256_hex(text: str) -> str:
+    if text and (len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower())):
+        raise ValueError("must be 64 hex digits (sha256 of the agent token)")
+    return text.lower()
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
 
@@ -148,6 +173,14 @@ class Settings:
     webhook_timeout_s: float = _setting("SANDBOX_WEBHOOK_TIMEOUT", "5", _positive_float)
     webhook_max_attempts: int = _setting("SANDBOX_WEBHOOK_MAX_ATTEMPTS", "5", _positive_int)
     webhook_backoff_max_s: float = _setting("SANDBOX_WEBHOOK_BACKOFF_MAX", "30", _positive_float)
+    # The in-machine agent (python -m sandbox.agent, inside a Fly Machine); workers ignore these.
+    # fly-local-6pn is the machine's private (6PN) address in its /etc/hosts: never a public one.
+    agent_listen: str = _setting("SANDBOX_AGENT_LISTEN", "fly-local-6pn:8080", _listen_address)
+    agent_token: str = _setting("SANDBOX_AGENT_TOKEN", "", secret=True)
+    agent_token_sha256: str = _setting("SANDBOX_AGENT_TOKEN_SHA256", "", _sha256_hex, secret=True)
+    agent_job_id: str = _setting("SANDBOX_AGENT_JOB_ID", "")  # when set, the only job it accepts
+    agent_keepalive_s: float = _setting("SANDBOX_AGENT_KEEPALIVE", "5", _positive_float)
+    agent_unclaimed_exit_s: float = _setting("SANDBOX_AGENT_UNCLAIMED_EXIT", "600", _positive_float)
 
     @property
     def s3_endpoint(self) -> str:

@@ -1,0 +1,271 @@
+"""AgentClient: the worker's side of the agent protocol, on requests; every body streamed.
+
+Errors are translated here, at the edge: unreachable, 5xx or a stream cut short is
+AgentUnavailable (transient, retried by the caller), a refused input is JobRejected as on the
+local runtime, anything else SandboxFailure. The token is sent in a header and appears nowhere else.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import IO, Any, Callable, Iterator
+from urllib.parse import quote
+
+import requests
+
+from sandbox.agent.protocol import CHUNK, MAX_EVENT_LINE_BYTES, STREAMS
+from sandbox.errors import AgentUnavailable, JobRejected, SandboxFailure
+from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle
+from sandbox.spec import JobSpec
+
+RESULT_POLL_S = 20.0  # one long poll of GET /result; below any sane read timeout
+
+
+class OutputList(list):  # type: ignore[type-arg]
+    """The collected files, with `.skipped` as LocalRuntime.collect has it."""
+
+    skipped: list[dict[str, Any]]
+
+
+class AgentClient:
+    """One job's agent at `base_url` (http://[6PN address]:8080), authenticated by `token`."""
+
+    def __init__(self, base_url: str, token: str, session: requests.Session | None = None,
+                 timeout: tuple[float, float] = (5.0, 30.0)) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {token}"}
+        self.session = session or requests.Session()
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.base_url!r})"  # never the token
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """{"ok", "job_id", "state"}."""
+        return self._json("GET", "/health")
+
+    def create(self, spec: JobSpec) -> SandboxHandle:
+        """Make the inner sandbox (idempotent for the same job); inline files go by put_file."""
+        body = {**spec.to_dict(), "files": []}
+        raw = self._json("POST", "/sandbox", data=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+        return _parse(lambda: SandboxHandle.from_dict(raw["handle"]), "handle")
+
+    def put_file(self, relpath: str, fileobj: IO[bytes], mode: int) -> int:
+        """Stream `fileobj` to workspace/`relpath` (chunked, CHUNK bytes at a time); bytes written."""
+        body = iter(lambda: fileobj.read(CHUNK), b"")
+        raw = self._json("PUT", f"/files?path={_q(relpath)}&mode={int(mode)}", data=body,
+                         headers={"Content-Type": "application/octet-stream"})
+        return _parse(lambda: int(raw["written"]), "written")
+
+    def execute(self, sink: OutputSink, max_wait_s: float | None = None) -> ExecResult:
+        """Run the command (at most once per machine), feeding live output to `sink`.
+
+        A stream that breaks before its end raises AgentUnavailable; calling execute again then
+        never re-runs the command: it waits (up to `max_wait_s`, default forever) for the result.
+        """
+        resp = self._request("POST", "/exec", stream=True, ok=(200, 409))
+        with resp:
+            if resp.status_code == 409:
+                body = _json_of(resp)
+                if body.get("error") != "already_started":
+                    raise SandboxFailure(f"agent refused exec: {_describe(body)}")
+                if body.get("result"):
+                    return _exec_result(body["result"])
+                return self.wait_result(max_wait_s)
+            return self._follow(resp, sink)
+
+    def result(self, wait_s: float = 0.0) -> ExecResult | None:
+        """The command's result if it has ended, waiting up to `wait_s` (at most 60) for it."""
+        raw = self._json("GET", f"/result?wait={float(wait_s)}", read_extra_s=wait_s)
+        return _exec_result(raw["result"]) if raw.get("result") else None
+
+    def wait_result(self, max_wait_s: float | None = None) -> ExecResult:
+        """Long-poll GET /result until the command ends; AgentUnavailable after `max_wait_s`."""
+        deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
+        while True:
+            left = RESULT_POLL_S if deadline is None else min(RESULT_POLL_S, deadline - time.monotonic())
+            result = self.result(max(0.0, left))
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise AgentUnavailable(f"no result from the agent within {max_wait_s} s")
+
+    def logs(self) -> dict[str, IO[bytes]]:
+        """The captured (capped) stdout and stderr; each is fetched when first read."""
+        return {stream: RemoteFile(self, f"/logs/{stream}") for stream in STREAMS}
+
+    def outputs(self, dirs: tuple[str, ...] | list[str]) -> OutputList:
+        """The regular files under `dirs` (after killing what is left); each .open() streams it."""
+        raw = self._json("GET", f"/outputs?dirs={_q(','.join(dirs))}")
+        files = OutputList()
+        for entry in raw.get("files", []):
+            relpath, size = _parse(lambda e=entry: (str(e["relpath"]), int(e["size"])), "files")
+            files.append(OutputFile(relpath, size, lambda r=relpath, s=size: RemoteFile(
+                self, f"/outputs/file?path={_q(r)}", expected_size=s)))
+        files.skipped = list(raw.get("skipped", []))
+        return files
+
+    def kill(self) -> None:
+        """Kill every process of the sandbox now (its cgroup); the sandbox stays."""
+        self._json("POST", "/kill")
+
+    def destroy(self) -> None:
+        """Destroy the inner sandbox (the machine itself is the runtime's to delete)."""
+        self._json("DELETE", "/sandbox")
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, ok: tuple[int, ...] = (200,), stream: bool = False,
+                 read_extra_s: float = 0.0, **kw: Any) -> requests.Response:
+        headers = {**kw.pop("headers", {}), **self._auth}
+        connect_s, read_s = self.timeout
+        try:
+            resp = self.session.request(method, self.base_url + path, headers=headers, stream=stream,
+                                        timeout=(connect_s, read_s + read_extra_s), **kw)
+        except requests.RequestException as e:
+            raise AgentUnavailable(f"agent {method} {_route(path)}: {type(e).__name__}") from e
+        if resp.status_code in ok:
+            return resp
+        with resp:
+            body = _json_of(resp)
+        if resp.status_code == 400 and body.get("error") == "rejected":
+            raise JobRejected(str(body.get("field") or "/files"), str(body.get("rule") or "agent"),
+                              str(body.get("message") or "refused by the agent"))
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise AgentUnavailable(f"agent {method} {_route(path)}: {resp.status_code} {_describe(body)}")
+        raise SandboxFailure(f"agent {method} {_route(path)}: {resp.status_code} {_describe(body)}")
+
+    def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        resp = self._request(method, path, **kw)
+        with resp:
+            body = _json_of(resp)
+        return body
+
+    def _follow(self, resp: requests.Response, sink: OutputSink) -> ExecResult:
+        sink_ok = True
+        try:
+            for event in _events(resp):
+                kind = event.get("type")
+                if kind == "data":
+                    stream, data = event.get("stream"), event.get("data")
+                    if stream not in STREAMS or not isinstance(data, str):
+                        raise SandboxFailure("agent sent a malformed data event")
+                    chunk = _parse(lambda: base64.b64decode(data, validate=True), "data")
+                    if sink_ok:
+                        try:
+                            sink(stream, chunk)
+                        except Exception:  # noqa: BLE001 - as locally: a broken log feed never stops the job
+                            sink_ok = False
+                elif kind == "end":
+                    return _exec_result(event.get("result"))
+                elif kind not in ("start", "keepalive"):
+                    raise SandboxFailure("agent sent an unknown event")
+        except requests.RequestException as e:
+            raise AgentUnavailable(f"exec stream broke before its end: {type(e).__name__}") from e
+        raise AgentUnavailable("exec stream ended before its end event")
+
+
+class RemoteFile(io.RawIOBase):
+    """A file served by the agent, fetched on first read, read as a stream of its body."""
+
+    def __init__(self, client: AgentClient, path: str, expected_size: int | None = None) -> None:
+        super().__init__()
+        self.client, self.path, self.expected_size = client, path, expected_size
+        self._resp: requests.Response | None = None
+        self._got = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> requests.Response:
+        if self._resp is None:
+            self._resp = self.client._request("GET", self.path, stream=True)
+            length = self._resp.headers.get("Content-Length")
+            if self.expected_size is not None and length != str(self.expected_size):
+                self._resp.close()
+                raise SandboxFailure(f"agent {_route(self.path)}: size changed since it was listed")
+        return self._resp
+
+    def readinto(self, buffer: Any) -> int:
+        resp = self._open()
+        try:
+            data = resp.raw.read(min(len(buffer), CHUNK), decode_content=True)
+        except Exception as e:  # urllib3's ProtocolError/ReadTimeoutError and socket errors
+            raise AgentUnavailable(f"agent {_route(self.path)}: stream broke: {type(e).__name__}") from e
+        n = len(data)
+        buffer[:n] = data
+        self._got += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        """`size` bytes, fewer only at the end (as a buffered file): callers cut equal-sized parts."""
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        chunks, have = [], 0
+        while have < size:
+            buf = bytearray(min(size - have, CHUNK))
+            n = self.readinto(buf)
+            if not n:
+                break
+            chunks.append(bytes(buf[:n]))
+            have += n
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+        super().close()
+
+
+def _events(resp: requests.Response) -> Iterator[dict[str, Any]]:
+    """ndjson events, each line capped: a misbehaving agent cannot grow the worker's memory."""
+    pending = b""
+    for piece in resp.iter_content(CHUNK):
+        pending += piece
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            if line.strip():
+                yield _parse(lambda: _as_dict(json.loads(line)), "event")
+        if len(pending) > MAX_EVENT_LINE_BYTES:
+            raise SandboxFailure("agent sent an event line over the size limit")
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return value
+
+
+def _exec_result(raw: Any) -> ExecResult:
+    return _parse(lambda: ExecResult(**_as_dict(raw)), "result")
+
+
+def _parse(build: Callable[[], Any], what: str) -> Any:
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError) as e:
+        raise SandboxFailure(f"agent sent a malformed {what}") from e
+
+
+def _json_of(resp: requests.Response) -> dict[str, Any]:
+    try:
+        return _as_dict(resp.json())
+    except ValueError:
+        return {}
+    except requests.RequestException as e:
+        raise AgentUnavailable(f"agent answer broke: {type(e).__name__}") from e
+
+
+def _describe(body: dict[str, Any]) -> str:
+    return f"{str(body.get('error', 'error'))[:64]}: {str(body.get('message', ''))[:500]}"
+
+
+def _route(path: str) -> str:
+    return path.split("?", 1)[0]
+
+
+def _q(text: str) -> str:
+    return quote(text.encode("utf-8", "surrogateescape"), safe="")
