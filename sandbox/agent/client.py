@@ -1,8 +1,8 @@
 """AgentClient: the worker's side of the agent protocol, on requests; every body streamed.
 
-Errors are translated here, at the edge: unreachable, 5xx or a stream cut short is
+Errors are translated here, at the edge: unreachable, 502-504 or a stream cut short is
 AgentUnavailable (transient, retried by the caller), a refused input is JobRejected as on the
-local runtime, anything else SandboxFailure. The token is sent in a header and appears nowhere else.
+local runtime, anything else (a 500 is the sandbox failing inside the machine) SandboxFailure. The token is sent in a header and appears nowhere else.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ class AgentClient:
         if resp.status_code == 400 and body.get("error") == "rejected":
             raise JobRejected(str(body.get("field") or "/files"), str(body.get("rule") or "agent"),
                               str(body.get("message") or "refused by the agent"))
-        if resp.status_code >= 500 or resp.status_code == 429:
+        if resp.status_code in (429, 502, 503, 504):  # busy, or a proxy could not reach it: try again
             raise AgentUnavailable(f"agent {method} {_route(path)}: {resp.status_code} {_describe(body)}")
         raise SandboxFailure(f"agent {method} {_route(path)}: {resp.status_code} {_describe(body)}")
 

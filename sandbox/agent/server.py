@@ -74,8 +74,11 @@ class _Body:
 
     def drain(self, limit: int) -> bool:
         """Read and drop what is left, up to `limit` bytes; True if the body was read to its end."""
-        while not self.done and limit > 0:
-            limit -= len(self.read(CHUNK))
+        try:
+            while not self.done and limit > 0:
+                limit -= len(self.read(CHUNK))
+        except (BodyError, OSError):
+            return False
         return self.done
 
 
@@ -141,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
             status = 499
         except Exception as e:  # noqa: BLE001 - answer something rather than drop the connection
             log.exception("agent request failed")
-            status = self._error(500, "internal", f"{type(e).__name__}")
+            status = self._error(500, "internal", f"{type(e).__name__}: {e}"[:2000])
         finally:
             log.info("%s %s %s", method, url.path if url.path in SAFE_PATHS else "-", status)
 
