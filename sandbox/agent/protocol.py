@@ -27,6 +27,11 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def derive_token(secret: str, job_id: str) -> str:
+    """A job's agent token from an operator secret: any worker can recompute it, none stores it."""
+    return hmac.new(secret.encode("utf-8"), f"sandbox-agent:{job_id}".encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def token_matches(authorization: str | None, expected_digest: str) -> bool:
     """True when `Authorization: Bearer <t>` carries the token whose digest is `expected_digest`.
 

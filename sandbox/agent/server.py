@@ -199,14 +199,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(size))
             self.end_headers()
-            left = size
-            while left > 0:
-                data = fh.read(min(CHUNK, left))
-                if not data:  # shrank under us: the length promised cannot be kept
-                    self.close_connection = True
-                    break
-                self.wfile.write(data)
-                left -= len(data)
+            sent = self.request.sendfile(fh, 0, size) if size else 0  # zero-copy, at most `size`
+            if sent != size:  # shrank under us: the length promised cannot be kept
+                self.close_connection = True
         return 200
 
     # -- routes --------------------------------------------------------------------------------

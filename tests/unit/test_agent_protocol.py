@@ -29,6 +29,11 @@ def test_token_check(header: str | None, ok: bool) -> None:
     assert token_matches(header, token_digest(TOKEN)) is ok
 
 
+def test_derived_tokens_differ_per_job_and_secret() -> None:
+    tokens = {protocol.derive_token(secret, job) for secret in ("a", "b") for job in ("j1", "j2")}
+    assert len(tokens) == 4 and protocol.derive_token("a", "j1") == protocol.derive_token("a", "j1")
+
+
 def test_no_expected_token_refuses_everything() -> None:
     assert not token_matches(f"Bearer {TOKEN}", "")
 
