@@ -80,19 +80,27 @@ class AgentClient:
 
     def result(self, wait_s: float = 0.0) -> ExecResult | None:
         """The command's result if it has ended, waiting up to `wait_s` (at most 60) for it."""
-        raw = self._json("GET", f"/result?wait={float(wait_s)}", read_extra_s=wait_s)
-        return _exec_result(raw["result"]) if raw.get("result") else None
+        return self._result(wait_s)[0]
 
     def wait_result(self, max_wait_s: float | None = None) -> ExecResult:
-        """Long-poll GET /result until the command ends; AgentUnavailable after `max_wait_s`."""
+        """Long-poll GET /result until the command ends; AgentUnavailable after `max_wait_s`.
+
+        SandboxFailure when no command is running to wait for (it never started).
+        """
         deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
         while True:
             left = RESULT_POLL_S if deadline is None else min(RESULT_POLL_S, deadline - time.monotonic())
-            result = self.result(max(0.0, left))
+            result, state = self._result(max(0.0, left))
             if result is not None:
                 return result
+            if state != "running":  # nothing will ever end: never poll an idle agent in a loop
+                raise SandboxFailure(f"no command to wait for: the agent is {str(state)[:20]}")
             if deadline is not None and time.monotonic() >= deadline:
                 raise AgentUnavailable(f"no result from the agent within {max_wait_s} s")
+
+    def _result(self, wait_s: float) -> tuple[ExecResult | None, Any]:
+        raw = self._json("GET", f"/result?wait={float(wait_s)}", read_extra_s=wait_s)
+        return (_exec_result(raw["result"]) if raw.get("result") else None), raw.get("state")
 
     def logs(self) -> dict[str, IO[bytes]]:
         """The captured (capped) stdout and stderr; each is fetched when first read."""

@@ -1,35 +1,19 @@
-"""What the agent and its client agree on: routes' values, event types, the token check, the VM's env."""
+"""What the agent and its client agree on: sizes, stream names, states and the token check."""
 from __future__ import annotations
 
 import hashlib
 import hmac
 
-from config.settings import Settings
-
-PORT = 8080
 CHUNK = 64 * 1024  # every body moves in pieces of this size: memory stays flat whatever the size
 STREAMS = ("stdout", "stderr")
-STATES = ("idle", "created", "running", "finished", "destroyed")
 NDJSON = "application/x-ndjson"
 MAX_JSON_BODY_BYTES = 4 << 20  # POST /sandbox: a spec without its inline files (those come by PUT)
 MAX_EVENT_LINE_BYTES = 4 * CHUNK  # one base64 data event of CHUNK bytes, with room to spare
-
-# Operator settings the agent's LocalRuntime uses, copied from the worker into the machine's env so
-# that limits and caps are the same on both runtimes. Nothing else: no Redis, R2 or Fly secrets.
-FORWARDED_SETTINGS = (
-    "SANDBOX_MAX_LOG_BYTES", "SANDBOX_MAX_OUTPUT_FILES", "SANDBOX_MAX_OUTPUT_FILE_BYTES",
-    "SANDBOX_MAX_OUTPUT_BYTES", "SANDBOX_MAX_OPEN_FILES",
-)
 
 
 def token_digest(token: str) -> str:
     """sha256 hex of an agent token: what the machine holds, so its config never holds the token."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def derive_token(secret: str, job_id: str) -> str:
-    """A job's agent token from an operator secret: any worker can recompute it, none stores it."""
-    return hmac.new(secret.encode("utf-8"), f"sandbox-agent:{job_id}".encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def token_matches(authorization: str | None, expected_digest: str) -> bool:
@@ -44,22 +28,3 @@ def token_matches(authorization: str | None, expected_digest: str) -> bool:
     if scheme.lower() != "bearer" or not presented:
         return False
     return hmac.compare_digest(token_digest(presented.strip()).encode(), expected_digest.encode())
-
-
-def machine_env(settings: Settings, token: str, job_id: str, listen: str | None = None) -> dict[str, str]:
-    """The SANDBOX_* environment a job's machine needs to run the agent for `job_id`."""
-    values = settings.redacted()
-    env = {name: _env_text(values[name]) for name in FORWARDED_SETTINGS}
-    env.update({"SANDBOX_RUNTIME": "local", "SANDBOX_AGENT_TOKEN_SHA256": token_digest(token),
-                "SANDBOX_AGENT_JOB_ID": job_id, "SANDBOX_AGENT_KEEPALIVE": _env_text(settings.agent_keepalive_s)})
-    if listen:
-        env["SANDBOX_AGENT_LISTEN"] = listen
-    return env
-
-
-def _env_text(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)

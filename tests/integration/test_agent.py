@@ -130,6 +130,8 @@ def test_hostile_paths_are_refused(start_agent) -> None:  # type: ignore[no-unty
     agent = start_agent()
     c = client(agent)
     c.create(sh("true"))
+    with pytest.raises(SandboxFailure, match="no command to wait for"):  # and no busy polling either
+        c.wait_result(30)
     for bad in ("../escape", "/etc/passwd", "a/../../b", "", "a//b", "./x", "x/\0y"):
         with pytest.raises(JobRejected) as refused:
             c.put_file(bad, io.BytesIO(b"x"), 0o644)
