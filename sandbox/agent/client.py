@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 from typing import IO, Any, Callable, Iterator
 from urllib.parse import quote
 
 import requests
+import requests.adapters
 
 from sandbox.agent.protocol import CHUNK, MAX_EVENT_LINE_BYTES, STREAMS
 from sandbox.errors import AgentUnavailable, JobRejected, SandboxFailure
@@ -21,6 +23,20 @@ from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHan
 from sandbox.spec import JobSpec
 
 RESULT_POLL_S = 20.0  # one long poll of GET /result; below any sane read timeout
+MAX_ANSWER_BYTES = 8 << 20  # a JSON answer (the largest: /outputs, 1000 files and 1000 skipped)
+_session: requests.Session | None = None
+_session_lock = threading.Lock()
+
+
+def shared_session() -> requests.Session:
+    """One Session per process for every agent (a connection pool per machine), made on first use."""
+    global _session
+    with _session_lock:
+        if _session is None:
+            _session = requests.Session()
+            # a pool per machine: keep many machines' pools (a node drives dozens of jobs at once)
+            _session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=128, pool_maxsize=8))
+        return _session
 
 
 class OutputList(list):  # type: ignore[type-arg]
@@ -36,7 +52,7 @@ class AgentClient:
                  timeout: tuple[float, float] = (5.0, 30.0)) -> None:
         self.base_url = base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {token}"}
-        self.session = session or requests.Session()
+        self.session = session or shared_session()
         self.timeout = timeout
 
     def __repr__(self) -> str:
@@ -67,7 +83,7 @@ class AgentClient:
         A stream that breaks before its end raises AgentUnavailable; calling execute again then
         never re-runs the command: it waits (up to `max_wait_s`, default forever) for the result.
         """
-        resp = self._request("POST", "/exec", stream=True, ok=(200, 409))
+        resp = self._request("POST", "/exec", ok=(200, 409))
         with resp:
             if resp.status_code == 409:
                 body = _json_of(resp)
@@ -126,12 +142,13 @@ class AgentClient:
         self._json("DELETE", "/sandbox")
 
     # -- plumbing --------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, ok: tuple[int, ...] = (200,), stream: bool = False,
-                 read_extra_s: float = 0.0, **kw: Any) -> requests.Response:
+    def _request(self, method: str, path: str, ok: tuple[int, ...] = (200,), read_extra_s: float = 0.0,
+                 **kw: Any) -> requests.Response:
+        """The answer, its body not read yet (every body is read in bounded pieces)."""
         headers = {**kw.pop("headers", {}), **self._auth}
         connect_s, read_s = self.timeout
         try:
-            resp = self.session.request(method, self.base_url + path, headers=headers, stream=stream,
+            resp = self.session.request(method, self.base_url + path, headers=headers, stream=True,
                                         timeout=(connect_s, read_s + read_extra_s), **kw)
         except requests.RequestException as e:
             raise AgentUnavailable(f"agent {method} {_route(path)}: {type(e).__name__}") from e
@@ -149,8 +166,13 @@ class AgentClient:
     def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         resp = self._request(method, path, **kw)
         with resp:
-            body = _json_of(resp)
-        return body
+            try:
+                data = resp.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+            except Exception as e:  # urllib3's ProtocolError/ReadTimeoutError and socket errors
+                raise AgentUnavailable(f"agent {method} {_route(path)}: answer broke: {type(e).__name__}") from e
+        if len(data) > MAX_ANSWER_BYTES:
+            raise SandboxFailure(f"agent {method} {_route(path)}: answer over {MAX_ANSWER_BYTES} bytes")
+        return _parse(lambda: _as_dict(json.loads(data)), "answer")
 
     def _follow(self, resp: requests.Response, sink: OutputSink) -> ExecResult:
         sink_ok = True
@@ -190,7 +212,7 @@ class RemoteFile(io.RawIOBase):
 
     def _open(self) -> requests.Response:
         if self._resp is None:
-            self._resp = self.client._request("GET", self.path, stream=True)
+            self._resp = self.client._request("GET", self.path)
             length = self._resp.headers.get("Content-Length")
             if self.expected_size is not None and length != str(self.expected_size):
                 self._resp.close()
@@ -259,11 +281,12 @@ def _parse(build: Callable[[], Any], what: str) -> Any:
 
 
 def _json_of(resp: requests.Response) -> dict[str, Any]:
+    """An error answer's JSON object, read up to 64 KiB; {} when it is not one."""
     try:
-        return _as_dict(resp.json())
+        return _as_dict(json.loads(resp.raw.read(64 << 10, decode_content=True)))
     except ValueError:
         return {}
-    except requests.RequestException as e:
+    except Exception as e:  # urllib3's ProtocolError/ReadTimeoutError and socket errors
         raise AgentUnavailable(f"agent answer broke: {type(e).__name__}") from e
 
 

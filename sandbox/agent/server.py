@@ -87,6 +87,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
+    timeout = 120  # seconds a connection may sit silent (headers, body, keep-alive) before it is dropped
     server_version = "sandbox-agent"
     sys_version = ""
     agent: Agent
