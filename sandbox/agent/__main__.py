@@ -30,13 +30,14 @@ def _settings() -> tuple[Settings, str]:
     return settings, digest
 
 
-def _watch(agent: Agent, server: AgentServer, settings: Settings, stop: threading.Event) -> None:
+def _watch(agent: Agent, server: AgentServer, settings: Settings, stop: threading.Event, why: list[str]) -> None:
     """End the agent (and so the machine) when no job claimed it in time or its job is past expiry."""
     while not stop.wait(WATCH_INTERVAL_S):
         unclaimed = agent.state == "idle" and time.time() - agent.started_at > settings.agent_unclaimed_exit_s
         expired = agent.handle is not None and time.time() > agent.handle.expires_at
         if unclaimed or expired:
-            log.warning("agent exiting: %s", "no job claimed it" if unclaimed else "its job is past its expiry")
+            why.append("no job claimed the machine" if unclaimed else "the job is past its expiry")
+            log.warning("agent exiting: %s", why[-1])
             server.shutdown()
             return
 
@@ -56,14 +57,16 @@ def main() -> int:
                   job_id=settings.agent_job_id)
     server = AgentServer(host, port, agent, digest, settings.agent_keepalive_s)
     stop = threading.Event()
+    why: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("agent stopping on signal %d", signum)
+        why.append(f"signal {signal.Signals(signum).name}")
         threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() blocks this thread
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=_watch, args=(agent, server, settings, stop), daemon=True).start()
+    threading.Thread(target=_watch, args=(agent, server, settings, stop, why), daemon=True).start()
     bound_host, bound_port = server.server_address[:2]
     print(json.dumps({"event": "listening", "host": bound_host, "port": bound_port}), flush=True)
     try:
@@ -72,7 +75,7 @@ def main() -> int:
         stop.set()
         server.server_close()
         try:
-            agent.destroy()  # in a VM the machine goes anyway; on a shared host nothing may be left
+            agent.shut_down(why[0] if why else "the agent stopped")  # in a VM the machine goes anyway
         except Exception:  # noqa: BLE001
             log.exception("could not destroy the sandbox on the way out")
     return 0

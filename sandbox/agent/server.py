@@ -249,6 +249,7 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self._chunk({"type": "end", "result": value.to_dict()})
                     self.wfile.write(b"0\r\n\r\n")
+                    run.delivered.set()
                     return 200
         except OSError:
             run.detach()  # the command keeps running; GET /result tells its ending later

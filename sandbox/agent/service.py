@@ -36,6 +36,7 @@ class ExecRun:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.followed = True
         self.done = threading.Event()
+        self.delivered = threading.Event()  # the follower got the end event, or left
         self.result: ExecResult | None = None
 
     def sink(self, stream: str, data: bytes) -> None:
@@ -46,6 +47,7 @@ class ExecRun:
     def detach(self) -> None:
         """The follower went away: stop queueing output and free what was queued."""
         self.followed = False
+        self.delivered.set()
         while True:
             try:
                 self.events.get_nowait()
@@ -57,6 +59,8 @@ class ExecRun:
         self.done.set()
         if self.followed:
             self.events.put(("end", result))
+        else:
+            self.delivered.set()
 
 
 class Agent:
@@ -71,6 +75,7 @@ class Agent:
         self.handle: SandboxHandle | None = None
         self.run: ExecRun | None = None
         self.destroyed = False
+        self.stopping = ""  # why the agent is going away, when it is (a signal, an expiry)
         self.outputs: dict[str, OutputFile] = {}
         self.started_at = time.time()
         self.last_request_at = time.monotonic()
@@ -135,6 +140,8 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - the run must end with a result whatever happened
             log.exception("execute failed")
             result = ExecResult("error", None, None, 0.0, reason=f"agent: {type(e).__name__}: {e}"[:2000])
+        if self.stopping and result.outcome == "cancelled":  # our own kill on the way out, not a cancel
+            result.outcome, result.reason = "error", f"the machine stopped while the command ran: {self.stopping}"
         run.finish(result)
 
     def result(self, wait_s: float = 0.0) -> ExecResult | None:
@@ -170,6 +177,13 @@ class Agent:
     def kill(self) -> None:
         if self.handle is not None and not self.destroyed:
             self.runtime.kill(self.handle)
+
+    def shut_down(self, reason: str) -> None:
+        """The agent is going away (signal, expiry): end the command as an error, destroy the sandbox."""
+        self.stopping = reason
+        self.destroy()
+        if self.run is not None:  # let a follower read how it ended before the process exits
+            self.run.delivered.wait(2.0)
 
     def destroy(self, wait_s: float = 10.0) -> None:
         """Kill, let the exec thread record its ending, then remove the sandbox; idempotent."""

@@ -301,3 +301,34 @@ def test_an_unclaimed_agent_exits_on_its_own(start_agent) -> None:  # type: igno
     # Given a machine no worker ever reached, its agent exits, so the machine stops (auto_destroy).
     agent = start_agent(SANDBOX_AGENT_UNCLAIMED_EXIT="1")
     assert agent.wait_exit(15) == 0
+
+
+def test_listens_on_an_ipv6_address(start_agent) -> None:  # type: ignore[no-untyped-def]
+    # On Fly the private address is IPv6 (6PN): the agent binds it, the client reaches it bracketed.
+    agent = start_agent(SANDBOX_AGENT_LISTEN="[::1]:0")
+    assert agent.url.startswith("http://[::1]:")
+    assert client(agent).health()["ok"] is True
+
+
+def test_stopping_the_machine_mid_command_leaves_nothing(start_agent, runtime) -> None:  # type: ignore[no-untyped-def]
+    # Given a running command, when the machine is stopped (SIGTERM to the agent), then the agent
+    # kills the command, destroys the sandbox and exits cleanly; the follower learns it as an error
+    # with the reason, never as a cancel.
+    agent = start_agent()
+    c = client(agent)
+    c.create(sh("echo started; sleep 30", timeout_s=60))
+    endings: list[Any] = []
+
+    def follow() -> None:
+        try:
+            endings.append(c.execute(lambda s, d: threading.Thread(target=agent.stop).start()))
+        except AgentUnavailable as e:
+            endings.append(e)
+
+    runner = threading.Thread(target=follow)
+    runner.start()
+    runner.join(30)
+    assert agent.wait_exit(30) == 0
+    assert len(endings) == 1 and not isinstance(endings[0], AgentUnavailable), endings
+    assert (endings[0].outcome, endings[0].reason) == ("error", "the machine stopped while the command ran: signal SIGTERM")
+    assert runtime.list_sandboxes() == []
