@@ -12,12 +12,11 @@ import logging
 import os
 import queue
 import socket
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from sandbox.agent.protocol import CHUNK, MAX_JSON_BODY_BYTES, NDJSON, STREAMS, token_matches
+from sandbox.agent.protocol import CHUNK, MAX_JSON_BODY_BYTES, NDJSON, token_matches
 from sandbox.agent.service import Agent, Conflict
 from sandbox.errors import JobRejected, RuntimeUnavailable, SandboxError
 from sandbox.spec import JobSpec
@@ -122,10 +121,7 @@ class Handler(BaseHTTPRequestHandler):
                 status = self._error(401, "unauthorized", "missing or wrong bearer token",
                                      headers={"WWW-Authenticate": 'Bearer realm="sandbox-agent"'})
                 return
-            self.agent.last_request_at = time.monotonic()
             route = ROUTES.get((method, url.path))
-            if route is None and method == "GET" and url.path.startswith("/logs/"):
-                route = Handler._logs
             if route is None:
                 status = self._error(404, "not_found", "no such route")
                 return
@@ -272,8 +268,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def _logs(self) -> int:
         stream = urlsplit(self.path).path[len("/logs/"):]
-        if stream not in STREAMS:
-            return self._error(404, "not_found", "no such log: stdout or stderr")
         files = self.agent.logs()
         for name, fh in files.items():
             if name != stream:
@@ -305,11 +299,13 @@ ROUTES: dict[tuple[str, str], Callable[[Handler], int]] = {
     ("PUT", "/files"): Handler._put_file,
     ("POST", "/exec"): Handler._exec,
     ("GET", "/result"): Handler._result,
+    ("GET", "/logs/stdout"): Handler._logs,
+    ("GET", "/logs/stderr"): Handler._logs,
     ("GET", "/outputs"): Handler._outputs,
     ("GET", "/outputs/file"): Handler._output_file,
     ("POST", "/kill"): Handler._kill,
 }
-SAFE_PATHS = {path for _, path in ROUTES} | {"/logs/stdout", "/logs/stderr"}
+SAFE_PATHS = {path for _, path in ROUTES}  # logged as they are; any other path as "-"
 
 
 class AgentServer(ThreadingHTTPServer):

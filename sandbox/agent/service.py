@@ -78,7 +78,6 @@ class Agent:
         self.stopping = ""  # why the agent is going away, when it is (a signal, an expiry)
         self.outputs: dict[str, OutputFile] = {}
         self.started_at = time.time()
-        self.last_request_at = time.monotonic()
 
     @property
     def state(self) -> str:
