@@ -135,6 +135,10 @@ def test_hostile_paths_are_refused(start_agent) -> None:  # type: ignore[no-unty
         with pytest.raises(JobRejected) as refused:
             c.put_file(bad, io.BytesIO(b"x"), 0o644)
         assert refused.value.rule == "path"
+    for bad_dir in ("../..", "/etc", "output/../.."):
+        with pytest.raises(JobRejected):
+            c.outputs((bad_dir,))
+    assert c.put_file("empty", io.BytesIO(b""), 0o644) == 0
     c.put_file("dir/file", io.BytesIO(b"x"), 0o7777)  # special bits are dropped, not refused
     with pytest.raises(SandboxFailure, match="IsADirectoryError"):  # a directory is not a file
         c.put_file("dir", io.BytesIO(b"x"), 0o644)
