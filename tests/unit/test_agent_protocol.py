@@ -94,6 +94,7 @@ def test_the_image_installs_everything_the_agent_imports() -> None:
     runtime_pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M))
     for name, version in pins.items():
         assert runtime_pins.get(name, version) == version, f"{name}: agent pins {version}, workers {runtime_pins[name]}"
+    subprocess.run(["sh", "-n", str(ROOT / "deploy/fly/entrypoint.sh")], check=True)  # syntax only: never run here
     dockerfile = (ROOT / "deploy/fly/Dockerfile").read_text()
     for package in ("bubblewrap", "util-linux", "e2fsprogs", "python3", "libseccomp2"):
         assert package in dockerfile
