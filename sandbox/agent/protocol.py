@@ -1,14 +1,23 @@
-"""What the agent and its client agree on: sizes, stream names, states and the token check."""
+"""What the agent and its client agree on: sizes, stream names, the token check, the machine's env."""
 from __future__ import annotations
 
 import hashlib
 import hmac
+
+from config.settings import Settings
 
 CHUNK = 64 * 1024  # every body moves in pieces of this size: memory stays flat whatever the size
 STREAMS = ("stdout", "stderr")
 NDJSON = "application/x-ndjson"
 MAX_JSON_BODY_BYTES = 4 << 20  # POST /sandbox: a spec without its inline files (those come by PUT)
 MAX_EVENT_LINE_BYTES = 4 * CHUNK  # one base64 data event of CHUNK bytes, with room to spare
+
+# Operator settings the agent's LocalRuntime uses, copied from the worker into the machine's env so
+# that limits and caps are the same on both runtimes. Nothing else: no Redis, R2 or Fly secrets.
+FORWARDED_SETTINGS = (
+    "SANDBOX_MAX_LOG_BYTES", "SANDBOX_MAX_OUTPUT_FILES", "SANDBOX_MAX_OUTPUT_FILE_BYTES",
+    "SANDBOX_MAX_OUTPUT_BYTES", "SANDBOX_MAX_OPEN_FILES",
+)
 
 
 def token_digest(token: str) -> str:
@@ -28,3 +37,22 @@ def token_matches(authorization: str | None, expected_digest: str) -> bool:
     if scheme.lower() != "bearer" or not presented:
         return False
     return hmac.compare_digest(token_digest(presented.strip()).encode(), expected_digest.encode())
+
+
+def machine_env(settings: Settings, token: str, job_id: str, listen: str | None = None) -> dict[str, str]:
+    """The SANDBOX_* environment a job's machine needs to run the agent for `job_id` (FlyRuntime's)."""
+    values = settings.redacted()
+    env = {name: _env_text(values[name]) for name in FORWARDED_SETTINGS}
+    env.update({"SANDBOX_RUNTIME": "local", "SANDBOX_AGENT_TOKEN_SHA256": token_digest(token),
+                "SANDBOX_AGENT_JOB_ID": job_id, "SANDBOX_AGENT_KEEPALIVE": _env_text(settings.agent_keepalive_s)})
+    if listen:
+        env["SANDBOX_AGENT_LISTEN"] = listen
+    return env
+
+
+def _env_text(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)

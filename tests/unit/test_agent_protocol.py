@@ -1,4 +1,4 @@
-"""The agent's token check, its settings, and what its machine image must hold."""
+"""The agent's token check, its settings, the machine's environment and what its image must hold."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from config import load_settings
 from sandbox.agent import protocol
 from sandbox.agent.client import AgentClient
-from sandbox.agent.protocol import token_digest, token_matches
+from sandbox.agent.protocol import machine_env, token_digest, token_matches
 from sandbox.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +69,21 @@ def test_agent_defaults_and_bad_digest() -> None:
         load_settings({"SANDBOX_AGENT_TOKEN_SHA256": "not-hex"})
     assert load_settings({}).redacted()["SANDBOX_AGENT_TOKEN"] == ""
     assert load_settings({"SANDBOX_AGENT_TOKEN": TOKEN}).redacted()["SANDBOX_AGENT_TOKEN"] == "***"
+
+
+def test_machine_env_carries_limits_and_no_secret() -> None:
+    secrets = {"SANDBOX_REDIS_URL": "redis://:redispass@10.0.0.1:6379/0", "SANDBOX_CLOUDFLARE_ACCESS_KEY": "AKIDSECRET",
+               "SANDBOX_CLOUDFLARE_SECRET_KEY": "R2SECRET", "SANDBOX_FLY_API_TOKEN": "FlyV1 flysecret",
+               "SANDBOX_WEBHOOK_SECRET": "hooksecret", "SANDBOX_MAX_LOG_BYTES": "2Mi", "SANDBOX_MAX_OUTPUT_FILES": "7"}
+    worker = load_settings(secrets)
+    env = machine_env(worker, TOKEN, "job-1", listen="[fdaa::3]:8080")
+    text = json.dumps(env)
+    for secret in ("redispass", "AKIDSECRET", "R2SECRET", "flysecret", "hooksecret", TOKEN):
+        assert secret not in text
+    assert env["SANDBOX_AGENT_TOKEN_SHA256"] == token_digest(TOKEN) and env["SANDBOX_AGENT_JOB_ID"] == "job-1"
+    inside = load_settings(env)  # the machine's own settings parse from it
+    assert (inside.max_log_bytes, inside.max_output_files, inside.runtime) == (2 << 20, 7, "local")
+    assert inside.agent_listen == "[fdaa::3]:8080"
 
 
 def test_client_never_shows_its_token() -> None:
