@@ -6,6 +6,7 @@ import hmac
 
 from config.settings import Settings
 
+PROTOCOL = 1  # in GET /health: a worker can tell an agent image built from other code
 CHUNK = 64 * 1024  # every body moves in pieces of this size: memory stays flat whatever the size
 STREAMS = ("stdout", "stderr")
 NDJSON = "application/x-ndjson"

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import IO, Any
 
+from sandbox.agent.protocol import PROTOCOL
 from sandbox.errors import SandboxError, SandboxFailure
 from sandbox.runtimes.base import ExecResult, OutputFile, Runtime, SandboxHandle
 from sandbox.spec import JobSpec
@@ -92,7 +93,7 @@ class Agent:
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "job_id": self.spec.id if self.spec else (self.bound_job_id or None),
-                "state": self.state}
+                "state": self.state, "protocol": PROTOCOL}
 
     def create(self, spec: JobSpec) -> SandboxHandle:
         """Make the inner sandbox; the same job again gets the same handle, another job a Conflict."""
