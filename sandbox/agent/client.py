@@ -2,7 +2,9 @@
 
 Errors are translated here, at the edge: unreachable, 502-504 or a stream cut short is
 AgentUnavailable (transient, retried by the caller), a refused input is JobRejected as on the
-local runtime, anything else (a 500 is the sandbox failing inside the machine) SandboxFailure. The token is sent in a header and appears nowhere else.
+local runtime, anything else (a 500 is the sandbox failing inside the machine) SandboxFailure.
+The token is sent in a header and appears nowhere else. What the machine answers is checked and
+bounded like any other input: the job ran in there.
 """
 from __future__ import annotations
 
@@ -130,7 +132,8 @@ class AgentClient:
             relpath, size = _parse(lambda e=entry: (str(e["relpath"]), int(e["size"])), "files")
             files.append(OutputFile(relpath, size, lambda r=relpath, s=size: RemoteFile(
                 self, f"/outputs/file?path={_q(r)}", expected_size=s)))
-        files.skipped = list(raw.get("skipped", []))
+        files.skipped = _parse(lambda: [{"path": str(e["path"]), "reason": str(e["reason"])[:200]}
+                                        for e in raw.get("skipped", [])[:1000]], "skipped")
         return files
 
     def kill(self) -> None:
