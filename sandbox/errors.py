@@ -6,7 +6,7 @@ SandboxError
  ├── TransientError       a backend hiccup worth retrying (with backoff)
  │    ├── StorageUnavailable   S3/R2 unreachable, throttled or 5xx
  │    └── RuntimeUnavailable   the sandbox backend is busy or unreachable (Fly 408/429/5xx, capacity)
- │         └── AgentUnavailable the in-machine agent did not answer, failed with a 5xx, or broke a stream
+ │         └── AgentUnavailable the in-machine agent did not answer, was busy (429, 502-504), or broke a stream
  ├── StorageError         a permanent storage failure (missing key, access denied, wrong SSE-C key)
  ├── SandboxFailure       the sandbox could not be created, prepared or run (not the job's own exit)
  ├── PlacementError       a stage ran on a host other than the one holding its sandbox
@@ -69,7 +69,7 @@ class RuntimeUnavailable(TransientError):
 
 
 class AgentUnavailable(RuntimeUnavailable):
-    """The agent inside a Fly Machine did not answer, answered 5xx, or a stream ended early."""
+    """The agent inside a Fly Machine did not answer, was busy (429, 502-504), or a stream ended early."""
 
     code = "agent_unavailable"
 
