@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
-from config.units import parse_cpu, parse_size
+from config.units import parse_bandwidth, parse_cpu, parse_size
 from sandbox.errors import ConfigError
 
 
@@ -113,6 +113,18 @@ def _sha256_hex(text: str) -> str:
     return text.lower()
 
 
+def _host_map(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    from sandbox.egress.rules import parse_host_map  # late: that module imports the policy, which imports us
+
+    return tuple(sorted(parse_host_map(text).items()))
+
+
+def _cidrs(text: str) -> tuple[Any, ...]:
+    from sandbox.egress.rules import parse_cidrs
+
+    return parse_cidrs(text)
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
 
@@ -143,7 +155,7 @@ class Settings:
     max_timeout_s: float = _setting("SANDBOX_MAX_TIMEOUT", "3600", _positive_float)
     max_pids: int = _setting("SANDBOX_MAX_PIDS", "1024", _positive_int)
     allowed_commands: tuple[str, ...] = _setting("SANDBOX_ALLOWED_COMMANDS", "ls,cat,grep,curl,wget", _csv)
-    blocked_ports: tuple[int, ...] = _setting("SANDBOX_BLOCKED_PORTS", "22,25,2375,3306,5432,6379,11211,27017", _ports)
+    blocked_ports: tuple[int, ...] = _setting("SANDBOX_BLOCKED_PORTS", "22,25,465,587,2375,2376,3306,5432,6379,11211,27017", _ports)
     allowed_hosts: tuple[str, ...] = _setting("SANDBOX_ALLOWED_HOSTS", "", _csv)
     max_log_bytes: int = _setting("SANDBOX_MAX_LOG_BYTES", "1Mi", parse_size)
     max_output_files: int = _setting("SANDBOX_MAX_OUTPUT_FILES", "1000", _positive_int)
@@ -181,6 +193,16 @@ class Settings:
     agent_job_id: str = _setting("SANDBOX_AGENT_JOB_ID", "")  # when set, the only job it accepts
     agent_keepalive_s: float = _setting("SANDBOX_AGENT_KEEPALIVE", "5", _positive_float)
     agent_unclaimed_exit_s: float = _setting("SANDBOX_AGENT_UNCLAIMED_EXIT", "600", _positive_float)
+    # egress (docs/network.md): internal networks a proxy may reach (never by default), names the
+    # operator resolves statically ("api.test=10.203.0.2|10.203.0.6,..."), rates in bits/s
+    egress_allow_cidrs: tuple[Any, ...] = _setting("SANDBOX_EGRESS_ALLOW_CIDRS", "", _cidrs)
+    egress_hosts: tuple[tuple[str, tuple[str, ...]], ...] = _setting("SANDBOX_EGRESS_HOSTS", "", _host_map)
+    default_bandwidth_bps: int = _setting("SANDBOX_DEFAULT_BANDWIDTH", "10Mbps", parse_bandwidth)
+    max_bandwidth_bps: int = _setting("SANDBOX_MAX_BANDWIDTH", "1Gbps", parse_bandwidth)
+    egress_max_bytes: int = _setting("SANDBOX_EGRESS_MAX_BYTES", "1Gi", parse_size)  # per job, up + down
+    egress_max_connections: int = _setting("SANDBOX_EGRESS_MAX_CONNECTIONS", "1000", _positive_int)
+    egress_max_concurrent: int = _setting("SANDBOX_EGRESS_MAX_CONCURRENT", "32", _positive_int)
+    egress_log_entries: int = _setting("SANDBOX_EGRESS_LOG_ENTRIES", "200", _positive_int)
 
     @property
     def s3_endpoint(self) -> str:
@@ -238,6 +260,7 @@ def _check_consistency(s: Settings) -> None:
         ("SANDBOX_DEFAULT_DISK", s.default_disk_bytes, s.max_disk_bytes),
         ("SANDBOX_DEFAULT_TIMEOUT", s.default_timeout_s, s.max_timeout_s),
         ("SANDBOX_DEFAULT_PIDS", s.default_pids, s.max_pids),
+        ("SANDBOX_DEFAULT_BANDWIDTH", s.default_bandwidth_bps, s.max_bandwidth_bps),
     )
     for env, default, maximum in pairs:
         if default > maximum:

@@ -45,3 +45,19 @@ def format_size(n: int) -> str:
         if n % factor == 0:
             return f"{n // factor}{suffix}"
     return str(n)
+
+
+_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(k|K|M|G)?(bps|bit/s)$")
+
+
+def parse_bandwidth(text: str) -> int:
+    """Bits per second from "10Mbps", "500kbps", "1Gbps" (decimal units, as networks count)."""
+    if not isinstance(text, str):
+        raise ValueError("must be a string such as \"10Mbps\"")
+    match = _RATE.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a rate such as \"10Mbps\", \"500kbps\" or \"1Gbps\"")
+    value = float(match.group(1)) * _FACTORS[match.group(2)]
+    if not math.isfinite(value) or value < 1000:
+        raise ValueError(f"{text!r} must be at least 1kbps")
+    return int(value)

@@ -213,7 +213,15 @@ class Policy:
         if outbound and not hosts:  # deny by default still holds: the operator's list is the ceiling
             hosts = [normalise_host(h)[0] for h in self.settings.allowed_hosts]
         ports = sorted(set(network.get("blocked_ports", [])) | set(self.settings.blocked_ports))
-        return NetworkPolicy(outbound=outbound, allowed_hosts=tuple(dict.fromkeys(hosts)), blocked_ports=tuple(ports))
+        allowed_ports = network.get("allowed_ports")
+        if allowed_ports is not None and not outbound:
+            raise JobRejected("/network/outbound", "outbound_off", "allowed_ports is given but outbound is false; set outbound to true")
+        for i, port in enumerate(allowed_ports or ()):
+            if port in ports:
+                raise JobRejected(f"/network/allowed_ports/{i}", "port_blocked",
+                                  f"port {port} is blocked (SANDBOX_BLOCKED_PORTS or network.blocked_ports)")
+        return NetworkPolicy(outbound=outbound, allowed_hosts=tuple(dict.fromkeys(hosts)), blocked_ports=tuple(ports),
+                             allowed_ports=tuple(dict.fromkeys(allowed_ports or (443,))))
 
     def check_host(self, entry: str, where: str) -> str:
         """A normalised host name (or "*." + name) that lies within SANDBOX_ALLOWED_HOSTS."""

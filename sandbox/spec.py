@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from jsonschema import Draft202012Validator
 
 from config.settings import Settings
-from config.units import format_size, parse_cpu, parse_size
+from config.units import format_size, parse_bandwidth, parse_cpu, parse_size
 from sandbox.errors import JobRejected
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class ResourceLimits:
     memory_bytes: int
     disk_bytes: int
     pids: int
+    bandwidth_bps: int = 10_000_000  # egress rate in bits/s, both directions together
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class NetworkPolicy:
     outbound: bool = False
     allowed_hosts: tuple[str, ...] = ()
     blocked_ports: tuple[int, ...] = ()
+    allowed_ports: tuple[int, ...] = (443,)  # plain HTTP needs 80 asked for explicitly
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class JobSpec:
                 outbound=raw["network"]["outbound"],
                 allowed_hosts=tuple(raw["network"]["allowed_hosts"]),
                 blocked_ports=tuple(raw["network"]["blocked_ports"]),
+                allowed_ports=tuple(raw["network"].get("allowed_ports", (443,))),
             ),
             files=files,
             callback_url=raw.get("callback_url"),
@@ -341,7 +344,9 @@ def _resources(doc: dict[str, Any], settings: Settings) -> ResourceLimits:
     pids = doc.get("pids", settings.default_pids)
     if pids > settings.max_pids:
         raise JobRejected("/resources/pids", "above_maximum", f"pids {_show(pids)} exceeds the operator maximum of {settings.max_pids}")
-    return ResourceLimits(cpu=cpu, memory_bytes=memory, disk_bytes=disk, pids=int(pids))
+    bandwidth = _unit("/resources/bandwidth", doc.get("bandwidth"), parse_bandwidth, settings.default_bandwidth_bps,
+                      settings.max_bandwidth_bps, "SANDBOX_MAX_BANDWIDTH")
+    return ResourceLimits(cpu=cpu, memory_bytes=memory, disk_bytes=disk, pids=int(pids), bandwidth_bps=bandwidth)
 
 
 def _unit(field_: str, text: str | None, parse: Callable[[str], Any], default: Any, maximum: Any, env: str) -> Any:
