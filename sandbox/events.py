@@ -170,6 +170,10 @@ class LogSink:
         buf.clear()
         return [line]
 
+    def event(self, entry: dict[str, Any]) -> None:
+        """Publish one connection-log entry of the egress proxy on the job's event stream."""
+        self._bus.publish(self._job_id, {**entry, "type": "network", "kind": "connection"})
+
     def close(self) -> None:
         """Flush the last partial line of each stream; later calls are ignored."""
         if self.closed:

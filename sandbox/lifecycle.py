@@ -56,13 +56,6 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     record["callback_url"] = spec.callback_url
     record["callback_events"] = spec.callback_events
     record["transitions_notified"] = 0
-    if spec.network.outbound:
-        # Validated and allowed by the operator, but the egress proxy does not exist yet: say so
-        # on the record rather than let the job find out from a failed connection.
-        record["security_events"].append({
-            "type": "network_unavailable", "at": record["created_at"],
-            "detail": "outbound network was requested, but this service has no egress proxy yet: "
-                      "the sandbox has no network"})
     if svc.store.create(record, spec.to_dict()):
         return record, True
     existing = svc.store.get(spec.id)
@@ -136,7 +129,9 @@ def execute(svc: Services, job_id: str, token: str) -> None:
 
 
 def _record_outcome(r: JobRecord, result: ExecResult) -> None:
-    r["outcome"] = result.to_dict()
+    r["outcome"] = {k: v for k, v in result.to_dict().items() if k != "network"}
+    if result.network is not None:  # the egress connection log, once, at the record's top level
+        r["network"] = result.network
     r["exit_code"], r["signal"] = result.exit_code, result.signal
     r["resources_used"] = result.resources_used
     r["output_truncated"] = {"stdout": result.stdout_truncated, "stderr": result.stderr_truncated}

@@ -47,6 +47,7 @@ class ExecResult:
     resources_used: dict[str, Any] = field(default_factory=dict)
     security_events: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
+    network: dict[str, Any] | None = None  # the egress connection log and totals, if outbound was on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,12 +2,14 @@
 enforce the wall clock, and decide the outcome from the cgroup's counters."""
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
+from sandbox.errors import SandboxFailure
 from sandbox.runtimes import fsutil, seccomp
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle
 from sandbox.spec import JobSpec
@@ -110,24 +112,96 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     captures = {s: _Capture(s, os.path.join(d, "logs", s), rt.settings.max_log_bytes, sink)
                 for s in ("stdout", "stderr")}
     start = time.monotonic()
+    # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
+    # proxy inside the child's network namespace; the job starts only once the listener is there
+    gate = _EgressGate() if spec.network.outbound else None
     try:
         procs_files = rt.cgroups.procs_files(sid)
         argv = (launcher(procs_files, rt.host_uid(meta), rt.settings.max_open_files)
-                + rt.bwrap_argv(d, meta, spec, seccomp_fd))
+                + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate.bwrap_args() if gate else ()))
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd,))
+                                stderr=subprocess.PIPE, close_fds=True,
+                                pass_fds=(seccomp_fd, *(gate.child_fds() if gate else ())))
     finally:
         os.close(seccomp_fd)
+        if gate:
+            gate.spawned()
     _wait_until_joined(proc, procs_files[-1])
+    egress, egress_error = None, ""
+    if gate:
+        try:
+            egress = rt.egress.open(spec.id, rt.egress.policy_for(spec), gate.child_pid(),
+                                    getattr(sink, "event", None))
+        except Exception as e:  # noqa: BLE001 - the job must not run without its proxy; say why
+            egress_error = f"the egress proxy could not start: {e}"
+            rt.cgroups.kill(sid)
+        finally:
+            gate.release()
     if os.path.exists(os.path.join(d, "cancelled")):  # kill() raced our spawn
         rt.cgroups.kill(sid)
-    timed_out = _pump(rt, sid, proc, captures, start + spec.timeout_s)
-    returncode = proc.wait()
+    try:
+        timed_out = _pump(rt, sid, proc, captures, start + spec.timeout_s)
+        returncode = proc.wait()
+    finally:
+        network = egress.close() if egress else None  # every flow ends with the stage
     duration = time.monotonic() - start
     rt.cgroups.kill(sid)  # nothing may outlive the run (bwrap's pid namespace should already see to it)
     for c in captures.values():
         c.close()
-    return _result(rt, d, meta, sid, returncode, duration, timed_out, captures)
+    result = _result(rt, d, meta, sid, returncode, duration, timed_out, captures)
+    result.network = network
+    if network and network["totals"].get("refused"):
+        result.security_events.append(_event("egress_refused", f"{network['totals']['refused']} connection(s) "
+                                             "refused by the egress policy; reasons in network.connections"))
+    if egress_error:
+        result.outcome, result.reason, result.exit_code, result.signal = "error", egress_error, None, None
+    return result
+
+
+class _EgressGate:
+    """The two pipes between us and bwrap: its child's pid out (--info-fd), a go-ahead in (--block-fd)."""
+
+    def __init__(self) -> None:
+        self.info_r, self.info_w = os.pipe2(os.O_CLOEXEC)
+        self.block_r, self.block_w = os.pipe2(os.O_CLOEXEC)
+
+    def bwrap_args(self) -> tuple[str, ...]:
+        return ("--info-fd", str(self.info_w), "--block-fd", str(self.block_r))
+
+    def child_fds(self) -> tuple[int, int]:
+        return (self.info_w, self.block_r)
+
+    def spawned(self) -> None:
+        """Close our copies of the child's ends, so its exit shows as EOF on ours."""
+        os.close(self.info_w)
+        os.close(self.block_r)
+
+    def child_pid(self, timeout_s: float = 10.0) -> int:
+        """The pid of bwrap's child (in the new namespaces), from the JSON bwrap writes to --info-fd."""
+        raw = b""
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.info_r, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(self.info_r, 4096)
+                    if not chunk:
+                        break
+                    raw += chunk
+                    try:
+                        return int(json.loads(raw)["child-pid"])
+                    except ValueError:
+                        continue  # not the whole object yet
+        raise SandboxFailure(f"bwrap gave no child pid (read {raw[:200]!r})")
+
+    def release(self) -> None:
+        """Let the job start (or, if the cgroup was killed, let bwrap notice and exit)."""
+        try:
+            os.write(self.block_w, b"go")
+        except OSError:
+            pass  # bwrap already died
+        os.close(self.block_w)
+        os.close(self.info_r)
 
 
 def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[str, _Capture],

@@ -18,6 +18,7 @@ from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
 from sandbox.runtimes import cgroups, diskimage, fsutil, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
+from sandbox.egress import EgressService, proxy_env
 from sandbox.runtimes import executor
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
@@ -83,6 +84,7 @@ class LocalRuntime:
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
         _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.uids = uids.UidPool(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
+        self.egress = EgressService(settings)  # its loop thread starts with the first outbound job
 
     # -- paths -------------------------------------------------------------------------------
     def _dir(self, sandbox_id: str) -> str:
@@ -262,7 +264,8 @@ class LocalRuntime:
         return found
 
     # -- used by the executor ------------------------------------------------------------------
-    def bwrap_argv(self, d: str, meta: dict, spec: JobSpec, seccomp_fd: int) -> list[str]:
+    def bwrap_argv(self, d: str, meta: dict, spec: JobSpec, seccomp_fd: int,
+                   extra: tuple[str, ...] = ()) -> list[str]:
         """The bubblewrap command line for one job in sandbox directory `d`."""
         etc = meta.get("etc")  # the shared /etc recorded at create
         # Inside its user namespace every job is INSIDE_UID, whatever host uid it has (uid_map maps
@@ -290,10 +293,12 @@ class LocalRuntime:
             # does not reach (the job owns them): only /dev/shm (POSIX shm, semaphores) stays writable.
             "--remount-ro", "/usr/local/etc", "--remount-ro", "/dev",
             "--remount-ro", "/", "--chdir", "/workspace",
-            "--add-seccomp-fd", str(seccomp_fd),
+            "--add-seccomp-fd", str(seccomp_fd), *extra,
         ]
         env = {k: v for k, v in spec.environment.items() if k and "=" not in k and "\0" not in k + v}
         env.update(FIXED_ENV)
+        if spec.network.outbound:
+            env.update(proxy_env())  # the one way out; /etc/resolv.conf has no nameserver
         for key, value in env.items():
             argv += ["--setenv", key, value]
         return argv + ["--", *spec.argv]
