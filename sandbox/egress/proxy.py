@@ -41,6 +41,7 @@ class Flow:
     requests: int = 0
     responded: bool = False  # the client has had an answer: a refusal can no longer be a 403
     relaying: bool = False
+    upstream: asyncio.StreamWriter | None = None  # closed however the flow ends
 
     def entry(self) -> dict[str, Any]:
         return {"at": round(self.at, 6), "kind": self.kind, "host": self.host, "port": self.port,
@@ -96,7 +97,6 @@ class Session:
         assert task is not None
         self.tasks.add(task)
         flow = Flow()
-        upstream: asyncio.StreamWriter | None = None
         self.active += 1
         try:
             self.totals["connections"] += 1
@@ -104,10 +104,10 @@ class Session:
             head = http.parse_head(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S))
             if head.method == "CONNECT":
                 flow.kind = "connect"
-                upstream = await self._tunnel(head, reader, writer, flow)
+                await self._tunnel(head, reader, writer, flow)
             else:
                 flow.kind = "http"
-                upstream = await self._plain(head, reader, writer, flow)
+                await self._plain(head, reader, writer, flow)
         except Refused as refused:
             flow.verdict, flow.reason, flow.detail = "refused", refused.reason, refused.detail[:200]
             self._answer_refusal(writer, flow, refused)
@@ -120,7 +120,7 @@ class Session:
             flow.reason = flow.reason or ("timeout" if isinstance(e, asyncio.TimeoutError) else "closed")
         finally:
             self.active -= 1
-            for w in (upstream, writer):
+            for w in (flow.upstream, writer):
                 if w is not None:
                     w.close()
             self._log(flow)
@@ -160,7 +160,10 @@ class Session:
         for ip in addresses:  # every one was checked; connect to exactly these, no second lookup
             flow.address = str(ip)
             try:
-                return await asyncio.wait_for(asyncio.open_connection(str(ip), port, limit=CHUNK), CONNECT_TIMEOUT_S)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(str(ip), port, limit=CHUNK),
+                                                        CONNECT_TIMEOUT_S)
+                flow.upstream = writer
+                return reader, writer
             except (OSError, asyncio.TimeoutError) as e:
                 last = e
         raise Refused("connect_failed", f"{flow.host}:{port} did not accept ({type(last).__name__})")
@@ -175,17 +178,14 @@ class Session:
         try:
             hello, sni = await asyncio.wait_for(tls.read_client_hello(reader), HELLO_TIMEOUT_S)
         except tls.NotTLS as e:
-            up_writer.close()
             raise Refused("tls_required", f"a CONNECT tunnel must carry TLS ({e})") from e
         flow.sni = sni or ""
         if sni != flow.host:
-            up_writer.close()
             raise Refused("sni_mismatch", f"TLS server name {sni!r} is not the CONNECT host {flow.host}")
         flow.relaying = True
         await self._send(up_writer, hello, flow, up=True)
         await self._relay_both(self._pump(reader, up_writer, flow, up=True),
                                self._pump(up_reader, writer, flow, up=False))
-        return up_writer
 
     async def _plain(self, head: http.RequestHead, reader, writer, flow: Flow):
         authority, path = http.split_absolute(head.target)
@@ -194,7 +194,6 @@ class Session:
         up_reader, up_writer = await self._open(addresses, port, flow)
         await self._relay_both(self._requests(head, reader, up_writer, flow, authority),
                                self._pump(up_reader, writer, flow, up=False))
-        return up_writer
 
     async def _requests(self, head: http.RequestHead, reader, up_writer, flow: Flow, first: str) -> None:
         """Forward requests one by one, checking each one's target and Host against the first."""
