@@ -61,6 +61,7 @@ class Session:
         self.dropped = 0
         self.totals = {"connections": 0, "allowed": 0, "refused": 0, "bytes_up": 0, "bytes_down": 0}
         self.bytes_total = 0
+        self.cap_reached = False
         self.active = 0
         self.tasks: set[asyncio.Task] = set()
         self.servers: list[asyncio.AbstractServer] = []
@@ -134,7 +135,7 @@ class Session:
             raise Refused("connection_limit", f"the job may open {p.max_connections} connections")
         if self.active > p.max_concurrent:
             raise Refused("too_many_connections", f"the job may hold {p.max_concurrent} connections at once")
-        if self.bytes_total >= p.max_bytes:
+        if self.cap_reached or self.bytes_total >= p.max_bytes:
             raise Refused("bandwidth_exceeded", f"the job's byte cap of {p.max_bytes} is used up")
 
     def _answer_refusal(self, writer: asyncio.StreamWriter, flow: Flow, refused: Refused) -> None:
@@ -243,6 +244,7 @@ class Session:
         """Charge the job's byte cap and token bucket, then write with back-pressure."""
         n = len(data)
         if self.bytes_total + n > self.policy.max_bytes:
+            self.cap_reached = True  # what is left would cut the next connection short, too
             raise Refused("bandwidth_exceeded", f"the job's byte cap of {self.policy.max_bytes} was reached")
         self.bytes_total += n
         await self.bucket.take(n)
