@@ -193,6 +193,9 @@ class Settings:
     agent_job_id: str = _setting("SANDBOX_AGENT_JOB_ID", "")  # when set, the only job it accepts
     agent_keepalive_s: float = _setting("SANDBOX_AGENT_KEEPALIVE", "5", _positive_float)
     agent_unclaimed_exit_s: float = _setting("SANDBOX_AGENT_UNCLAIMED_EXIT", "600", _positive_float)
+    # internal networks a callback host name may resolve into (a listed IP literal needs none)
+    webhook_allow_cidrs: tuple[Any, ...] = _setting("SANDBOX_WEBHOOK_ALLOW_CIDRS", "", _cidrs)
+    webhook_ca_bundle: str = _setting("SANDBOX_WEBHOOK_CA_BUNDLE", "", _absolute_path)  # a private CA's receivers
     # egress (docs/network.md): internal networks a proxy may reach (never by default), names the
     # operator resolves statically ("api.test=10.203.0.2|10.203.0.6,..."), rates in bits/s
     egress_allow_cidrs: tuple[Any, ...] = _setting("SANDBOX_EGRESS_ALLOW_CIDRS", "", _cidrs)

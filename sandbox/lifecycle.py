@@ -328,7 +328,12 @@ def notify(svc: Services, job_id: str, event_type: str = "job.terminal",
     if event_type == "job.terminal" and not JobStatus(record["status"]).terminal:
         return []
     payload = record if event_type == "job.terminal" else {"id": job_id, **(transition or {})}
+    # one id per event, whatever retries and redeliveries happen: a transition is known by its
+    # status and time (its place in the timeline), the terminal record happens once
+    sequence = "terminal" if event_type == "job.terminal" else f"{(transition or {}).get('status')}@{(transition or {}).get('at')}"
     deliveries = webhooks.deliver(record["callback_url"], event_type, payload,
-                                  webhooks.secret_from(svc.settings), **webhooks.options_from(svc.settings))
+                                  webhooks.secret_from(svc.settings),
+                                  delivery_id=webhooks.delivery_id_for(job_id, event_type, sequence),
+                                  **webhooks.options_from(svc.settings))
     svc.store.update(job_id, lambda r: r["webhook_deliveries"].extend(deliveries))
     return deliveries

@@ -2,7 +2,8 @@
 
 Header format (Stripe-style, so receivers can reuse known verification code):
     X-Sandbox-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + raw body)>
-    X-Sandbox-Delivery:  <uuid4>, the same on every retry of one delivery
+    X-Sandbox-Delivery:  <uuid>, derived from job id, event type and sequence: the same on every
+                         retry and every redelivery of one event
     X-Sandbox-Event:     job.terminal | job.status
 Body: {"delivery_id": <the same uuid>, "event": <type>, "data": <job record or status event>}.
 The id and type sit inside the signed body because headers are not signed: a replayer could
@@ -16,13 +17,21 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import socket
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import tenacity
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from sandbox.errors import ConfigError, JobRejected
 
@@ -151,12 +160,112 @@ class _Retryable(Exception):
     """An attempt failed in a way that a later attempt may not."""
 
 
+def delivery_id_for(job_id: str, event_type: str, sequence: int | str) -> str:
+    """The id of one event's delivery: the same on every retry and every redelivery of the task."""
+    return str(uuid.uuid5(_DELIVERY_NAMESPACE, f"{job_id}\n{event_type}\n{sequence}"))
+
+
+_DELIVERY_NAMESPACE = uuid.UUID("6f1c4d5e-2b0a-4c8e-9d3f-5a7b8c9d0e1f")
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+Resolve = Callable[[str, int], list[str]]
+
+
+def _getaddrinfo(host: str, port: int) -> list[str]:
+    return list(dict.fromkeys(i[4][0] for i in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+
+
+@dataclass
+class Pinned:
+    """A callback URL rewritten to the one address that was checked; Host and TLS name stay the host's."""
+
+    url: str
+    host: str
+    host_header: str
+    address: str
+    https: bool
+
+
+def pin(url: str, allow_cidrs: Iterable[Any] = (), resolve: Resolve | None = None,
+        timeout_s: float = 5.0) -> Pinned:
+    """Resolve once and check every address (the egress rule); an IP literal is the operator's own listing.
+
+    Raises egress Refused for a non-global answer, OSError/TimeoutError when resolution fails.
+    """
+    from sandbox.egress.rules import check_address  # late: the egress rules import the policy, which imports us
+
+    parts = urlsplit(url)
+    host = _normal_host(parts.hostname or "")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        # on the allow-list verbatim (check_callback_url): the operator chose this address
+        addresses = [str(check_address(host, [ipaddress.ip_network(f"{literal}/{literal.max_prefixlen}")]))]
+    else:
+        answers = _LOOKUPS.submit(resolve or _getaddrinfo, host, port).result(timeout=timeout_s)
+        if not answers:
+            raise OSError(f"{host} has no address")
+        addresses = [str(check_address(a, tuple(allow_cidrs))) for a in answers]
+    ip = ipaddress.ip_address(addresses[0])
+    shown = f"[{ip}]" if ip.version == 6 else str(ip)
+    netloc = f"{shown}:{parts.port}" if parts.port else shown
+    return Pinned(urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host,
+                  parts.netloc, str(ip), parts.scheme == "https")
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Connects to the pinned address while TLS checks the certificate for the host's name; keeps
+    the raw sockets so the attempt's deadline can shut them whatever the receiver is doing."""
+
+    def __init__(self, pinned: Pinned) -> None:
+        self.pinned = pinned
+        self.sockets: list[socket.socket] = []
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **kw: Any) -> None:
+        if self.pinned.https:
+            kw.update(server_hostname=self.pinned.host, assert_hostname=self.pinned.host)
+        super().init_poolmanager(connections, maxsize, block=block, **kw)
+        sockets = self.sockets
+
+        def recording(conn_cls: type) -> type:
+            class Recording(conn_cls):  # type: ignore[misc, valid-type]
+                def _new_conn(self) -> socket.socket:
+                    sock = super()._new_conn()
+                    sockets.append(sock)
+                    return sock
+            return Recording
+
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": recording(HTTPConnection)}),
+            "https": type("Pool", (HTTPSConnectionPool,), {"ConnectionCls": recording(HTTPSConnection)}),
+        }
+
+    def shut(self) -> None:
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv: the deadline is total
+            except OSError:
+                pass
+
+
 def deliver(url: str, event_type: str, payload: dict[str, Any], secret: bytes | str, *,
-            allowed_hosts: Iterable[str] | None = None, timeout_s: float = 5.0, max_attempts: int = 5,
+            delivery_id: str | None = None, allowed_hosts: Iterable[str] | None = None,
+            allow_cidrs: Iterable[Any] = (), resolve: Resolve | None = None, ca_bundle: str = "",
+            timeout_s: float = 5.0, max_attempts: int = 5,
             backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
             session: requests.Session | None = None,
             sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
-    """POST `payload` signed, retrying 5xx/408/429/connection errors; returns the delivery log."""
+    """POST `payload` signed, retrying 5xx/408/429/connection errors; returns the delivery log.
+
+    Every attempt resolves the host once, refuses non-global addresses (as the egress proxy does),
+    connects to exactly the checked address, ignores proxy environment variables, and ends after
+    `timeout_s` in total, however slowly the receiver answers.
+    """
+    from sandbox.egress.rules import Refused
+
     if not secret:
         raise ConfigError("SANDBOX_WEBHOOK_SECRET", "is empty: webhooks cannot be signed")
     if allowed_hosts is not None:
@@ -164,25 +273,49 @@ def deliver(url: str, event_type: str, payload: dict[str, Any], secret: bytes | 
     if event_type not in EVENT_TYPES:
         raise ValueError(f"event type must be one of {EVENT_TYPES}")
     key = secret.encode() if isinstance(secret, str) else secret
-    delivery_id = str(uuid.uuid4())
+    delivery_id = delivery_id or str(uuid.uuid4())
     envelope = {"delivery_id": delivery_id, "event": event_type, "data": payload}
     body = json.dumps(envelope, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     log: list[dict[str, Any]] = []
-    http = session or requests.Session()
 
     def attempt() -> None:
         entry: dict[str, Any] = {"delivery_id": delivery_id, "event": event_type,
                                  "attempt": len(log) + 1, "at": time.time(),
                                  "status_code": None, "error": None}
         log.append(entry)
+        started = time.monotonic()
+        try:
+            target = pin(url, allow_cidrs, resolve, timeout_s)
+        except Refused as e:  # the name points somewhere no delivery may go: never retried
+            entry["error"] = f"{e.reason}: {e.detail}"
+            return
+        except (OSError, FutureTimeout) as e:
+            entry["error"] = f"dns: {type(e).__name__}: {str(e)[:200]}"
+            raise _Retryable() from e
+        entry["address"] = target.address
+        remaining = max(0.05, timeout_s - (time.monotonic() - started))
+        adapter = _PinnedAdapter(target)
+        http = session or requests.Session()
+        if session is None:
+            http.trust_env = False  # HTTP(S)_PROXY in the worker's environment must not reroute it
+            http.mount(f"{urlsplit(target.url).scheme}://", adapter)
+        timer = threading.Timer(remaining, adapter.shut)
+        timer.start()
         try:
             # Signed per attempt: a retry an hour later must still be inside the receiver's window.
-            response = http.post(url, data=body, headers=headers(key, event_type, body, delivery_id),
-                                 timeout=timeout_s, allow_redirects=False, stream=True)
-        except requests.RequestException as e:  # connection refused, reset, timeout, TLS
-            entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            response = http.post(target.url, data=body,
+                                 headers={**headers(key, event_type, body, delivery_id), "Host": target.host_header},
+                                 timeout=remaining, allow_redirects=False, stream=True,
+                                 **({"verify": ca_bundle} if ca_bundle else {}))
+            response.close()  # the body is never read: a receiver cannot make us buffer anything
+        except requests.RequestException as e:  # connection refused, reset, timeout, TLS, deadline
+            expired = time.monotonic() - started >= timeout_s
+            entry["error"] = ("deadline: " if expired else "") + f"{type(e).__name__}: {str(e)[:200]}"
             raise _Retryable() from e
-        response.close()  # the body is never read: a receiver cannot make us buffer anything
+        finally:
+            timer.cancel()
+            if session is None:
+                http.close()
         entry["status_code"] = code = response.status_code
         if 200 <= code < 300:
             return
@@ -202,9 +335,6 @@ def deliver(url: str, event_type: str, payload: dict[str, Any], secret: bytes | 
         retrying(attempt)
     except _Retryable:
         pass  # the log says how every attempt ended; a dead receiver is not the job's failure
-    finally:
-        if session is None:
-            http.close()
     return log
 
 
@@ -218,6 +348,8 @@ def options_from(settings: Any) -> dict[str, Any]:
         "timeout_s": float(getattr(settings, "webhook_timeout_s", 5.0)),
         "max_attempts": int(getattr(settings, "webhook_max_attempts", 5)),
         "backoff_max_s": float(getattr(settings, "webhook_backoff_max_s", 30.0)),
+        "allow_cidrs": tuple(getattr(settings, "webhook_allow_cidrs", ())),
+        "ca_bundle": str(getattr(settings, "webhook_ca_bundle", "")),
     }
 
 

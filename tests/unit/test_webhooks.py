@@ -133,7 +133,8 @@ class _Session:
 def _deliver(script: list[Any], **kwargs: Any) -> tuple[list[dict], _Session]:
     session = _Session(script)
     log = deliver("https://hooks.example.com/x", "job.terminal", {"id": "j", "status": "succeeded"},
-                  SECRET, session=session, sleep=lambda s: None, **kwargs)
+                  SECRET, session=session, sleep=lambda s: None,
+                  resolve=lambda host, port: ["93.184.216.34"], **kwargs)
     return log, session
 
 
