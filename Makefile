@@ -48,6 +48,7 @@ bench: deps
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/sandbox_start.py 50
 	$(BIN)/python bench/storage_memory.py
+	$(BIN)/python bench/egress.py 300
 
 clean:
 	rm -rf var .pytest_cache
