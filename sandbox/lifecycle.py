@@ -16,7 +16,7 @@ from typing import Any, Callable
 from config.settings import Settings
 from sandbox import webhooks
 from sandbox.events import escape_line
-from sandbox.errors import JobRejected, PlacementError, SandboxError, StorageError
+from sandbox.errors import JobRejected, PlacementError, SandboxError, SandboxFailure, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
 from sandbox.layout import check_key, log_key, output_key
@@ -95,7 +95,8 @@ def prepare(svc: Services, job_id: str) -> None:
     if record is None:
         return
     handle = _owned_handle(svc, record)
-    for f in _spec(svc, job_id).files:
+    spec = _spec(svc, job_id)
+    for f in spec.files:
         if f.content is not None:
             svc.runtime.put_file(handle, f.path, io.BytesIO(f.content), f.mode)
         else:
@@ -104,7 +105,36 @@ def prepare(svc: Services, job_id: str) -> None:
                 svc.runtime.put_file(handle, f.path, body, f.mode)
             finally:
                 body.close()
+    if spec.setup is not None:
+        _run_setup(svc, job_id, handle, spec)
     _finish_stage(svc, job_id, "prepare")
+
+
+def _run_setup(svc: Services, job_id: str, handle: SandboxHandle, spec: JobSpec) -> None:
+    """The job's setup command, under its own network policy; a failed setup is the job's outcome."""
+    run = getattr(svc.runtime, "setup", None)
+    if run is None:
+        raise SandboxFailure(f"the {svc.runtime.name} runtime cannot run a setup command")
+    sink = svc.events.log_sink(job_id)
+    try:
+        result = run(handle, spec, sink)
+    finally:
+        sink.close()
+    shown = {k: v for k, v in result.to_dict().items()
+             if k in ("outcome", "exit_code", "signal", "duration_s", "reason", "network")}
+
+    def change(r: JobRecord) -> None:
+        r["setup"] = shown
+        r["security_events"].extend(result.security_events)
+        if result.outcome != "succeeded":  # execute sees an outcome and skips; collect and cleanup run
+            r["outcome"] = {k: v for k, v in result.to_dict().items() if k != "network"}
+            r["exit_code"], r["signal"] = result.exit_code, result.signal
+            r["error"] = {"code": "setup", "message": f"the setup command ended {result.outcome}: {result.reason}",
+                          "field": "/setup"}
+
+    svc.store.update(job_id, change)
+    for event in result.security_events:
+        svc.events.publish(job_id, {**event, "kind": event.get("type"), "type": "security"})
 
 
 def execute(svc: Services, job_id: str, token: str) -> None:

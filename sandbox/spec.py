@@ -6,7 +6,7 @@ import json
 import math
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -45,6 +45,16 @@ class NetworkPolicy:
 
 
 @dataclass(frozen=True)
+class SetupSpec:
+    """A command run while preparing, before the job's own, under its own network policy."""
+
+    command: str
+    argv: tuple[str, ...]
+    timeout_s: float
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+
+
+@dataclass(frozen=True)
 class JobFile:
     """One input file: exactly one of `content` (bytes) or `r2_key`."""
 
@@ -69,6 +79,12 @@ class JobSpec:
     callback_url: str | None = None
     callback_events: str = "terminal"  # or "all": every status transition is POSTed too
     collect: tuple[str, ...] = DEFAULT_COLLECT_DIRS
+    setup: SetupSpec | None = None
+
+    def setup_run(self) -> "JobSpec":
+        """This job as the runtime runs its setup: the setup's argv, timeout and network policy."""
+        assert self.setup is not None
+        return replace(self, argv=self.setup.argv, timeout_s=self.setup.timeout_s, network=self.setup.network)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form (file content as base64) for storing beside the job record."""
@@ -98,17 +114,26 @@ class JobSpec:
             environment=dict(raw["environment"]),
             timeout_s=float(raw["timeout_s"]),
             resources=ResourceLimits(**raw["resources"]),
-            network=NetworkPolicy(
-                outbound=raw["network"]["outbound"],
-                allowed_hosts=tuple(raw["network"]["allowed_hosts"]),
-                blocked_ports=tuple(raw["network"]["blocked_ports"]),
-                allowed_ports=tuple(raw["network"].get("allowed_ports", (443,))),
-            ),
+            network=_network_from_dict(raw["network"]),
             files=files,
             callback_url=raw.get("callback_url"),
             callback_events=raw.get("callback_events", "terminal"),
             collect=tuple(raw.get("collect", DEFAULT_COLLECT_DIRS)),
+            setup=_setup_from_dict(raw.get("setup")),
         )
+
+
+def _network_from_dict(raw: dict[str, Any]) -> NetworkPolicy:
+    return NetworkPolicy(outbound=raw["outbound"], allowed_hosts=tuple(raw["allowed_hosts"]),
+                         blocked_ports=tuple(raw["blocked_ports"]),
+                         allowed_ports=tuple(raw.get("allowed_ports", (443,))))
+
+
+def _setup_from_dict(raw: dict[str, Any] | None) -> SetupSpec | None:
+    if raw is None:
+        return None
+    return SetupSpec(command=raw["command"], argv=tuple(raw["argv"]), timeout_s=float(raw["timeout_s"]),
+                     network=_network_from_dict(raw["network"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +330,26 @@ def parse_job(raw: bytes | str | dict[str, Any], settings: Settings, policy: "Po
         callback_url=policy.check_callback_url(doc.get("callback_url")),
         callback_events=_callback_events(doc),
         collect=policy.check_collect(doc.get("collect")),
+        setup=_setup(doc.get("setup"), settings, policy),
     )
+
+
+MAX_SETUP_TIMEOUT_S = 600.0  # runs inside prepare, whose hard time limit is 960 s (celeryconfig)
+
+
+def _setup(doc: dict[str, Any] | None, settings: Settings, policy: "Policy") -> SetupSpec | None:
+    if doc is None:
+        return None
+    try:
+        argv = policy.check_command(doc["command"])
+        network = policy.check_network(doc.get("network", {}))
+    except JobRejected as e:  # the same rules as the job's own, reported under /setup
+        raise JobRejected("/setup" + e.field, e.rule, e.message) from e
+    timeout = doc.get("timeout", min(settings.default_timeout_s, MAX_SETUP_TIMEOUT_S))
+    if timeout > min(settings.max_timeout_s, MAX_SETUP_TIMEOUT_S):
+        raise JobRejected("/setup/timeout", "above_maximum",
+                          f"setup timeout {_show(timeout)} s exceeds {min(settings.max_timeout_s, MAX_SETUP_TIMEOUT_S):g} s")
+    return SetupSpec(command=doc["command"], argv=argv, timeout_s=float(timeout), network=network)
 
 
 def _callback_events(doc: dict[str, Any]) -> str:

@@ -65,7 +65,7 @@ def new_record(job_id: str, status: JobStatus, now: float | None = None) -> JobR
         "timeline": [{"status": status.value, "at": now}],
         "stages": {}, "resources_used": {}, "artifacts": [], "logs": [], "skipped_outputs": [],
         "security_events": [], "webhook_deliveries": [], "output_truncated": {},
-        "cancel_requested": False, "network": None, "sandbox": None, "outcome": None, "submit_task_id": None,
+        "cancel_requested": False, "network": None, "setup": None, "sandbox": None, "outcome": None, "submit_task_id": None,
     }
 
 

@@ -160,6 +160,16 @@ class LocalRuntime:
 
     def execute(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
         """Run spec.argv once; a redelivered execute returns the first run's result, never re-runs."""
+        return self._run_once(handle, spec, sink, "execute")
+
+    def setup(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
+        """Run the job's setup command once (prepare stage) under the setup's own network policy."""
+        return self._run_once(handle, spec.setup_run(), sink, "setup")
+
+    def _run_once(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink, kind: str) -> ExecResult:
+        # execute keeps its first names (result.json, execute.started) for sandboxes made before setup
+        result_file, started_file = ("result.json", "execute.started") if kind == "execute" else \
+            (f"{kind}-result.json", f"{kind}.started")
         d, meta = self._require(handle)
         # the lock is on meta.json, which exists for the sandbox's whole life: no extra file to create
         lock_fd = os.open(os.path.join(d, "meta.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -168,20 +178,20 @@ class LocalRuntime:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
                 raise RuntimeUnavailable(f"execute of {handle.sandbox_id} is already running") from e
-            stored = fsutil.read_json(os.path.join(d, "result.json"))
+            stored = fsutil.read_json(os.path.join(d, result_file))
             if stored is not None:
                 return ExecResult(**stored)
-            if os.path.exists(os.path.join(d, "execute.started")):
+            if os.path.exists(os.path.join(d, started_file)):
                 self.cgroups.kill(handle.sandbox_id)
                 result = ExecResult("error", None, None, 0.0,
                                     reason="the worker running this job was lost; not re-run")
             else:
-                fsutil.touch(os.path.join(d, "execute.started"))
-                result = run_job(self, d, meta, handle, spec, sink)
+                fsutil.touch(os.path.join(d, started_file))
+                result = run_job(self, d, meta, handle, spec, sink, log_prefix="" if kind == "execute" else f"{kind}-")
             # Not fsynced: only a host crash could lose it, and that takes the mount and the cgroup
             # with it, so a redelivered execute can never run the job again (it finds the marker,
             # or fails on the missing workspace); the rename still keeps readers from half a file.
-            fsutil.write_json_atomic(os.path.join(d, "result.json"), result.to_dict(), durable=False)
+            fsutil.write_json_atomic(os.path.join(d, result_file), result.to_dict(), durable=False)
             return result
         finally:
             os.close(lock_fd)
@@ -195,6 +205,11 @@ class LocalRuntime:
                 out[stream] = open(os.path.join(d, "logs", stream), "rb")
             except FileNotFoundError:
                 out[stream] = open(os.devnull, "rb")
+        for stream in ("setup-stdout", "setup-stderr"):  # only for a job that had a setup command
+            try:
+                out[stream] = open(os.path.join(d, "logs", stream), "rb")
+            except FileNotFoundError:
+                pass
         return out
 
     def collect(self, handle: SandboxHandle, dirs: tuple[str, ...]) -> "fsutil.CollectedFiles":

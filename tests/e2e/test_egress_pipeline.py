@@ -72,3 +72,27 @@ def test_python_requests_through_submit_works_with_no_job_side_configuration(
     (entry,) = record["network"]["connections"]
     assert (entry["host"], entry["port"], entry["verdict"]) == ("files.test", 443, "allowed")
     assert entry["bytes_down"] > 12345
+
+
+def test_a_setup_command_fetches_while_preparing_and_the_command_runs_without_network(
+        celery_client: Celery, egress_worker: Worker, upstream: Upstream) -> None:
+    job = _job(upstream, "cat dep.txt")
+    del job["network"]  # the command itself: no network
+    job["setup"] = {"command": "curl -sS -o dep.txt https://files.test/hello", "timeout": 30,
+                    "network": {"outbound": True, "allowed_hosts": ["files.test"]}}
+    record = _submit(celery_client, egress_worker, job)
+    assert record["status"] == "succeeded", record.get("error")
+    assert record["network"] is None
+    (entry,) = record["setup"]["network"]["connections"]
+    assert (entry["host"], entry["verdict"]) == ("files.test", "allowed")
+    assert {log["key"].rsplit("/", 1)[1] for log in record["logs"]} >= {"stdout.log", "setup-stdout.log"}
+
+    failing = _job(upstream, "cat dep.txt")
+    del failing["network"]
+    failing["setup"] = {"command": "curl -sS -f -o dep.txt https://other.test/hello",
+                        "network": {"outbound": True, "allowed_hosts": ["files.test"]}}
+    record = _submit(celery_client, egress_worker, failing)
+    assert record["status"] == "failed" and record["error"]["code"] == "setup"
+    assert record["setup"]["network"]["connections"][0]["reason"] == "host_not_allowed"
+    (stdout,) = [log for log in record["logs"] if log["key"].endswith("/stdout.log")]
+    assert stdout["size"] == 0  # the command never ran after its setup failed

@@ -6,6 +6,8 @@ asserted on that counter.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import socket
 import subprocess
 import threading
@@ -15,7 +17,8 @@ from typing import Iterator
 import pytest
 
 from sandbox.errors import JobRejected
-from tests.support.egress import BAD_ADDRESSES, Box, entries, upstream  # noqa: F401 (fixture)
+from sandbox.spec import SetupSpec
+from tests.support.egress import BAD_ADDRESSES, Box, Sink, entries, upstream  # noqa: F401 (fixture)
 from tests.support.netns import Upstream
 
 BLOCKED = (22, 25, 465, 587, 2375, 2376, 3306, 5432, 6379, 11211, 27017)
@@ -186,7 +189,30 @@ def test_nothing_outside_can_open_a_connection_to_a_job(box: Box) -> None:
 
 def test_a_job_without_outbound_has_no_proxy_and_no_network(box: Box) -> None:
     spec = box.job("python3 probe.py tcp 127.0.0.1 3128", hosts=["api.test"])
-    spec = type(spec)(**{**spec.__dict__, "network": type(spec.network)()})
+    spec = dataclasses.replace(spec, network=type(spec.network)())
     result, sink = box.run(spec)
     assert sink.result()["tcp"].startswith("ConnectionRefusedError")
     assert result.network is None
+
+
+def test_setup_may_have_network_while_the_command_has_none_and_no_flow_survives_the_change(box: Box) -> None:
+    spec = box.job("python3 probe.py tcp 127.0.0.1 3128", hosts=["api.test"])
+    spec = dataclasses.replace(spec, network=type(spec.network)())  # the command: no network
+    setup = box.job("curl -sS -o dep.txt https://files.test/hello", hosts=["files.test"])
+    spec = dataclasses.replace(spec, setup=SetupSpec(setup.command, setup.argv, 30.0, setup.network))
+    sink_setup, sink = Sink(), Sink()
+    handle = box.rt.create(spec, "test-host")
+    try:
+        for f in spec.files:
+            box.rt.put_file(handle, f.path, io.BytesIO(f.content or b""), f.mode)
+        first = box.rt.setup(handle, spec, sink_setup)
+        result = box.rt.execute(handle, spec, sink)
+        logs = {k: v.read() for k, v in box.rt.logs(handle).items()}
+    finally:
+        box.rt.destroy(handle)
+    assert first.outcome == "succeeded", bytes(sink_setup.out["stderr"])
+    (entry,) = entries(first)
+    assert (entry["host"], entry["verdict"]) == ("files.test", "allowed")
+    assert sink.result()["tcp"].startswith("ConnectionRefusedError")  # the proxy went with the setup
+    assert result.network is None
+    assert set(logs) == {"stdout", "stderr", "setup-stdout", "setup-stderr"}
