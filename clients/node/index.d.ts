@@ -12,14 +12,20 @@ export interface JobFile {
   mode?: number;
 }
 
+/** A network policy; allowed_ports defaults to [443]. */
+export interface Network { allowed_hosts?: string[]; blocked_ports?: number[]; allowed_ports?: number[]; outbound?: boolean }
+
 /** The job JSON of sandbox/schema/job.schema.json (the schema is the authority). */
 export interface Job {
   id?: string;
   command: string;
   environment?: Record<string, string>;
   timeout?: number;
-  resources?: { cpu?: string; memory?: string; disk?: string; pids?: number };
-  network?: { allowed_hosts?: string[]; blocked_ports?: number[]; outbound?: boolean };
+  /** bandwidth: egress rate in bits/s, e.g. "10Mbps" */
+  resources?: { cpu?: string; memory?: string; disk?: string; pids?: number; bandwidth?: string };
+  network?: Network;
+  /** Run while preparing (after files are written), under its own network policy; see docs/network.md. */
+  setup?: { command: string; timeout?: number; network?: Network };
   files?: JobFile[];
   callback_url?: string;
   /** "terminal" (default) POSTs the final record only; "all" also POSTs each status transition. */
