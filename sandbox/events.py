@@ -172,7 +172,8 @@ class LogSink:
 
     def event(self, entry: dict[str, Any]) -> None:
         """Publish one connection-log entry of the egress proxy on the job's event stream."""
-        self._bus.publish(self._job_id, {**entry, "type": "network", "kind": "connection"})
+        # on the wire as {"type": "security", "kind": "network", ...}: the stream carries two types
+        self._bus.publish(self._job_id, {**entry, "type": "network"})
 
     def close(self) -> None:
         """Flush the last partial line of each stream; later calls are ignored."""

@@ -122,6 +122,10 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True,
                                 pass_fds=(seccomp_fd, *(gate.child_fds() if gate else ())))
+    except BaseException:
+        if gate:
+            gate.release()  # closes our ends too: nothing leaks when the spawn itself failed
+        raise
     finally:
         os.close(seccomp_fd)
         if gate:

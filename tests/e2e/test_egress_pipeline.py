@@ -47,7 +47,7 @@ def _job(upstream: Upstream, command: str, **network: Any) -> dict[str, Any]:
 
 
 def test_curl_through_submit_fetches_the_allowed_host_and_the_record_logs_each_connection(
-        celery_client: Celery, egress_worker: Worker, upstream: Upstream) -> None:
+        celery_client: Celery, egress_worker: Worker, upstream: Upstream, redis_client: Any) -> None:
     job = _job(upstream, "curl -sS https://api.test/hello https://other.test/hello", allowed_hosts=["api.test"])
     record = _submit(celery_client, egress_worker, job)
     assert record["status"] == "failed"  # curl's second URL was refused, so curl exits non-zero
@@ -58,6 +58,10 @@ def test_curl_through_submit_fetches_the_allowed_host_and_the_record_logs_each_c
     assert (by_host["other.test"]["verdict"], by_host["other.test"]["reason"]) == ("refused", "host_not_allowed")
     assert net["totals"]["connections"] == 2 and net["totals"]["refused"] == 1
     assert any(e["type"] == "egress_refused" for e in record["security_events"])
+    stream = redis_client.xrange(f"sandbox:job:{job['id']}:events")
+    live = [json.loads(fields[b"event"]) for _, fields in stream]
+    network = [e for e in live if e.get("kind") == "network"]
+    assert len(network) == 2 and {e["host"] for e in network} == {"api.test", "other.test"}  # live, per connection
 
 
 def test_python_requests_through_submit_works_with_no_job_side_configuration(

@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -146,8 +147,11 @@ def test_without_the_proxy_nothing_leaves_the_sandbox(box: Box) -> None:
     assert got["dns"] != "ok"  # no nameserver in resolv.conf, no network to ask one
 
 
-def test_the_worker_side_is_out_of_reach(box: Box) -> None:
-    host_listener = socket.create_server(("127.0.0.1", 0))  # stands in for the worker's Redis
+def test_the_worker_side_is_out_of_reach(box: Box, redis_url: str) -> None:
+    redis_port = urlsplit(redis_url).port
+    got, _, _ = box.probe("tcp", "127.0.0.1", str(redis_port), hosts=["api.test"])
+    assert got["tcp"].startswith("ConnectionRefusedError")  # the worker's real Redis: not there
+    host_listener = socket.create_server(("127.0.0.1", 0))
     port = host_listener.getsockname()[1]
     host_listener.settimeout(0.2)
     try:
