@@ -50,6 +50,11 @@ def test_curl_fetches_an_allowed_host_over_https_and_http_with_no_job_side_confi
 def test_python_urllib_and_git_find_the_proxy_by_themselves(box: Box) -> None:
     got, result, _ = box.probe("download", "https://files.test/bytes/100000", hosts=["files.test"])
     assert got == {"results": [100000]}
+    # pip reaches the index through the proxy and reads its page (the upstream serves no packages)
+    got, result, _ = box.probe("pip", "https://files.test/simple/", hosts=["files.test"])
+    assert "Skipping page https://files.test/simple/somepkg/" in got["output"], got
+    assert [(e["host"], e["verdict"]) for e in entries(result)] == [("files.test", "allowed")]
+    assert entries(result)[0]["bytes_down"] > 0
     # git over https reaches the upstream through the proxy (which is no git server: a 501 from it)
     result, sink = box.run(box.job("git ls-remote https://api.test/repo.git", hosts=["api.test"]))
     log = entries(result)

@@ -143,6 +143,14 @@ def download(url: str, count: int = 1) -> dict:
     return {"results": out}
 
 
+def pip(index: str) -> dict:
+    """`python3 -m pip download` from an index behind the proxy (the upstream serves no packages)."""
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d", "/tmp/pip",
+                        "--index-url", index, "somepkg"], capture_output=True, text=True, timeout=60)
+    return {"returncode": r.returncode, "output": (r.stdout + r.stderr)[-2000:]}
+
+
 def listen(port: int, seconds: float) -> dict:
     """Listen on every address of the sandbox; count what arrives (nothing may)."""
     srv = socket.socket()
@@ -177,6 +185,8 @@ def main() -> None:
         result = never_read(args[0], int(args[1]), float(args[2]))
     elif case == "download":
         result = download(args[0], int(args[1]) if len(args) > 1 else 1)
+    elif case == "pip":
+        result = pip(args[0])
     elif case == "listen":
         result = listen(int(args[0]), float(args[1]))
     elif case == "tcp":
