@@ -36,6 +36,7 @@ def test_a_20_mb_download_runs_at_the_jobs_bandwidth_within_15_percent(wide: Box
     (entry,) = entries(result)
     assert entry["bytes_down"] >= 20 * MB
     measured = (entry["bytes_up"] + entry["bytes_down"]) * 8 / entry["duration_s"]
+    print(f"egress rate: {measured / 1e6:.2f} Mbps measured for {rate_bps / 1e6:.0f} Mbps configured")
     assert 0.85 * rate_bps <= measured <= 1.15 * rate_bps, measured
 
 
@@ -90,6 +91,7 @@ def test_a_job_that_never_reads_its_socket_does_not_grow_the_worker(wide: Box) -
     finally:
         done.set()
         watcher.join()
+    print(f"never-reading job: worker RSS +{(peak[0] - before) / MB:.1f} MB, proxy read {entries(result)[0]['bytes_down'] / MB:.1f} MB")
     assert sink.result() == {"held": True}
     (entry,) = entries(result)
     assert entry["bytes_down"] < 16 * MB  # back-pressure: only socket buffers' worth was read
