@@ -74,7 +74,7 @@ def _host_names(data: bytes) -> list[str]:
         name = data[pos + 3:pos + 3 + length]
         pos += 3 + length
         if name_type == 0:
-            if len(name) != length or not name.isascii():
-                raise NotTLS("server name is not ASCII")
+            if len(name) != length or not all(0x21 <= c < 0x7f for c in name):
+                raise NotTLS("server name is not printable ASCII")
             names.append(name.decode("ascii").lower())
     return names
