@@ -50,7 +50,25 @@ export interface JobRecord {
   logs: StoredObject[];
   security_events: Record<string, unknown>[];
   webhook_deliveries: WebhookDelivery[];
+  /** The egress connection log of the command (null without outbound); docs/network.md. */
+  network?: NetworkSection | null;
+  /** The setup command's run, if the job had one. */
+  setup?: { outcome: string; exit_code: number | null; signal: number | null; duration_s: number;
+            reason: string; network: NetworkSection | null } | null;
   [field: string]: unknown;
+}
+
+export interface Connection {
+  at: number; kind: 'connect' | 'http'; host: string | null; port: number | null; address: string | null;
+  sni: string | null; verdict: 'allowed' | 'refused'; reason: string; detail: string;
+  bytes_up: number; bytes_down: number; requests: number; duration_s: number;
+}
+
+export interface NetworkSection {
+  policy: { allowed_hosts: string[]; allowed_ports: number[]; rate_bytes_per_s: number; max_bytes: number };
+  totals: { connections: number; allowed: number; refused: number; bytes_up: number; bytes_down: number };
+  connections: Connection[];
+  connections_dropped: number;
 }
 
 export interface WebhookDelivery {
