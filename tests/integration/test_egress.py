@@ -47,6 +47,13 @@ def test_curl_fetches_an_allowed_host_over_https_and_http_with_no_job_side_confi
     assert len(sink.events) == 2  # each connection was published live as it ended
 
 
+def test_an_ipv6_upstream_is_reached_at_the_checked_ipv6_address(box: Box) -> None:
+    result, sink = box.run(box.job("curl -sS https://v6.test/hello", hosts=["v6.test"]))
+    assert bytes(sink.out["stdout"]) == b"hello v6.test\n", bytes(sink.out["stderr"])
+    (entry,) = entries(result)
+    assert entry["address"] == box.up.address6 and entry["verdict"] == "allowed"
+
+
 def test_python_urllib_and_git_find_the_proxy_by_themselves(box: Box) -> None:
     got, result, _ = box.probe("download", "https://files.test/bytes/100000", hosts=["files.test"])
     assert got == {"results": [100000]}

@@ -74,7 +74,7 @@ class Box:
         mapped = ",".join(f"{k}={v}" for k, v in BAD_ADDRESSES.items())
         self.settings = load_settings({
             "SANDBOX_WORK_DIR": self.work, "SANDBOX_ALLOWED_HOSTS": names,
-            "SANDBOX_EGRESS_HOSTS": up.host_map() + "," + mapped, "SANDBOX_EGRESS_ALLOW_CIDRS": up.cidr,
+            "SANDBOX_EGRESS_HOSTS": up.host_map() + "," + mapped, "SANDBOX_EGRESS_ALLOW_CIDRS": f"{up.cidr},{up.cidr6}",
             "SANDBOX_ALLOWED_COMMANDS": "curl,python3,git", "SANDBOX_MAX_LOG_BYTES": "256Ki", **env})
         self.rt = LocalRuntime(self.settings)
 

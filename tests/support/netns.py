@@ -13,7 +13,7 @@ from typing import Iterator
 
 from tests.support.services import ROOT, unavailable
 
-HOSTS = ("api.test", "other.test", "files.test")
+HOSTS = ("api.test", "other.test", "files.test", "v6.test")
 
 
 @dataclass
@@ -24,13 +24,16 @@ class Upstream:
     host_address: str  # the worker's side of the veth
     address: str  # the upstream's address inside its namespace
     cidr: str
+    address6: str  # the same upstream over IPv6 (a ULA /64, also opened only by the test)
+    cidr6: str
     ca_pem: bytes
     ca_file: str
     server: subprocess.Popen
 
     def host_map(self, **extra: str) -> str:
         """SANDBOX_EGRESS_HOSTS naming the upstream (plus `extra` name=address pairs)."""
-        pairs = [f"{h}={self.address}" for h in HOSTS] + [f"{k.replace('_', '.')}={v}" for k, v in extra.items()]
+        pairs = [f"{h}={self.address6 if h == 'v6.test' else self.address}" for h in HOSTS]
+        pairs += [f"{k.replace('_', '.')}={v}" for k, v in extra.items()]
         return ",".join(pairs)
 
 
@@ -53,6 +56,8 @@ def start_upstream() -> Iterator[Upstream]:
     octet = random.randrange(1, 250)
     base = f"10.203.{octet}.{third}"
     host_address, address, cidr = f"10.203.{octet}.{third + 1}", f"10.203.{octet}.{third + 2}", f"{base}/30"
+    prefix6 = f"fd20:203:{octet:x}:{third:x}"
+    address6, cidr6 = f"{prefix6}::2", f"{prefix6}::/64"
     tmp = tempfile.mkdtemp(prefix="egress-ca-")
     server: subprocess.Popen | None = None
     try:
@@ -64,6 +69,8 @@ def start_upstream() -> Iterator[Upstream]:
         _ip("-n", netns, "addr", "add", f"{address}/30", "dev", veth_ns)
         _ip("-n", netns, "link", "set", veth_ns, "up")
         _ip("-n", netns, "link", "set", "lo", "up")
+        _ip("-6", "addr", "add", f"{prefix6}::1/64", "dev", veth_host, "nodad")
+        _ip("-n", netns, "-6", "addr", "add", f"{address6}/64", "dev", veth_ns, "nodad")
         ca = trustme.CA()
         cert = ca.issue_cert(*HOSTS)
         cert.private_key_and_cert_chain_pem.write_to_path(os.path.join(tmp, "server.pem"))
@@ -78,7 +85,7 @@ def start_upstream() -> Iterator[Upstream]:
             raise RuntimeError(f"upstream did not start: {line!r} {server.stderr.read() if server.stderr else b''!r}")
         with open(os.path.join(tmp, "ca.pem"), "rb") as f:
             ca_pem = f.read()
-        yield Upstream(netns, host_address, address, cidr, ca_pem, os.path.join(tmp, "ca.pem"), server)
+        yield Upstream(netns, host_address, address, cidr, address6, cidr6, ca_pem, os.path.join(tmp, "ca.pem"), server)
     finally:
         if server is not None:
             server.kill()

@@ -50,8 +50,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # with V6ONLY off: IPv4 clients arrive as ::ffff:a.b.c.d
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def serve(port: int, context: ssl.SSLContext | None) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = DualStackServer(("::", port), Handler)
     server.daemon_threads = True
     if context is not None:
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
