@@ -119,6 +119,9 @@ class Session:
             self._answer_refusal(writer, flow, Refused("bad_request", "request head too large"))
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError) as e:
             flow.reason = flow.reason or ("timeout" if isinstance(e, asyncio.TimeoutError) else "closed")
+        except Exception:  # noqa: BLE001 - a bug here ends one flow, never the loop serving every job
+            logging.getLogger("sandbox.egress").exception("egress flow of %s failed", self.job_id)
+            flow.verdict, flow.reason = "refused", "proxy_error"
         finally:
             self.active -= 1
             for w in (flow.upstream, writer):
