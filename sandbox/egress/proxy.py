@@ -195,6 +195,7 @@ class Session:
         authority, path = http.split_absolute(head.target)
         host, port = http.split_authority(authority, 80)
         addresses = await self._check(host, port, flow)
+        self._check_request(head, authority, flow)  # a bad first request never reaches the upstream
         up_reader, up_writer = await self._open(addresses, port, flow)
         await self._relay_both(self._requests(head, reader, up_writer, flow, authority),
                                self._pump(up_reader, writer, flow, up=False))
@@ -202,13 +203,7 @@ class Session:
     async def _requests(self, head: http.RequestHead, reader, up_writer, flow: Flow, first: str) -> None:
         """Forward requests one by one, checking each one's target and Host against the first."""
         while True:
-            authority, path = http.split_absolute(head.target)
-            if authority.lower() != first.lower():
-                raise Refused("host_mismatch", f"request for {authority[:100]!r} on a connection to {first}")
-            hosts = head.values(b"host")
-            if len(hosts) != 1 or _host_key(hosts[0].decode("latin-1"), flow.port) != _host_key(first, flow.port):
-                raise Refused("host_mismatch", "the Host header must name the request's own host, once")
-            framing, length = http.body_framing(head)
+            path, framing, length = self._check_request(head, first, flow)
             flow.requests += 1
             await self._send(up_writer, head.origin_form(path), flow, up=True)
             await http.copy_body(reader, lambda data: self._send(up_writer, data, flow, up=True), framing, length, CHUNK)
@@ -221,6 +216,17 @@ class Session:
                     up_writer.write_eof()  # the client is done; let the last response finish
                 return
             head = http.parse_head(raw)
+
+    def _check_request(self, head: http.RequestHead, first: str, flow: Flow) -> tuple[str, str, int]:
+        """(path, framing, length) of a request on a connection to `first`, or Refused."""
+        authority, path = http.split_absolute(head.target)
+        if authority.lower() != first.lower():
+            raise Refused("host_mismatch", f"request for {authority[:100]!r} on a connection to {first}")
+        hosts = head.values(b"host")
+        if len(hosts) != 1 or _host_key(hosts[0].decode("latin-1"), flow.port) != _host_key(first, flow.port):
+            raise Refused("host_mismatch", "the Host header must name the request's own host, once")
+        framing, length = http.body_framing(head)
+        return path, framing, length
 
     async def _relay_both(self, up, down) -> None:
         tasks = [asyncio.ensure_future(up), asyncio.ensure_future(down)]

@@ -232,3 +232,19 @@ def test_setup_may_have_network_while_the_command_has_none_and_no_flow_survives_
     assert sink.result()["tcp"].startswith("ConnectionRefusedError")  # the proxy went with the setup
     assert result.network is None
     assert set(logs) == {"stdout", "stderr", "setup-stdout", "setup-stderr"}
+
+
+def test_hostile_request_heads_are_refused_with_a_reason(box: Box) -> None:
+    heads = [
+        "b'GET http://api.test/' + b'a' * 20000 + b' HTTP/1.1\\r\\n\\r\\n'",  # longer than the 16 KiB head limit
+        "b'POST http://api.test/ HTTP/1.1\\r\\nHost: api.test\\r\\nContent-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n'",
+        "b'GET http://api.test/ HTTP/1.1\\r\\nHost: api.test\\r\\n  folded: x\\r\\n\\r\\n'",
+        "b'GET /relative HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n'",
+        "b'CONNECT 127.0.0.1:3128 HTTP/1.1\\r\\n\\r\\n'",
+        "b'CONNECT api.test HTTP/1.1\\r\\n\\r\\n'",
+        "b'\\x16\\x03\\x01\\x00\\x05hello\\r\\n\\r\\n'",
+    ]
+    got, result, _ = box.probe("raw", *heads, hosts=["api.test"], ports=[80, 443])
+    assert [got[h]["status"] for h in heads] == [400, 400, 400, 400, 403, 400, 400], got
+    assert got[heads[4]]["reason"] == "ip_literal"
+    assert all(e["address"] is None for e in entries(result))  # none reached an upstream
