@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
-from sandbox.policy import host_within, normalise_host
+from sandbox.hosts import host_within, normalise_host
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
