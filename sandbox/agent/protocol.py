@@ -18,6 +18,9 @@ MAX_EVENT_LINE_BYTES = 4 * CHUNK  # one base64 data event of CHUNK bytes, with r
 FORWARDED_SETTINGS = (
     "SANDBOX_MAX_LOG_BYTES", "SANDBOX_MAX_OUTPUT_FILES", "SANDBOX_MAX_OUTPUT_FILE_BYTES",
     "SANDBOX_MAX_OUTPUT_BYTES", "SANDBOX_MAX_OPEN_FILES",
+    # the egress proxy runs inside the machine (its LocalRuntime): the operator's network rules go along
+    "SANDBOX_BLOCKED_PORTS", "SANDBOX_EGRESS_ALLOW_CIDRS", "SANDBOX_EGRESS_HOSTS", "SANDBOX_EGRESS_MAX_BYTES",
+    "SANDBOX_EGRESS_MAX_CONNECTIONS", "SANDBOX_EGRESS_MAX_CONCURRENT", "SANDBOX_EGRESS_LOG_ENTRIES",
 )
 
 
@@ -52,6 +55,8 @@ def machine_env(settings: Settings, token: str, job_id: str, listen: str | None 
 
 
 def _env_text(value: object) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):  # SANDBOX_EGRESS_HOSTS
+        return ",".join(f"{name}={'|'.join(addresses)}" for name, addresses in value)
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
     if isinstance(value, float) and value.is_integer():

@@ -152,3 +152,15 @@ def test_the_token_bucket_charges_debt_so_concurrent_takers_share_the_rate() -> 
     assert bucket.tokens <= 0.01 * bucket.rate
     unlimited = TokenBucket(0)
     asyncio.run(unlimited.take(10**9))  # returns at once
+
+
+def test_a_fly_machine_gets_the_operators_egress_settings_in_a_form_it_parses_back() -> None:
+    from sandbox.agent.protocol import machine_env
+
+    worker = load_settings({"SANDBOX_EGRESS_HOSTS": "api.test=10.0.0.2|::1,b.test=1.2.3.4",
+                            "SANDBOX_EGRESS_ALLOW_CIDRS": "10.0.0.0/30", "SANDBOX_EGRESS_MAX_BYTES": "5Mi",
+                            "SANDBOX_BLOCKED_PORTS": "22,25"})
+    machine = load_settings(machine_env(worker, "token", "job-1"))
+    for name in ("egress_hosts", "egress_allow_cidrs", "egress_max_bytes", "egress_max_connections",
+                 "blocked_ports"):
+        assert getattr(machine, name) == getattr(worker, name), name
