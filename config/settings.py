@@ -125,6 +125,19 @@ def _cidrs(text: str) -> tuple[Any, ...]:
     return parse_cidrs(text)
 
 
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return text
+
+
+def _port_or_off(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port 1-65535, or 0 for no metrics endpoint")
+    return value
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
 
@@ -206,6 +219,11 @@ class Settings:
     egress_max_connections: int = _setting("SANDBOX_EGRESS_MAX_CONNECTIONS", "1000", _positive_int)
     egress_max_concurrent: int = _setting("SANDBOX_EGRESS_MAX_CONCURRENT", "32", _positive_int)
     egress_log_entries: int = _setting("SANDBOX_EGRESS_LOG_ENTRIES", "200", _positive_int)
+    log_format: str = _setting("SANDBOX_LOG_FORMAT", "json", _log_format)
+    # Loopback by default: /metrics and /healthz carry no auth (job ids, queue names, node names).
+    metrics_host: str = _setting("SANDBOX_METRICS_HOST", "127.0.0.1")
+    metrics_port: int = _setting("SANDBOX_METRICS_PORT", "9540", _port_or_off)
+    queue_age_max_s: float = _setting("SANDBOX_QUEUE_AGE_MAX", "300", _positive_float)  # health: older is degraded
 
     @property
     def s3_endpoint(self) -> str:

@@ -93,9 +93,15 @@ class Worker:
         self.concurrency = concurrency
         self.proc: subprocess.Popen | None = None
         self.extra_args: list[str] = []
+        # each worker its own metrics port: several run on one host in tests
+        self.metrics_port = int(env.get("SANDBOX_METRICS_PORT") or free_port())
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     def start(self, app, timeout_s: float = 60.0) -> None:  # noqa: ANN001
-        env = {**os.environ, **self.env, "SANDBOX_NODE_NAME": self.node}
+        env = {**os.environ, **self.env, "SANDBOX_NODE_NAME": self.node, "SANDBOX_METRICS_PORT": str(self.metrics_port)}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", self.node, "-c", str(self.concurrency),

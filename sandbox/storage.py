@@ -198,6 +198,10 @@ class ArtifactStore:
 
     # -- buckets -------------------------------------------------------------------------------
 
+    def check_bucket(self) -> None:
+        """Head the bucket with the configured credentials (health); StorageError says what is wrong."""
+        self._call(f"head bucket {self.bucket}", "head_bucket", Bucket=self.bucket)
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (local stack and tests; R2 buckets are made by hand)."""
         try:

@@ -10,7 +10,8 @@ from celery.signals import celeryd_after_setup, worker_process_init
 from config.wiring import build_services
 from sandbox.lifecycle import Services
 
-app = Celery("sandbox")
+# The task class only swaps in the Request that tells Flower which job a task is for (tasks.monitoring).
+app = Celery("sandbox", task_cls="tasks.monitoring:SandboxTask")
 app.config_from_object("celeryconfig")
 
 log = logging.getLogger("sandbox.tasks")

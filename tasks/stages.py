@@ -131,9 +131,9 @@ def sandbox_kill(state: Any, job_id: str) -> dict:
 
 
 @app.task(name="sandbox.notify", autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)
-def notify(job_id: str, event_type: str = "job.terminal", transition: dict | None = None) -> None:
-    """Deliver the terminal record (or one transition) to the job's callback_url, if it named one."""
-    lifecycle.notify(services(), job_id, event_type, transition)
+def notify(job_id: str, event_type: str = "job.terminal", transition: dict | None = None) -> list[dict]:
+    """Deliver the terminal record (or one transition) to the job's callback_url; returns the attempts."""
+    return lifecycle.notify(services(), job_id, event_type, transition)
 
 
 def _notify_transitions(job_id: str) -> None:

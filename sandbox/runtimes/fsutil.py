@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+import threading
 import time
 from typing import IO, Any, Iterator
 
@@ -124,7 +125,7 @@ def shared_etc(work_dir: str, uid: int) -> str:
     if os.path.isdir(etc):
         return etc
     os.makedirs(base, 0o711, exist_ok=True)
-    tmp = f"{etc}.tmp{os.getpid()}"
+    tmp = f"{etc}.tmp{os.getpid()}.{threading.get_ident()}"  # threads pool: sandboxes are created in parallel
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _build_etc(tmp, uid)

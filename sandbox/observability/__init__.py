@@ -1,0 +1,1 @@
+"""Operations: metrics, structured logs, Redis-sampled gauges, health checks (no Celery here)."""

@@ -1,0 +1,195 @@
+"""What Redis says about the cluster: queues, heartbeats, admission, sweeps, Redis itself.
+
+Read at scrape time (sandbox.observability.gauges) and by `python -m sandbox health`. Key names are
+the shared contract (heartbeats and sweeps: reliability; admission: capacity; queues: kombu).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from sandbox.state import ACTIVE_SET
+
+NODES_SET = "sandbox:nodes"
+DEAD_LETTERS = "sandbox.dead"
+SWEEPS = ("orphans", "stuck", "artifacts")
+BASE_QUEUES = ("sandbox", "celery")
+SENT_AT_HEADER = "sandbox_sent_at"  # unix seconds, set by every producer we ship (see docs/operations.md)
+_KOMBU_BINDINGS = "_kombu.binding.*"
+_KOMBU_SEP = "\x06\x16"
+_PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis transport: a list per step, "queue\x06\x16<step>"
+
+
+def heartbeat_key(node: str) -> str:
+    return f"sandbox:node:{node}:heartbeat"
+
+
+def admitted_key(node: str) -> str:
+    return f"sandbox:node:{node}:admitted"
+
+
+def capacity_key(node: str) -> str:
+    return f"sandbox:node:{node}:capacity"
+
+
+def sweep_last_key(name: str) -> str:
+    return f"sandbox:sweep:{name}:last"
+
+
+def node_queue(node: str) -> str:
+    return f"sandbox.node.{node}"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _json(raw: Any) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+@dataclass
+class Heartbeat:
+    """One node's last heartbeat; age_s is None when the key expired (the node is gone)."""
+
+    node: str
+    age_s: float | None
+    queues: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Queue:
+    """A broker queue: messages waiting, the oldest one's age, and the live nodes consuming it."""
+
+    name: str
+    messages: int
+    oldest_age_s: float | None
+    consumers: list[str]
+
+
+class FirstSeen:
+    """When a message without a sent-at header was first seen at a queue's head: a lower bound of its age."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def age(self, message_id: str, now: float) -> float:
+        with self._lock:
+            if len(self._seen) >= self._limit:
+                self._seen.clear()
+            return now - self._seen.setdefault(message_id, now)
+
+
+class Cluster:
+    """Reads of the shared keys; every method is a handful of Redis commands."""
+
+    def __init__(self, client: redis.Redis, first_seen: FirstSeen | None = None) -> None:
+        self.redis = client
+        self.first_seen = first_seen or FirstSeen()
+
+    def nodes(self) -> list[str]:
+        return sorted(_text(n) for n in self.redis.smembers(NODES_SET))
+
+    def heartbeats(self, now: float | None = None) -> list[Heartbeat]:
+        """Every node seen, with its heartbeat's age (None once the heartbeat's TTL ran out)."""
+        now = time.time() if now is None else now
+        nodes = self.nodes()
+        raws = self.redis.mget([heartbeat_key(n) for n in nodes]) if nodes else []
+        beats = []
+        for node, raw in zip(nodes, raws):
+            beat = _json(raw)
+            if not isinstance(beat, dict):
+                beats.append(Heartbeat(node, None))
+                continue
+            queues = [q for q in beat.get("queues") or [] if isinstance(q, str)]
+            beats.append(Heartbeat(node, max(0.0, now - float(beat.get("at") or 0)), queues))
+        return beats
+
+    def queue_names(self, nodes: list[str]) -> list[str]:
+        """Known queues, every queue ever bound in kombu's tables, and every node's own queue."""
+        names = set(BASE_QUEUES) | {node_queue(n) for n in nodes}
+        for key in self.redis.scan_iter(match=_KOMBU_BINDINGS, count=100):
+            for member in self.redis.smembers(key):
+                name = _text(member).split(_KOMBU_SEP)[-1]
+                if name and "pidbox" not in name and not name.startswith("celeryev"):
+                    names.add(name)
+        return sorted(names)
+
+    def queues(self, fresh_s: float, now: float | None = None) -> list[Queue]:
+        """Depth, oldest message age and consumers (nodes with a heartbeat younger than fresh_s)."""
+        now = time.time() if now is None else now
+        beats = self.heartbeats(now)
+        live = [b for b in beats if b.age_s is not None and b.age_s <= fresh_s]
+        out = []
+        for name in self.queue_names([b.node for b in beats]):
+            lists = [name] + [f"{name}{_KOMBU_SEP}{p}" for p in _PRIORITY_STEPS if p]
+            pipe = self.redis.pipeline(transaction=False)
+            for key in lists:
+                pipe.llen(key)
+                pipe.lindex(key, -1)  # kombu LPUSHes and BRPOPs: the oldest message is the last
+            replies = pipe.execute()
+            depth = sum(int(replies[i] or 0) for i in range(0, len(replies), 2))
+            ages = [self._age(raw, now) for raw in replies[1::2] if raw is not None]
+            out.append(Queue(name, depth, max(ages) if ages else None,
+                             sorted(b.node for b in live if name in b.queues)))
+        return out
+
+    def _age(self, raw: bytes, now: float) -> float:
+        message = _json(raw)
+        headers = message.get("headers") if isinstance(message, dict) else None
+        headers = headers if isinstance(headers, dict) else {}
+        sent_at = headers.get(SENT_AT_HEADER)
+        if isinstance(sent_at, (int, float)) and not isinstance(sent_at, bool):
+            return max(0.0, now - float(sent_at))
+        return self.first_seen.age(str(headers.get("id") or hash(raw)), now)
+
+    def dead_letters(self) -> int:
+        return int(self.redis.llen(DEAD_LETTERS))
+
+    def active_jobs(self) -> int:
+        return int(self.redis.zcard(ACTIVE_SET))
+
+    def admission(self, node: str) -> tuple[dict[str, float], dict[str, float]]:
+        """(admitted totals, capacity) of a node: cpu cores, memory/disk bytes, sandboxes."""
+        admitted = {"cpu": 0.0, "memory_bytes": 0.0, "disk_bytes": 0.0, "sandboxes": 0.0}
+        for raw in self.redis.hvals(admitted_key(node)):
+            entry = _json(raw)
+            if isinstance(entry, dict):
+                admitted["sandboxes"] += 1
+                for key in ("cpu", "memory_bytes", "disk_bytes"):
+                    value = entry.get(key)
+                    admitted[key] += float(value) if isinstance(value, (int, float)) else 0.0
+        capacity = _json(self.redis.get(capacity_key(node)))
+        capacity = capacity if isinstance(capacity, dict) else {}
+        limits = {"cpu": capacity.get("cpu"), "memory_bytes": capacity.get("memory_bytes"),
+                  "disk_bytes": capacity.get("disk_bytes"), "sandboxes": capacity.get("max_sandboxes")}
+        return admitted, {k: float(v) for k, v in limits.items() if isinstance(v, (int, float))}
+
+    def last_sweeps(self) -> dict[str, dict[str, Any] | None]:
+        raws = self.redis.mget([sweep_last_key(n) for n in SWEEPS])
+        return {name: (v if isinstance(v := _json(raw), dict) else None) for name, raw in zip(SWEEPS, raws)}
+
+    def redis_facts(self) -> dict[str, Any]:
+        """Persistence, eviction policy and memory, from INFO (CONFIG may be disabled on managed Redis)."""
+        persistence, memory = self.redis.info("persistence"), self.redis.info("memory")
+        return {
+            "aof_enabled": bool(persistence.get("aof_enabled")),
+            "rdb_last_bgsave_ok": persistence.get("rdb_last_bgsave_status", "ok") == "ok",
+            "aof_last_write_ok": persistence.get("aof_last_write_status", "ok") == "ok",
+            "maxmemory_policy": _text(memory.get("maxmemory_policy", "")),
+            "used_memory_bytes": int(memory.get("used_memory", 0)),
+            "maxmemory_bytes": int(memory.get("maxmemory", 0)),
+            "total_system_memory_bytes": int(memory.get("total_system_memory", 0)),
+        }

@@ -1,0 +1,133 @@
+"""`python -m sandbox health`: is the service up, and if not, what is wrong (exit 0 ok, 1 degraded, 2 down)."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import redis
+
+from config.settings import Settings
+from sandbox.observability.cluster import Cluster, node_queue
+
+OK, DEGRADED, DOWN = "ok", "degraded", "down"
+EXIT_CODES = {OK: 0, DEGRADED: 1, DOWN: 2}
+SWEEP_PERIODS_S = {"orphans": 60.0, "stuck": 120.0, "artifacts": 3600.0}  # celeryconfig.beat_schedule
+MEMORY_HEADROOM = 0.9  # used/maxmemory above this is degraded: writes fail at maxmemory under noeviction
+
+
+@dataclass
+class Check:
+    """One line of the table."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def worst(checks: list[Check]) -> str:
+    order = [OK, DEGRADED, DOWN]
+    return max((c.status for c in checks), key=order.index, default=OK)
+
+
+def run(settings: Settings, artifacts: Any, now: float | None = None) -> list[Check]:
+    """Every check; with Redis down, the checks that read it say so instead of running."""
+    now = time.time() if now is None else now
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
+    checks = [_guard("s3", lambda: check_s3(artifacts))]
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        return [Check("redis", DOWN, f"unreachable at {_where(settings.redis_url)}: {e}"), *checks,
+                *(Check(n, DOWN, "unknown: Redis is down") for n in ("workers", "beat", "queues"))]
+    cluster = Cluster(client)
+    fresh_s = 3 * float(getattr(settings, "heartbeat_interval_s", 10.0))
+    checks[:0] = [_guard("redis", lambda: check_redis(cluster))]
+    checks += [_guard("workers", lambda: check_workers(cluster, fresh_s, now)),
+               _guard("beat", lambda: check_beat(cluster, now)),
+               _guard("queues", lambda: check_queues(cluster, fresh_s, settings.queue_age_max_s, now))]
+    return checks
+
+
+def _guard(name: str, check: Callable[[], Check]) -> Check:
+    try:
+        return check()
+    except Exception as e:  # noqa: BLE001 - a check that cannot run says why, the others still run
+        return Check(name, DOWN, f"check failed: {type(e).__name__}: {e}")
+
+
+def _where(url: str) -> str:
+    return url.split("@")[-1]  # never print a password
+
+
+def check_redis(cluster: Cluster) -> Check:
+    facts = cluster.redis_facts()
+    problems = []
+    if not facts["aof_enabled"]:
+        problems.append("persistence: AOF is off (a restart loses queued jobs and records since the last snapshot)")
+    if not (facts["rdb_last_bgsave_ok"] and facts["aof_last_write_ok"]):
+        problems.append("persistence: the last RDB save or AOF write failed")
+    if facts["maxmemory_policy"] != "noeviction":
+        problems.append(f"eviction: maxmemory-policy is {facts['maxmemory_policy']} (must be noeviction, or "
+                        "Redis drops queued messages and job records when full)")
+    used, limit = facts["used_memory_bytes"], facts["maxmemory_bytes"] or facts["total_system_memory_bytes"]
+    if limit and used > MEMORY_HEADROOM * limit:
+        problems.append(f"memory: {used} of {limit} bytes used")
+    shown = f"aof={'on' if facts['aof_enabled'] else 'off'}, policy={facts['maxmemory_policy']}, used={used} B"
+    return Check("redis", DEGRADED if problems else OK, "; ".join(problems) or shown)
+
+
+def check_s3(artifacts: Any) -> Check:
+    try:
+        artifacts.check_bucket()
+    except Exception as e:  # noqa: BLE001 - StorageError/StorageUnavailable carry the reason
+        return Check("s3", DOWN, f"bucket {artifacts.bucket}: {e}")
+    return Check("s3", OK, f"bucket {artifacts.bucket} reachable with the configured credentials")
+
+
+def check_workers(cluster: Cluster, fresh_s: float, now: float) -> Check:
+    beats = cluster.heartbeats(now)
+    live = [b for b in beats if b.age_s is not None and b.age_s <= fresh_s]
+    if not live:
+        return Check("workers", DOWN, f"no worker: no heartbeat younger than {fresh_s:.0f} s "
+                     f"({len(beats)} node(s) ever seen)")
+    problems = [f"{b.node} does not consume {', '.join(missing)}" for b in live
+                if (missing := [q for q in ("sandbox", node_queue(b.node)) if q not in b.queues])]
+    gone = [b.node for b in beats if b not in live]
+    detail = f"{len(live)} live: {', '.join(b.node for b in live)}" + (f"; gone: {', '.join(gone)}" if gone else "")
+    return Check("workers", DEGRADED if problems else OK, "; ".join(problems) or detail)
+
+
+def check_beat(cluster: Cluster, now: float) -> Check:
+    problems, seen = [], []
+    for name, entry in cluster.last_sweeps().items():
+        at = entry.get("at") if entry else None
+        if not isinstance(at, (int, float)):
+            problems.append(f"sweep {name} never ran")
+        elif now - at > 3 * SWEEP_PERIODS_S[name]:
+            problems.append(f"sweep {name} last ran {now - at:.0f} s ago (every {SWEEP_PERIODS_S[name]:.0f} s)")
+        else:
+            seen.append(f"{name} {now - at:.0f} s ago")
+    return Check("beat", DEGRADED if problems else OK, "; ".join(problems) or "sweeps ran: " + ", ".join(seen))
+
+
+def check_queues(cluster: Cluster, fresh_s: float, max_age_s: float, now: float) -> Check:
+    problems, total = [], 0
+    for q in cluster.queues(fresh_s, now):
+        total += q.messages
+        if q.messages and not q.consumers:
+            problems.append(f"{q.name}: {q.messages} message(s) and no consumer")
+        if q.oldest_age_s is not None and q.oldest_age_s > max_age_s:
+            problems.append(f"{q.name}: oldest message {q.oldest_age_s:.0f} s old (limit {max_age_s:.0f} s)")
+    return Check("queues", DEGRADED if problems else OK, "; ".join(problems) or f"{total} message(s) waiting")
+
+
+def table(checks: list[Check]) -> str:
+    """The short table the CLI prints."""
+    width = max(len(c.name) for c in checks)
+    lines = [f"{c.name:<{width}}  {c.status.upper():<8}  {c.detail}" for c in checks]
+    return "\n".join(lines + [f"{'overall':<{width}}  {worst(checks).upper()}"])
+
+
+def as_json(checks: list[Check]) -> dict[str, Any]:
+    return {"status": worst(checks), "checks": [asdict(c) for c in checks]}

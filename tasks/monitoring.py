@@ -1,0 +1,258 @@
+"""Celery's side of operations: JSON logs, the metrics endpoint, each task's log context, counting
+each job once, and what Flower shows per stage (the job id; at the end its status and reason).
+
+Everything here hangs off Celery signals, so the stage tasks themselves stay one line each.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Task, signals, states
+from celery.worker.request import Request
+
+from config import load_settings
+from sandbox.observability import audit, metrics
+from sandbox.observability import logging as obs_logging
+from sandbox.observability.cluster import SENT_AT_HEADER, Cluster
+from sandbox.observability.gauges import ClusterCollector, NodeCollector
+from sandbox.observability.server import Liveness, serve
+from sandbox.spec import job_id_of
+
+log = logging.getLogger("sandbox.observability")
+audit_log = logging.getLogger(obs_logging.AUDIT_LOGGER)
+STAGES = ("sandbox.create", "sandbox.prepare", "sandbox.execute", "sandbox.collect", "sandbox.cleanup")
+_JOB_ID_FIRST = set(STAGES) | {"sandbox.notify", "sandbox.cancel"}
+_RECORD_RESULTS = ("sandbox.submit", "sandbox.cleanup")  # their results are whole job records
+_MAX_ID_PARSE_BYTES = 256 * 1024  # a submit bigger than this shows as job=? in Flower (its stages don't)
+_settings = load_settings()
+_running: dict[str, tuple[Any, float]] = {}
+_summaries: dict[str, str] = {}
+_endpoint: dict[str, Any] = {}
+_lock = threading.Lock()
+
+
+def _services() -> Any:
+    from tasks.app import services  # late: tasks.app names this module as its task class's home
+
+    return services()
+
+
+# -- logs ------------------------------------------------------------------------------------------
+
+if not logging.getLogger().handlers:
+    # Lines before Celery sets logging up (its superuser warning, import-time warnings) in the same format.
+    obs_logging.set_node(_settings.node_name)
+    obs_logging.configure(_settings.log_format, logging.WARNING, stream=sys.__stderr__)
+    logging.captureWarnings(True)
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    # Celery configures nothing once a receiver exists: the handler writes to the real stderr, and
+    # stray prints and warnings become log lines too, so every line of a worker or beat is one format.
+    obs_logging.set_node(_settings.node_name)
+    obs_logging.configure(_settings.log_format, loglevel or logging.INFO, stream=sys.__stderr__)
+    logging.captureWarnings(True)
+    logging.getLogger("celery.app.trace").addFilter(_no_records_in_success_lines)
+    from tasks.app import app
+
+    app.log.redirect_stdouts_to_logger(logging.getLogger("celery.redirected"), loglevel=logging.WARNING)
+
+
+def _no_records_in_success_lines(record: logging.LogRecord) -> bool:
+    # "Task sandbox.cleanup[..] succeeded: {record}" would log presigned URLs: say where it is instead.
+    args = record.args
+    if isinstance(args, dict) and args.get("name") in _RECORD_RESULTS and "return_value" in args:
+        record.args = {**args, "return_value": "(the job record)"}
+    return True
+
+
+@signals.before_task_publish.connect
+def _stamp_sent_at(headers: dict | None = None, **_: Any) -> None:
+    # kombu keeps no enqueue time: the oldest-message-age gauge and health read this header.
+    if isinstance(headers, dict):
+        headers.setdefault(SENT_AT_HEADER, time.time())
+
+
+# -- the node's endpoint ------------------------------------------------------------------------------
+
+@signals.celeryd_after_setup.connect
+def _start_endpoint(sender: str, instance: Any, **_: Any) -> None:
+    obs_logging.set_node(sender)
+    client = redis.Redis.from_url(_settings.redis_url, health_check_interval=30)
+    audit.install(client, _settings.record_ttl_s)
+    if not _settings.metrics_port or _endpoint:
+        return
+    from prometheus_client import REGISTRY
+
+    fresh_s = 3 * float(getattr(_settings, "heartbeat_interval_s", 10.0))
+    REGISTRY.register(ClusterCollector(Cluster(client), fresh_s))
+    REGISTRY.register(NodeCollector(sender, lambda: _services().runtime.list_sandboxes()))
+    _endpoint["liveness"] = liveness = Liveness(sender)
+    try:
+        _endpoint["server"] = serve(_settings.metrics_host, _settings.metrics_port, liveness)
+    except OSError as e:  # the worker still works; the scrape target's `up` == 0 pages someone
+        log.error("no metrics endpoint on %s:%d: %s", _settings.metrics_host, _settings.metrics_port, e)
+
+
+@signals.worker_ready.connect
+def _consuming(**_: Any) -> None:
+    if "liveness" in _endpoint:
+        _endpoint["liveness"].consuming = True
+
+
+@signals.worker_shutting_down.connect
+def _stopping(**_: Any) -> None:
+    if "liveness" in _endpoint:
+        _endpoint["liveness"].stopping = True
+
+
+# -- each task: log context, durations, counting each job once ------------------------------------------
+
+def _job_id(name: str, args: Any) -> str | None:
+    if not args:
+        return None
+    first = args[0]
+    if name in _JOB_ID_FIRST:
+        return first if isinstance(first, str) else None
+    if name == "sandbox.submit":
+        size = len(first) if isinstance(first, (str, bytes)) else 0
+        return job_id_of(first) if size <= _MAX_ID_PARSE_BYTES else None
+    if name == "sandbox.on_stage_error":
+        inner = getattr(first, "args", None) or (first.get("args") if isinstance(first, dict) else None)
+        return inner[0] if inner and isinstance(inner[0], str) else None
+    return None
+
+
+@signals.task_prerun.connect
+def _task_started(task_id: str, task: Task, args: Any = (), **_: Any) -> None:
+    stage = task.name.rsplit(".", 1)[-1] if task.name in STAGES else None
+    token = obs_logging.bind(job_id=_job_id(task.name, args), stage=stage, task_id=task_id)
+    _running[task_id] = (token, time.monotonic())
+
+
+@signals.task_postrun.connect
+def _task_ended(task_id: str, task: Task, args: Any = (), retval: Any = None, state: str | None = None,
+                **_: Any) -> None:
+    token, started = _running.pop(task_id, (None, time.monotonic()))
+    try:
+        if state == states.SUCCESS:
+            _after(task.name, task_id, args, retval, time.monotonic() - started)
+    except Exception:  # noqa: BLE001 - counting must never fail a job
+        log.exception("operations hook after %s failed", task.name)
+    finally:
+        if token is not None:
+            obs_logging.unbind(token)
+
+
+def _after(name: str, task_id: str, args: Any, retval: Any, duration_s: float) -> None:
+    if name in STAGES:
+        metrics.stage_finished(name.rsplit(".", 1)[-1], duration_s)
+        _remember_summary(task_id, summary(args[0], retval if name == "sandbox.cleanup" else None))
+    if name in _RECORD_RESULTS and isinstance(retval, dict) and retval.get("status") in ("rejected", *TERMINAL):
+        job_finished(retval)
+        if name == "sandbox.submit":
+            _remember_summary(task_id, summary(retval.get("id"), retval))
+    elif name == "sandbox.on_stage_error":
+        job_id = _job_id(name, args)
+        record = _services().store.find(job_id) if job_id else None
+        if record and record.get("status") in TERMINAL:
+            job_finished(record)
+    elif name == "sandbox.notify":
+        metrics.webhooks_delivered(retval or [])
+    elif name == "sandbox.cancel" and isinstance(retval, dict):
+        audit_log.info(json.dumps({"op": "cancel", "job_id": retval.get("job_id"), "outcome":
+                                   "cancelled" if retval.get("cancelled") else "unchanged",
+                                   "status": retval.get("status")}, sort_keys=True))
+    elif name in ("sandbox.sweep_stuck", "sandbox.sweep_node"):
+        _swept(name, retval or [])
+
+
+TERMINAL = ("succeeded", "failed", "timed_out", "oom_killed", "cancelled", "error")
+
+
+def job_finished(record: dict[str, Any]) -> None:
+    """Count a terminal job once (a redelivered cleanup must not count it twice) and ship its audit trail."""
+    svc = _services()
+    job_id = record["id"]
+    if not svc.store.redis.set(f"sandbox:job:{job_id}:metered", 1, nx=True, ex=svc.settings.record_ttl_s):
+        return
+    runtime = (record.get("sandbox") or {}).get("runtime") or svc.settings.runtime
+    metrics.job_finished(record, runtime)
+    for event in record.get("security_events") or []:
+        if event.get("type") != "rejected":  # the rejection itself was audited when it happened
+            audit_log.warning(json.dumps({"op": "security_event", "job_id": job_id, **event}, sort_keys=True, default=str))
+    if record.get("status") != "rejected":  # a rejection has no sandbox and no logs; its line is in the log
+        audit.upload(svc.store.redis, svc.artifacts, job_id)
+
+
+def _swept(name: str, ended: list[str]) -> None:
+    sweep = "stuck" if name == "sandbox.sweep_stuck" else "orphans"
+    metrics.swept(sweep, len(ended))
+    svc = _services()
+    for item in ended:
+        job_id = item if sweep == "stuck" else item.removeprefix("sbx-")
+        audit_log.warning(json.dumps({"op": "sweep_destroy" if sweep == "orphans" else "sweep_end",
+                                      "sweep": sweep, "job_id": job_id, "sandbox_id": item if sweep == "orphans" else None},
+                                     sort_keys=True))
+        record = svc.store.find(job_id)
+        if record is None:
+            continue
+        if sweep == "stuck":
+            job_finished(record)
+        else:
+            audit.upload(svc.store.redis, svc.artifacts, job_id)
+
+
+# -- Flower: which job a row belongs to, and how the job ended ------------------------------------------
+
+def summary(job_id: Any, record: dict[str, Any] | None) -> str:
+    """`job=<id>`, and for a terminal record its status, exit code and reason (never env or files)."""
+    text = f"job={job_id}"
+    if not record:
+        return text
+    text += f" status={record.get('status')}"
+    if record.get("exit_code") is not None:
+        text += f" exit={record['exit_code']}"
+    error = record.get("error") or {}
+    reason = error.get("message") or (record.get("outcome") or {}).get("reason")
+    if error.get("field"):
+        reason = f"{error['field']} ({error.get('rule')}): {reason}"
+    return text + (f" reason={str(reason)[:200]!r}" if reason else "")
+
+
+def _remember_summary(task_id: str, text: str) -> None:
+    with _lock:
+        if len(_summaries) > 1000:  # a prefork child never hands them to its parent: do not grow
+            _summaries.clear()
+        _summaries[task_id] = text
+
+
+class JobRequest(Request):
+    """Flower's args column says which job a task is for, its result column how the job ended."""
+
+    @property
+    def argsrepr(self) -> str:
+        job_id = _job_id(self.name, self.args)
+        if self.name in _JOB_ID_FIRST or self.name == "sandbox.submit":
+            return f"job={job_id or '?'}"
+        return super().argsrepr
+
+    def send_event(self, type: str, **fields: Any) -> None:  # noqa: A002 - Celery's name
+        if type == "task-succeeded":
+            with _lock:
+                text = _summaries.pop(self.id, None)
+            if text is not None:
+                fields["result"] = text
+        super().send_event(type, **fields)
+
+
+class SandboxTask(Task):
+    """The app's task class: only its Request differs from Celery's."""
+
+    Request = "tasks.monitoring:JobRequest"
