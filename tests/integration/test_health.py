@@ -1,0 +1,134 @@
+"""`python -m sandbox health` against a real Redis and a real S3 server: green when all is well, and
+each failure it checks for named when that failure is real.
+
+Heartbeats and sweep marks are written here as test setup, in the shared key format (common.md):
+the reliability branch's workers and beat write them in production.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from sandbox.observability.cluster import NODES_SET, SENT_AT_HEADER, heartbeat_key, sweep_last_key
+from tests.support.services import ROOT, RedisServer, ServiceUnavailable, unavailable
+
+NODE = "w1@health"
+
+
+@pytest.fixture()
+def health_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis set up as production's should be: AOF on, noeviction."""
+    server = RedisServer(tmp_path)
+    try:
+        server.start()
+    except ServiceUnavailable as e:
+        unavailable(str(e))
+    client = redis.Redis.from_url(server.url)
+    client.config_set("appendonly", "yes")
+    client.config_set("maxmemory-policy", "noeviction")
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def healthy(health_redis: RedisServer, s3: Any) -> dict[str, str]:
+    """A healthy stack's state: one live worker consuming its queues, beat's sweeps just ran."""
+    client = redis.Redis.from_url(health_redis.url)
+    now = time.time()
+    client.sadd(NODES_SET, NODE)
+    client.set(heartbeat_key(NODE), json.dumps({"node": NODE, "pid": 1, "at": now, "started_at": now - 60,
+                                                "queues": ["sandbox", "celery", f"sandbox.node.{NODE}"]}), ex=30)
+    for name in ("orphans", "stuck", "artifacts"):
+        client.set(sweep_last_key(name), json.dumps({"at": now, "count": 0, "node": NODE}))
+    return {"SANDBOX_REDIS_URL": health_redis.url, **s3.env()}
+
+
+def health(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run([sys.executable, "-m", "sandbox", "health", "--json"], cwd=ROOT, capture_output=True,
+                          env={**os.environ, **env}, timeout=60)
+    assert done.stdout, done.stderr
+    report = json.loads(done.stdout)
+    return done.returncode, {c["name"]: c for c in report["checks"]} | {"status": report["status"]}
+
+
+def test_healthy_stack_is_green(healthy):
+    code, checks = health(healthy)
+    assert code == 0, checks
+    assert all(checks[n]["status"] == "ok" for n in ("redis", "s3", "workers", "beat", "queues"))
+
+
+def test_table_names_every_check(healthy):
+    done = subprocess.run([sys.executable, "-m", "sandbox", "health"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **healthy}, timeout=60)
+    assert done.returncode == 0
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["redis", "s3", "workers", "beat", "queues",
+                                                                     "overall"]
+
+
+def test_redis_without_aof_is_degraded(healthy):
+    redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"]).config_set("appendonly", "no")
+    code, checks = health(healthy)
+    assert code == 1 and checks["redis"]["status"] == "degraded"
+    assert "AOF is off" in checks["redis"]["detail"]
+
+
+def test_evicting_redis_is_degraded(healthy):
+    redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"]).config_set("maxmemory-policy", "allkeys-lru")
+    code, checks = health(healthy)
+    assert code == 1 and "allkeys-lru" in checks["redis"]["detail"]
+
+
+def test_wrong_s3_credentials_are_down(healthy):
+    code, checks = health({**healthy, "SANDBOX_CLOUDFLARE_SECRET_KEY": "not-the-secret"})
+    assert code == 2 and checks["s3"]["status"] == "down"
+    assert "access denied" in checks["s3"]["detail"] or "refused" in checks["s3"]["detail"]
+
+
+def test_no_worker_is_down(healthy):
+    redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"]).delete(heartbeat_key(NODE))
+    code, checks = health(healthy)
+    assert code == 2 and checks["workers"]["status"] == "down"
+    assert "no worker" in checks["workers"]["detail"]
+
+
+def test_stale_beat_is_degraded(healthy):
+    client = redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"])
+    client.set(sweep_last_key("stuck"), json.dumps({"at": time.time() - 3600, "count": 0, "node": NODE}))
+    code, checks = health(healthy)
+    assert code == 1 and "sweep stuck last ran" in checks["beat"]["detail"]
+
+
+def _client(url: str) -> Celery:
+    app = Celery("producer", broker=url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    return app
+
+
+def test_message_in_a_queue_nobody_consumes_is_degraded(healthy):
+    _client(healthy["SANDBOX_REDIS_URL"]).send_task("sandbox.submit", args=["{}"], queue="nobody-home")
+    code, checks = health(healthy)
+    assert code == 1 and checks["queues"]["status"] == "degraded"
+    assert "nobody-home: 1 message(s) and no consumer" in checks["queues"]["detail"]
+
+
+def test_old_message_is_degraded(healthy):
+    _client(healthy["SANDBOX_REDIS_URL"]).send_task("sandbox.submit", args=["{}"], queue="sandbox",
+                                                    headers={SENT_AT_HEADER: time.time() - 900})
+    code, checks = health(healthy)
+    assert code == 1 and "sandbox: oldest message 9" in checks["queues"]["detail"]
+    assert "s old (limit 300 s)" in checks["queues"]["detail"]
+
+
+def test_redis_down_is_down(healthy, health_redis):
+    health_redis.stop()
+    code, checks = health(healthy)
+    assert code == 2 and checks["redis"]["status"] == "down" and "unreachable" in checks["redis"]["detail"]
