@@ -91,7 +91,8 @@ def _submit(args: argparse.Namespace) -> int:
     from tasks import app
 
     text, job_id = _with_id(args.file.read_bytes())
-    result = app.send_task("sandbox.submit", args=[text])
+    # Flower shows a task's args: the job's environment and files must never be among them
+    result = app.send_task("sandbox.submit", args=[text], argsrepr=f"job={job_id or '?'}")
     print(f"submitted job {job_id or '?'} (task {result.id})", file=sys.stderr)
     if not args.wait:
         print(json.dumps({"id": job_id, "task_id": result.id}))

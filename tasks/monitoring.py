@@ -253,6 +253,12 @@ class JobRequest(Request):
 
 
 class SandboxTask(Task):
-    """The app's task class: only its Request differs from Celery's."""
+    """The app's task class: Flower's args column says `job=<id>`, from the sender's task-sent event
+    (chain links are sent by the worker running the previous stage) and from the worker's own."""
 
     Request = "tasks.monitoring:JobRequest"
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        if self.name in _JOB_ID_FIRST and args and isinstance(args[0], str):
+            options.setdefault("argsrepr", f"job={args[0]}")
+        return super().apply_async(args, kwargs, **options)

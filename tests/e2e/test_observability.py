@@ -200,3 +200,32 @@ def test_audit_trail_is_uploaded_beside_the_jobs_logs(mixed_run, stack_env):
     assert all(line["audit"] is True and line["job_id"] == record["id"] for line in lines)
     assert any(line.get("op") == "security_event" and line.get("type") == "oom" for line in lines)
     assert any(line.get("op") == "put" and line["key"].endswith("stdout.log") for line in lines)
+
+
+def test_flower_says_which_job_each_stage_is_for_and_how_it_ended(obs_worker, celery_client, stack_env,
+                                                                   session_dir):
+    from tests.e2e.test_operations import start_flower
+
+    with start_flower(stack_env, session_dir / "flower-obs.db") as (base, auth):
+        # Flower knows a worker only from its events: once it lists ours, it hears every task event
+        wait_for(lambda: obs_worker.node in requests.get(f"{base}/api/workers?refresh=1", auth=auth, timeout=10).json())
+        ok_id, bad_id = new_job_id("flowerok"), new_job_id("flowerbad")
+        for job in ({"id": ok_id, "command": "ls"}, {"id": bad_id, "command": "python3 -c 'raise SystemExit(3)'",
+                                                     "environment": {"API_TOKEN": "never-shown"}}):
+            celery_client.send_task("sandbox.submit", args=[json.dumps(job)], queue=QUEUE).get(timeout=60)
+
+        def rows(job_id: str) -> dict:
+            found = requests.get(f"{base}/api/tasks", params={"search": job_id}, auth=auth, timeout=10).json()
+            done = [t for t in found.values() if t["name"] == "sandbox.cleanup" and t["state"] == "SUCCESS"]
+            return found if done and len(found) >= 5 else {}
+
+        bad = {t["name"]: t for t in wait_for(lambda: rows(bad_id), timeout_s=30).values()}
+        ok = {t["name"]: t for t in wait_for(lambda: rows(ok_id), timeout_s=30).values()}
+    stages = ("sandbox.create", "sandbox.prepare", "sandbox.execute", "sandbox.collect", "sandbox.cleanup")
+    # submit's row becomes cleanup's: the chain's last task takes the submit task's id (Celery's replace)
+    assert set(bad) == set(stages)
+    assert all(bad[name]["state"] == "SUCCESS" for name in stages)  # a failing program is data, not a failure
+    assert {name: bad[name]["args"] for name in stages} == {name: f"job={bad_id}" for name in stages}
+    assert bad["sandbox.cleanup"]["result"] == f"job={bad_id} status=failed exit=3 reason='exited with status 3'"
+    assert ok["sandbox.cleanup"]["result"] == f"job={ok_id} status=succeeded exit=0"
+    assert not any("never-shown" in json.dumps(t) for t in bad.values())  # env never reaches Flower

@@ -1,10 +1,13 @@
 """Operations: Flower behind basic auth, and beat's sweeps run as real tasks on a real worker."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import requests
 
@@ -27,10 +30,12 @@ def test_stuck_and_artifact_sweeps_run(worker, celery_client):
     assert celery_client.send_task("sandbox.sweep_artifacts").get(timeout=60) >= 0
 
 
-def test_flower_serves_the_workers_behind_basic_auth(worker, stack_env, session_dir):
+@contextlib.contextmanager
+def start_flower(stack_env: dict[str, str], db: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+    """Flower exactly as the Procfile starts it, on a free port; yields its base URL and credentials."""
     port = free_port()
     env = {**os.environ, **stack_env, "FLOWER_PORT": str(port), "FLOWER_BASIC_AUTH": "ops:secret",
-           "FLOWER_DB": str(session_dir / "flower.db")}
+           "FLOWER_DB": str(db)}
     command = [line.split(":", 1)[1] for line in (ROOT / "Procfile").read_text().splitlines()
                if line.startswith("flower:")][0]
     proc = subprocess.Popen(["bash", "-c", f"exec {command.strip()}"], cwd=ROOT, start_new_session=True,
@@ -45,10 +50,16 @@ def test_flower_serves_the_workers_behind_basic_auth(worker, stack_env, session_
                     break
             except requests.ConnectionError:
                 time.sleep(0.2)
-        assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
-        workers = {}
-        while time.monotonic() < deadline and worker.node not in workers:
-            workers = requests.get(f"{base}/api/workers?refresh=1", auth=("ops", "secret"), timeout=10).json()
-        assert worker.node in workers
+        yield base, ("ops", "secret")
     finally:
         stop_process(proc)
+
+
+def test_flower_serves_the_workers_behind_basic_auth(worker, stack_env, session_dir):
+    with start_flower(stack_env, session_dir / "flower.db") as (base, auth):
+        assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
+        deadline = time.monotonic() + 30
+        workers = {}
+        while time.monotonic() < deadline and worker.node not in workers:
+            workers = requests.get(f"{base}/api/workers?refresh=1", auth=auth, timeout=10).json()
+        assert worker.node in workers
