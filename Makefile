@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs curl git python3 python3-requests iproute2
+# prometheus: promtool checks deploy/prometheus/alerts.yml in the tests (about 96 MB, 7 s to install)
+APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs curl git python3 python3-requests iproute2 prometheus
 STAMP := $(VENV)/.installed
 
 .PHONY: deps system-deps node-deps run up test test-fast bench clean
