@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := redis-server bubblewrap libseccomp2 util-linux e2fsprogs curl git python3 python3-requests iproute2 prometheus
 STAMP := $(VENV)/.installed
 
-.PHONY: deps system-deps node-deps run up test test-fast bench clean
+.PHONY: deps system-deps node-deps run up test test-fast bench dashboard clean
 
 deps: system-deps $(STAMP) node-deps
 
@@ -50,6 +50,14 @@ bench: deps
 	$(BIN)/python bench/sandbox_start.py 50
 	$(BIN)/python bench/storage_memory.py
 	$(BIN)/python bench/egress.py 300
+
+# A real run scraped by a real Prometheus, drawn as deploy/grafana/sandbox.json's panels, and
+# screenshots of it and of Flower's task list (docs/img/). Chromium only for this target (~270 MB).
+DASHBOARD_PACKAGES := chromium fonts-dejavu-core
+dashboard: deps
+	@missing=""; for p in $(DASHBOARD_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+	$(BIN)/python -m devstack.dashboard
 
 clean:
 	rm -rf var .pytest_cache

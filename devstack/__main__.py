@@ -65,6 +65,8 @@ class Stack:
             say(f"started {name} (log: var/{name}.log)")
         self._wait_for_worker(env)
         say(f"Flower: http://127.0.0.1:{os.environ.get('FLOWER_PORT', '5555')}/flower  (user:password {self.flower_auth})")
+        metrics = f"http://127.0.0.1:{os.environ.get('SANDBOX_METRICS_PORT', '9540')}"
+        say(f"worker metrics: {metrics}/metrics  liveness: {metrics}/healthz  health: .venv/bin/python -m sandbox health")
 
     def _wait_for_worker(self, env: dict[str, str]) -> None:
         from celery import Celery

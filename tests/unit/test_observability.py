@@ -1,0 +1,84 @@
+"""Metrics labels stay bounded under hostile input; log lines carry their context; settings are checked."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from config.settings import load_settings
+from sandbox.errors import ConfigError
+from sandbox.observability import logging as obs_logging
+from sandbox.observability.metrics import delivery_outcome, field_label, label_word
+
+
+@pytest.mark.parametrize("pointer, label", [
+    ("/environment/LD_PRELOAD", "/environment/*"),   # a job-chosen name never becomes a label value
+    ("/files/17/path", "/files/*/path"),
+    ("/files/3/\u202eevil", "/files/*/*"),
+    ("/resources/memory", "/resources/memory"),
+    ("/no/such/field/at/all", "/*"),
+    ("", "/"),
+    (None, "/"),
+])
+def test_rejected_field_labels_are_bounded(pointer, label):
+    assert field_label(pointer) == label
+
+
+@pytest.mark.parametrize("value, label", [("oom", "oom"), ("a b", "other"), ("x" * 41, "other"), (3, "other"),
+                                          ("timed_out", "timed_out")])
+def test_label_words_refuse_free_text(value, label):
+    assert label_word(value) == label
+
+
+def test_webhook_outcome_is_the_last_attempts():
+    assert delivery_outcome([{"status_code": 500}, {"status_code": 204}]) == "delivered"
+    assert delivery_outcome([{"status_code": 410}]) == "refused"
+    assert delivery_outcome([{"status_code": 429}, {"status_code": None, "error": "timeout"}]) == "failed"
+    assert delivery_outcome([]) == "failed"
+
+
+def _capture(log_format: str) -> io.StringIO:
+    stream = io.StringIO()
+    obs_logging.configure(log_format, logging.INFO, stream=stream)
+    obs_logging.set_node("n1@host")
+    return stream
+
+
+def test_json_lines_carry_the_context_and_audit_fields():
+    stream = _capture("json")
+    with obs_logging.bound(job_id="j-1", stage="execute", task_id="t-1"):
+        logging.getLogger("sandbox.lifecycle").warning("limit hit: %s", "memory")
+        logging.getLogger("sandbox.audit").info(json.dumps({"op": "put", "job_id": "j-1", "key": "jobs/j-1/x"}))
+    logging.getLogger("sandbox.lifecycle").info("outside any task")
+    first, second, third = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "limit hit: memory" and first["level"] == "WARNING"
+    assert (first["job_id"], first["stage"], first["task_id"], first["node"]) == ("j-1", "execute", "t-1", "n1@host")
+    assert second["audit"] is True and second["op"] == "put" and second["key"] == "jobs/j-1/x"
+    assert "job_id" not in third and third["node"] == "n1@host"
+    assert first["time"].endswith("Z")
+
+
+def test_text_format_is_for_a_terminal():
+    stream = _capture("text")
+    with obs_logging.bound(job_id="j-2", stage="create"):
+        logging.getLogger("sandbox.tasks").info("hello")
+    assert stream.getvalue().rstrip().endswith("[j-2/create] hello")
+
+
+def test_bad_log_format_or_metrics_port_stops_start_up_by_name():
+    with pytest.raises(ConfigError, match="SANDBOX_LOG_FORMAT"):
+        load_settings({"SANDBOX_LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError, match="SANDBOX_METRICS_PORT"):
+        load_settings({"SANDBOX_METRICS_PORT": "70000"})
+    assert load_settings({"SANDBOX_METRICS_PORT": "0"}).metrics_port == 0  # 0: no endpoint
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
