@@ -170,13 +170,15 @@ def main() -> int:
         say(f"jobs ended: {ended}")
         (OUT / "index.html").write_text(render(prometheus, ROOT / "deploy" / "grafana" / "sandbox.json", start - 10, end,
                                                NOTE + f" Jobs in this run: {json.dumps(ended, sort_keys=True)}."))
-        chromium((OUT / "index.html").as_uri(), IMG / "dashboard.png", 1260, 2500, OUT / "chrome")
+        chromium((OUT / "index.html").as_uri(), IMG / "dashboard.png", 1260, 2330, OUT / "chrome")
         user, password = auth.split(":", 1)
-        chromium(f"http://{user}:{password}@127.0.0.1:{flower_port}/flower/tasks", IMG / "flower-tasks.png",
-                 1900, 1000, OUT / "chrome")
+        flower = f"http://{user}:{password}@127.0.0.1:{flower_port}/flower"
+        chromium(f"{flower}/tasks", IMG / "flower-tasks.png", 1900, 1000, OUT / "chrome")
+        # one row per job: cleanup's result is how the job ended (the submit row is cleanup's, see docs)
+        chromium(f"{flower}/tasks?name=sandbox.cleanup", IMG / "flower-jobs.png", 2200, 1000, OUT / "chrome")
         alerts = json.load(urllib.request.urlopen(f"{prometheus}/api/v1/alerts", timeout=10))["data"]["alerts"]  # noqa: S310
         say(f"alerts pending/firing in Prometheus: {sorted({a['labels']['alertname'] for a in alerts})}")
-        say(f"wrote {OUT / 'index.html'}, {IMG / 'dashboard.png'}, {IMG / 'flower-tasks.png'}")
+        say(f"wrote {OUT / 'index.html'} and the screenshots in {IMG}")
         return 0
     finally:
         for proc in reversed(procs):

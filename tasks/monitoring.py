@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ STAGES = ("sandbox.create", "sandbox.prepare", "sandbox.execute", "sandbox.colle
 _JOB_ID_FIRST = set(STAGES) | {"sandbox.notify", "sandbox.cancel"}
 _RECORD_RESULTS = ("sandbox.submit", "sandbox.cleanup")  # their results are whole job records
 _MAX_ID_PARSE_BYTES = 256 * 1024  # a submit bigger than this shows as job=? in Flower (its stages don't)
+_UNSAFE = re.compile(r"[^\w .,:;=/()+@%-]")
 _settings = load_settings()
 _running: dict[str, tuple[Any, float]] = {}
 _summaries: dict[str, str] = {}
@@ -223,7 +225,8 @@ def summary(job_id: Any, record: dict[str, Any] | None) -> str:
     reason = error.get("message") or (record.get("outcome") or {}).get("reason")
     if error.get("field"):
         reason = f"{error['field']} ({error.get('rule')}): {reason}"
-    return text + (f" reason={str(reason)[:200]!r}" if reason else "")
+    # Flower renders this as HTML and the reason may quote job-chosen text (a key, a path): plain words only
+    return text + (f" reason={_UNSAFE.sub('?', str(reason))[:200]!r}" if reason else "")
 
 
 def _remember_summary(task_id: str, text: str) -> None:
