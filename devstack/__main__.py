@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import redis
+
 from devstack.processes import ROOT, RedisServer, free_port, stop_process
 from devstack.seaweed import SeaweedServer
 VAR = ROOT / "var"
@@ -54,6 +56,8 @@ class Stack:
     def up(self) -> None:
         say("starting redis on " + self.redis.url)
         self.redis.start()
+        # as production's Redis should be (python -m sandbox health checks it): AOF on, noeviction
+        redis.Redis.from_url(self.redis.url).config_set("appendonly", "yes")
         say("starting SeaweedFS (S3) ...")
         self.s3.start()
         say(f"S3 endpoint {self.s3.endpoint}, bucket {self.s3.bucket}")
@@ -66,7 +70,12 @@ class Stack:
         self._wait_for_worker(env)
         say(f"Flower: http://127.0.0.1:{os.environ.get('FLOWER_PORT', '5555')}/flower  (user:password {self.flower_auth})")
         metrics = f"http://127.0.0.1:{os.environ.get('SANDBOX_METRICS_PORT', '9540')}"
-        say(f"worker metrics: {metrics}/metrics  liveness: {metrics}/healthz  health: .venv/bin/python -m sandbox health")
+        # the CLI's health check needs this run's S3 keys too: keep them where only root reads them
+        env_file = VAR / "devstack.env"
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items() if k.startswith("SANDBOX_")))
+        say(f"worker metrics: {metrics}/metrics  liveness: {metrics}/healthz")
+        say("health: (set -a; . var/devstack.env; .venv/bin/python -m sandbox health)")
 
     def _wait_for_worker(self, env: dict[str, str]) -> None:
         from celery import Celery

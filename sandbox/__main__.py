@@ -57,7 +57,7 @@ def _health(args: argparse.Namespace) -> int:
     from sandbox.storage import ArtifactStore
 
     settings = load_settings()
-    checks = health.run(settings, ArtifactStore(settings, actor="health", max_attempts=1, timeout_s=5.0))
+    checks = health.run(settings, lambda: ArtifactStore(settings, actor="health", max_attempts=1, timeout_s=5.0))
     print(json.dumps(health.as_json(checks), indent=2) if args.json else health.table(checks))
     return health.EXIT_CODES[health.worst(checks)]
 

@@ -30,11 +30,12 @@ def worst(checks: list[Check]) -> str:
     return max((c.status for c in checks), key=order.index, default=OK)
 
 
-def run(settings: Settings, artifacts: Any, now: float | None = None) -> list[Check]:
-    """Every check; with Redis down, the checks that read it say so instead of running."""
+def run(settings: Settings, artifacts: Callable[[], Any], now: float | None = None) -> list[Check]:
+    """Every check; with Redis down, the checks that read it say so instead of running.
+    `artifacts` builds the ArtifactStore (it refuses to exist without S3 settings: that is a check's answer)."""
     now = time.time() if now is None else now
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
-    checks = [_guard("s3", lambda: check_s3(artifacts))]
+    checks = [_guard("s3", lambda: check_s3(artifacts()))]
     try:
         client.ping()
     except redis.RedisError as e:
