@@ -145,7 +145,7 @@ export const TERMINAL_STATUSES: ReadonlySet<JobStatus>;
 export const QUEUE: string;
 export function buildTaskMessage(
   task: string, args: unknown[],
-  options?: { taskId?: string; replyTo?: string; deliveryTag?: string; origin?: string; queue?: string },
+  options?: { taskId?: string; replyTo?: string; deliveryTag?: string; origin?: string; queue?: string; sentAt?: number },
 ): { taskId: string; queue: string; raw: string };
 
 export class JobRejected extends Error {

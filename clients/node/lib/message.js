@@ -11,7 +11,7 @@ const QUEUE = 'sandbox';
 
 /**
  * One task message; returns { taskId, queue, raw } where raw is the string to LPUSH.
- * Options may fix taskId, replyTo, deliveryTag, origin (used by tests to compare bytes).
+ * Options may fix taskId, replyTo, deliveryTag, origin, sentAt (unix s; used by tests to compare bytes).
  */
 function buildTaskMessage(task, args, options = {}) {
   if (typeof task !== 'string' || !task) throw new TypeError('task name required');
@@ -45,6 +45,9 @@ function buildTaskMessage(task, args, options = {}) {
       replaced_task_nesting: 0,
       stamped_headers: null,
       stamps: {},
+      // Enqueue time (unix seconds): kombu keeps none, and the workers' queue-age gauge and
+      // `python -m sandbox health` read this header (docs/operations.md).
+      sandbox_sent_at: options.sentAt ?? Date.now() / 1000,
     },
     properties: {
       correlation_id: taskId,

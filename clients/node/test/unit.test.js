@@ -26,6 +26,8 @@ test('a task message has the protocol v2 fields Celery needs, body base64 [args,
   assert.deepEqual(body, [[job], {}, { callbacks: null, errbacks: null, chain: null, chord: null }]);
   // The job's content never lands in the headers that Flower and logs show.
   assert.ok(!JSON.stringify(message.headers).includes('ls -l'));
+  // Enqueue time for the queue-age gauge and health check.
+  assert.ok(Math.abs(message.headers.sandbox_sent_at - Date.now() / 1000) < 60);
 });
 
 test('every message gets its own task id and delivery tag', () => {
