@@ -125,9 +125,6 @@ def _job_id(name: str, args: Any) -> str | None:
     if name == "sandbox.submit":
         size = len(first) if isinstance(first, (str, bytes)) else 0
         return job_id_of(first) if size <= _MAX_ID_PARSE_BYTES else None
-    if name == "sandbox.on_stage_error":
-        inner = getattr(first, "args", None) or (first.get("args") if isinstance(first, dict) else None)
-        return inner[0] if inner and isinstance(inner[0], str) else None
     return None
 
 
@@ -160,11 +157,6 @@ def _after(name: str, task_id: str, args: Any, retval: Any, duration_s: float) -
         job_finished(retval)
         if name == "sandbox.submit":
             _remember_summary(task_id, summary(retval.get("id"), retval))
-    elif name == "sandbox.on_stage_error":
-        job_id = _job_id(name, args)
-        record = _services().store.find(job_id) if job_id else None
-        if record and record.get("status") in TERMINAL:
-            job_finished(record)
     elif name == "sandbox.notify":
         metrics.webhooks_delivered(retval or [])
     elif name == "sandbox.cancel" and isinstance(retval, dict):
@@ -180,6 +172,8 @@ TERMINAL = ("succeeded", "failed", "timed_out", "oom_killed", "cancelled", "erro
 
 def job_finished(record: dict[str, Any]) -> None:
     """Count a terminal job once (a redelivered cleanup must not count it twice) and ship its audit trail."""
+    if record.get("status") not in ("rejected", *TERMINAL):
+        return
     svc = _services()
     job_id = record["id"]
     if not svc.store.redis.set(f"sandbox:job:{job_id}:metered", 1, nx=True, ex=svc.settings.record_ttl_s):

@@ -10,6 +10,7 @@ from celery.worker.control import control_command
 from config.settings import EXECUTE_HARD_MARGIN_S
 from sandbox import lifecycle
 from sandbox.errors import TransientError
+from tasks import monitoring
 from tasks.app import app, node_queue, services
 
 log = logging.getLogger("sandbox.tasks")
@@ -103,6 +104,8 @@ def on_stage_error(request, exc, traceback) -> None:
     record = lifecycle.fail(services(), job_id, stage, exc)
     if record is None:
         return
+    # Celery calls this errback directly (no task signals fire), so it counts the job itself.
+    monitoring.job_finished(record)
     if record.get("submit_task_id"):
         # The chain's last task carries the submit task's id: give its waiters the final record.
         app.backend.store_result(record["submit_task_id"], record, states.SUCCESS)
