@@ -153,10 +153,12 @@ def _after(name: str, task_id: str, args: Any, retval: Any, duration_s: float) -
     if name in STAGES:
         metrics.stage_finished(name.rsplit(".", 1)[-1], duration_s)
         _remember_summary(task_id, summary(args[0], retval if name == "sandbox.cleanup" else None))
-    if name in _RECORD_RESULTS and isinstance(retval, dict) and retval.get("status") in ("rejected", *TERMINAL):
+    if name == "sandbox.cleanup" and isinstance(retval, dict):
         job_finished(retval)
-        if name == "sandbox.submit":
-            _remember_summary(task_id, summary(retval.get("id"), retval))
+    elif name == "sandbox.submit" and isinstance(retval, dict) and retval.get("status") == "rejected":
+        # once per submit message: a rejection may carry the id of another, running job
+        job_finished(retval, once_key=f"sandbox:submit:{task_id}:metered")
+        _remember_summary(task_id, summary(retval.get("id"), retval))
     elif name == "sandbox.notify":
         metrics.webhooks_delivered(retval or [])
     elif name == "sandbox.cancel" and isinstance(retval, dict):
@@ -170,13 +172,14 @@ def _after(name: str, task_id: str, args: Any, retval: Any, duration_s: float) -
 TERMINAL = ("succeeded", "failed", "timed_out", "oom_killed", "cancelled", "error")
 
 
-def job_finished(record: dict[str, Any]) -> None:
+def job_finished(record: dict[str, Any], once_key: str | None = None) -> None:
     """Count a terminal job once (a redelivered cleanup must not count it twice) and ship its audit trail."""
     if record.get("status") not in ("rejected", *TERMINAL):
         return
     svc = _services()
     job_id = record["id"]
-    if not svc.store.redis.set(f"sandbox:job:{job_id}:metered", 1, nx=True, ex=svc.settings.record_ttl_s):
+    once_key = once_key or f"sandbox:job:{job_id}:metered"
+    if not svc.store.redis.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s):
         return
     runtime = (record.get("sandbox") or {}).get("runtime") or svc.settings.runtime
     metrics.job_finished(record, runtime)

@@ -83,6 +83,9 @@ def run_every_ending(celery_client: Any, redis_client: Any, hook_url: str) -> di
         "hook": send({"id": ids["hook"], "command": "ls", "callback_url": hook_url}),
     }
     wait_for(lambda: json.loads(redis_client.get(f"sandbox:job:{ids['cancelled']}") or "{}").get("status") == "running")
+    # a rejection naming a running job's id is counted, and must not take that job's count
+    pending["rejected_same_id"] = send({"id": ids["cancelled"], "command": "ls", "resources": {"memory": "lots"}})
+    pending["rejected_same_id"].get(timeout=60)
     celery_client.send_task("sandbox.cancel", args=[ids["cancelled"]], queue=QUEUE).get(timeout=30)
     return {status: result.get(timeout=120) for status, result in pending.items()}
 
@@ -112,20 +115,21 @@ def mixed_run(obs_worker: Worker, celery_client: Any, redis_url: str) -> dict[st
 def test_every_ending_reaches_its_status(mixed_run):
     assert {s: r["status"] for s, r in mixed_run["records"].items()} == {
         "succeeded": "succeeded", "failed": "failed", "timed_out": "timed_out", "oom_killed": "oom_killed",
-        "cancelled": "cancelled", "rejected": "rejected", "error": "error", "hook": "succeeded"}
+        "cancelled": "cancelled", "rejected": "rejected", "error": "error", "hook": "succeeded",
+        "rejected_same_id": "rejected"}
 
 
 def test_counters_moved_by_exactly_the_jobs_that_ran(mixed_run):
     before, after, records = mixed_run["before"], mixed_run["after"], mixed_run["records"]
     jobs = "sandbox_jobs_total"
     for status, expected in (("succeeded", 2), ("failed", 1), ("timed_out", 1), ("oom_killed", 1),
-                             ("cancelled", 1), ("rejected", 1), ("error", 1)):
+                             ("cancelled", 1), ("rejected", 2), ("error", 1)):
         assert moved(before, after, jobs, status=status, runtime="local") == expected, status
     assert moved(before, after, "sandbox_rejections_total", field="/resources/memory",
-                 rule=records["rejected"]["error"]["rule"]) == 1
+                 rule=records["rejected"]["error"]["rule"]) == 2
     assert moved(before, after, "sandbox_stage_failures_total", stage="prepare") == 1
-    for kind in ("timeout", "oom", "rejected"):
-        assert moved(before, after, "sandbox_security_events_total", type=kind) == 1, kind
+    for kind, expected in (("timeout", 1), ("oom", 1), ("rejected", 2)):
+        assert moved(before, after, "sandbox_security_events_total", type=kind) == expected, kind
     assert moved(before, after, "sandbox_webhook_deliveries_total", outcome="delivered") == 1
 
 
@@ -186,7 +190,7 @@ def test_every_log_line_is_json_and_stage_lines_carry_their_job(mixed_run):
             assert p["job_id"] == key.split("/")[1], p  # the context and the event name the same job
     assert by_task and all(len(jobs) == 1 for jobs in by_task.values())
     stage_jobs = {j for jobs in by_task.values() for j in jobs}
-    assert stage_jobs == ids - {records["rejected"]["id"]}
+    assert stage_jobs == ids - {records["rejected"]["id"]}  # (rejected_same_id shares the cancelled job's id)
     audits = [p for p in parsed if p.get("audit")]
     assert {"reject", "put", "security_event", "cancel"} <= {p.get("op") for p in audits}
 
