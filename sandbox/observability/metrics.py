@@ -37,8 +37,8 @@ QUEUE_WAIT_SECONDS = Histogram("sandbox_queue_wait_seconds", "Submit accepted to
 CPU_SECONDS = Histogram("sandbox_job_cpu_seconds", "CPU time a job used.", buckets=CPU_BUCKETS_S)
 MEMORY_PEAK = Histogram("sandbox_job_memory_peak_bytes", "A job's peak memory.", buckets=BYTES_BUCKETS)
 BYTES_WRITTEN = Histogram("sandbox_job_bytes_written", "Bytes a job wrote to its disk.", buckets=BYTES_BUCKETS)
-EGRESS_BYTES = Histogram("sandbox_job_egress_bytes", "Bytes a job sent out through the egress proxy "
-                         "(no proxy yet: observed only when a record carries egress_bytes).", buckets=BYTES_BUCKETS)
+EGRESS_BYTES = Histogram("sandbox_job_egress_bytes", "Bytes up and down through the egress proxy, per job "
+                         "that had outbound network.", buckets=BYTES_BUCKETS)
 
 _SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "schema" / "job.schema.json").read_text())
 _LABEL_WORD = re.compile(r"[A-Za-z0-9_]{1,40}")
@@ -87,13 +87,20 @@ def job_finished(record: dict[str, Any], runtime: str) -> None:
     if create.get("started_at") and record.get("created_at"):
         QUEUE_WAIT_SECONDS.observe(max(0.0, create["started_at"] - record["created_at"]))
     _resources(record.get("resources_used") or {})
+    totals = (record.get("network") or {}).get("totals") or {}
+    if totals:  # the egress proxy's totals, on jobs that had outbound network
+        EGRESS_BYTES.observe(sum(v for k in ("bytes_up", "bytes_down") if _count(v := totals.get(k))))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
 def _resources(used: dict[str, Any]) -> None:
     for histogram, key in ((CPU_SECONDS, "cpu_seconds"), (MEMORY_PEAK, "memory_peak_bytes"),
-                           (BYTES_WRITTEN, "bytes_written"), (EGRESS_BYTES, "egress_bytes")):
+                           (BYTES_WRITTEN, "bytes_written")):
         value = used.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        if _count(value):
             histogram.observe(value)
 
 

@@ -10,6 +10,7 @@ import pytest
 from config.settings import load_settings
 from sandbox.errors import ConfigError
 from sandbox.observability import logging as obs_logging
+from sandbox.observability import metrics
 from sandbox.observability.metrics import delivery_outcome, field_label, label_word
 
 
@@ -37,6 +38,22 @@ def test_webhook_outcome_is_the_last_attempts():
     assert delivery_outcome([{"status_code": 410}]) == "refused"
     assert delivery_outcome([{"status_code": 429}, {"status_code": None, "error": "timeout"}]) == "failed"
     assert delivery_outcome([]) == "failed"
+
+
+def test_a_terminal_record_moves_each_metric_by_its_own_amount():
+    def total(histogram):
+        return histogram._sum.get()
+
+    jobs = metrics.JOBS.labels(status="failed", runtime="local")._value.get()
+    egress, cpu = total(metrics.EGRESS_BYTES), total(metrics.CPU_SECONDS)
+    metrics.job_finished({"id": "j", "status": "failed", "created_at": 10.0, "finished_at": 12.5,
+                          "stages": {"create": {"started_at": 10.25}},
+                          "resources_used": {"cpu_seconds": 0.5, "memory_peak_bytes": True},  # a bool is no number
+                          "security_events": [{"type": "pids_limit"}],
+                          "network": {"totals": {"bytes_up": 100, "bytes_down": 900, "connections": 2}}}, "local")
+    assert metrics.JOBS.labels(status="failed", runtime="local")._value.get() == jobs + 1
+    assert total(metrics.EGRESS_BYTES) == egress + 1000
+    assert total(metrics.CPU_SECONDS) == cpu + 0.5
 
 
 def _capture(log_format: str) -> io.StringIO:
