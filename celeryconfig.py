@@ -13,17 +13,29 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
+# One worker process per node, its tasks on threads (docs/capacity.md): a sandbox is a subprocess
+# the stages mostly wait on, and a thread costs a few hundred KiB where a prefork child cost ~100 MB.
+# Enough threads for every admissible sandbox's current stage plus headroom for submits, notifies
+# and creates waiting for admission: admitted jobs' stages can always get a thread.
+WORKER_HEADROOM_THREADS = 16
+worker_pool = "threads"
+worker_concurrency = _settings.node_max_sandboxes + WORKER_HEADROOM_THREADS
+
 # A task is acknowledged only once it finished; a lost worker's task is redelivered, so every
 # stage is idempotent and `execute` claims the job in Redis before it starts the command.
 task_acks_late = True
-task_reject_on_worker_lost = True
+task_reject_on_worker_lost = True  # no effect under threads: a lost node is found by its heartbeat
 worker_prefetch_multiplier = 1
 # Redis redelivers anything unacknowledged after visibility_timeout: it must exceed the longest
 # stage (execute at the operator's maximum timeout) or a healthy job would run twice.
 # A killed worker's unacknowledged messages come back once the visibility timeout has passed and
 # a restore sweep runs: every 10 s here (kombu's default is every 100 s).
+# "priority": a node drains its queues in the order tasks.app.consumed_queues lists them (its
+# in-flight jobs' stages, then submits, then new creates), so a burst never grows live sandboxes
+# faster than jobs finish (kombu's default round robin ran every create of a burst first).
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s,
-                            "unacked_restore_interval": 10, "unacked_restore_throttle": 1}
+                            "unacked_restore_interval": 10, "unacked_restore_throttle": 1,
+                            "queue_order_strategy": "priority"}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
 broker_connection_retry_on_startup = True
 

@@ -138,6 +138,37 @@ def _port_or_off(text: str) -> int:
     return value
 
 
+def _auto_size(text: str) -> int:
+    """A size, or 0 for "" (then derived from the host in load_settings)."""
+    return parse_size(text) if text.strip() else 0
+
+
+def _auto_cpu(text: str) -> float:
+    """Cores, or 0 for "" (then derived from the host in load_settings)."""
+    return parse_cpu(text) if text.strip() else 0.0
+
+
+def host_cpus() -> float:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    return float(len(os.sched_getaffinity(0)))
+
+
+def host_memory_bytes() -> int:
+    """MemTotal less what the worker, Redis clients and the kernel need: max(1 GiB, 10 %)."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    return max(total // 2, total - max(1 << 30, total // 10))
+
+
+def free_disk_bytes(path: str) -> int:
+    """Free bytes (for unprivileged use) on the filesystem holding `path` or its nearest existing parent."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def _setting(env: str, default: str, parse: Callable[[str], Any] = str, secret: bool = False) -> Any:
     return field(default=None, metadata={"env": env, "default": default, "parse": parse, "secret": secret})
 
@@ -224,6 +255,12 @@ class Settings:
     metrics_host: str = _setting("SANDBOX_METRICS_HOST", "127.0.0.1")
     metrics_port: int = _setting("SANDBOX_METRICS_PORT", "9540", _port_or_off)
     queue_age_max_s: float = _setting("SANDBOX_QUEUE_AGE_MAX", "300", _positive_float)  # health: older is degraded
+    # Admission (sandbox/admission.py): what this node may hand out; "" derives it from the host.
+    node_cpu: float = _setting("SANDBOX_NODE_CPU", "", _auto_cpu)  # cores
+    node_memory_bytes: int = _setting("SANDBOX_NODE_MEMORY", "", _auto_size)
+    node_disk_bytes: int = _setting("SANDBOX_NODE_DISK", "", _auto_size)  # default: the work dir's free space
+    cpu_overcommit: float = _setting("SANDBOX_CPU_OVERCOMMIT", "4", _positive_float)  # cgroup quotas cap each job
+    node_max_sandboxes: int = _setting("SANDBOX_NODE_MAX_SANDBOXES", "64", _positive_int)
 
     @property
     def s3_endpoint(self) -> str:
@@ -267,6 +304,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     _check_consistency(settings)
     if not settings.node_name:
         object.__setattr__(settings, "node_name", socket.gethostname())
+    for name, derive in (("node_cpu", host_cpus), ("node_memory_bytes", host_memory_bytes),
+                         ("node_disk_bytes", lambda: free_disk_bytes(settings.work_dir))):
+        if not getattr(settings, name):
+            object.__setattr__(settings, name, derive())
     return settings
 
 
@@ -297,6 +338,9 @@ def _check_consistency(s: Settings) -> None:
     if s.sandbox_uid + s.sandbox_uid_count > 2**31:
         raise ConfigError("SANDBOX_UID_COUNT", f"the range {s.sandbox_uid}..{s.sandbox_uid + s.sandbox_uid_count - 1} "
                           "must end below 2^31")
+    if s.node_max_sandboxes > s.sandbox_uid_count:
+        raise ConfigError("SANDBOX_NODE_MAX_SANDBOXES", f"{s.node_max_sandboxes} exceeds SANDBOX_UID_COUNT "
+                          f"({s.sandbox_uid_count}): every live sandbox needs a host uid of its own")
     if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
         raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")
     if s.runtime == "fly":

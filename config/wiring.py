@@ -4,6 +4,7 @@ from __future__ import annotations
 import redis
 
 from config.settings import Settings, load_settings
+from sandbox.admission import Admission
 from sandbox.events import EventBus
 from sandbox.lifecycle import Services
 from sandbox.runtimes.base import Runtime
@@ -19,16 +20,20 @@ def build_runtime(settings: Settings) -> Runtime:
 
 
 def build_services(settings: Settings | None = None, host: str | None = None) -> Services:
-    """Everything a stage needs, with fresh connections (call once per process, after fork)."""
+    """Everything a stage needs, with fresh connections (once per process, shared by its threads)."""
     settings = settings or load_settings()
     host = host or settings.node_name
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     events = EventBus.from_settings(client, settings)
+    runtime = build_runtime(settings)
+    # Admission counts what sandboxes take from this node; an unpinned runtime's live elsewhere.
+    admission = Admission(client, host, settings) if getattr(runtime, "pinned", True) else None
     return Services(
         settings=settings,
         store=JobStore(client, events, ttl_s=settings.record_ttl_s),
-        runtime=build_runtime(settings),
+        runtime=runtime,
         artifacts=ArtifactStore(settings, actor=host),
         events=events,
         host=host,
+        admission=admission,
     )

@@ -84,7 +84,7 @@ class RedisServer:
 class Worker:
     """A real `celery worker` process consuming the service's queues under a given node name."""
 
-    def __init__(self, env: dict[str, str], node: str, log_path: Path, concurrency: int = 2,
+    def __init__(self, env: dict[str, str], node: str, log_path: Path, concurrency: int | None = None,
                  queue: str = "sandbox") -> None:
         self.env = env
         self.queue = queue
@@ -104,7 +104,9 @@ class Worker:
         env = {**os.environ, **self.env, "SANDBOX_NODE_NAME": self.node, "SANDBOX_METRICS_PORT": str(self.metrics_port)}
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", self.node, "-c", str(self.concurrency),
+            # the production pool (threads, one process per node); its size from celeryconfig unless given
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", self.node, "--pool=threads",
+             *(["-c", str(self.concurrency)] if self.concurrency else []),
              "-l", "INFO", "--without-mingle", "--without-gossip", "-Q", self.queue, *self.extra_args],
             cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s

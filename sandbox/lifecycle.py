@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from config.settings import Settings
 from sandbox import webhooks
+from sandbox.admission import Admission, Request, check_possible, published_capacities
 from sandbox.events import escape_line
 from sandbox.errors import JobRejected, PlacementError, SandboxError, SandboxFailure, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
@@ -38,6 +39,7 @@ class Services:
     artifacts: Any  # sandbox.storage.ArtifactStore
     events: Any  # sandbox.events.EventBus
     host: str
+    admission: Admission | None = None  # None where sandboxes do not use this node (unpinned runtimes)
 
 
 def validate(raw: Any, settings: Settings) -> JobSpec:
@@ -49,6 +51,8 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     """Validate and record a job; True when the caller should start its stages."""
     try:
         spec = validate(raw, svc.settings)
+        if svc.admission is not None:
+            check_possible(spec.resources, svc.settings, published_capacities(svc.store.redis))
     except JobRejected as rejection:
         return _reject(svc, raw, rejection), False
     record = new_record(spec.id, JobStatus.QUEUED)
@@ -79,14 +83,45 @@ def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     return record
 
 
-def create(svc: Services, job_id: str) -> None:
-    """Make the job's sandbox on this host and remember its handle."""
+def create(svc: Services, job_id: str, admit_wait_s: float = 0.0) -> bool:
+    """Admit the job on this node, then make its sandbox and remember its handle.
+
+    False when the node could not admit it within `admit_wait_s`: nothing was built, the job is
+    still `queued`, and the caller puts it back in the queue.
+    """
+    spec = _spec(svc, job_id)
+    if svc.admission is not None:
+        def still_wanted() -> bool:
+            return not JobStatus(svc.store.get(job_id)["status"]).terminal
+
+        if not svc.admission.admit(job_id, Request.of(spec.resources), admit_wait_s, still_wanted):
+            return not still_wanted()
     record = _begin(svc, job_id, "create", JobStatus.CREATING)
     if record is None:
-        return
-    spec = _spec(svc, job_id)
-    handle = svc.runtime.create(spec, svc.host)
+        if svc.admission is not None and not svc.store.get(job_id).get("sandbox"):
+            svc.admission.release(job_id)  # cancelled between admission and start: nothing to hold
+        return True
+    try:
+        handle = svc.runtime.create(spec, svc.host)
+    except BaseException:
+        if svc.admission is not None:
+            svc.admission.release(job_id)  # the runtime tore down what it began; a retry admits again
+        raise
     _finish_stage(svc, job_id, "create", also=lambda r: r.update(sandbox=handle.to_dict()))
+    return True
+
+
+def reconcile_admission(svc: Services) -> list[str]:
+    """Give back admitted capacity no sandbox on this node holds any more (a killed worker's)."""
+    if svc.admission is None:
+        return []
+    live = [info.job_id for info in svc.runtime.list_sandboxes() if info.host == svc.host]
+
+    def ended(job_id: str) -> bool:
+        record = svc.store.find(job_id)
+        return record is None or JobStatus(record["status"]).terminal
+
+    return svc.admission.reconcile(live, ended)
 
 
 def prepare(svc: Services, job_id: str) -> None:
@@ -289,6 +324,8 @@ def _kill_quietly(svc: Services, handle: SandboxHandle) -> None:
 def _destroy(svc: Services, record: JobRecord) -> None:
     if record.get("sandbox"):
         svc.runtime.destroy(SandboxHandle.from_dict(record["sandbox"]))
+    if svc.admission is not None:
+        svc.admission.release(record["id"])  # only once the sandbox is gone (destroy raised otherwise)
 
 
 def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobRecord | None:

@@ -1,13 +1,16 @@
-"""The Celery app, the per-node queue, and the per-process services."""
+"""The Celery app, the queues a node consumes, and the services its threads share."""
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from typing import Sequence
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_process_init
+from celery.signals import celeryd_after_setup, worker_ready
 
 from config.wiring import build_services
+from sandbox import lifecycle
 from sandbox.lifecycle import Services
 
 # The task class only swaps in the Request that tells Flower which job a task is for (tasks.monitoring).
@@ -17,6 +20,8 @@ app.config_from_object("celeryconfig")
 log = logging.getLogger("sandbox.tasks")
 _node = {"name": os.environ.get("SANDBOX_NODE_NAME", "")}
 _services: dict[int, Services] = {}
+_services_lock = threading.Lock()
+CREATE_SUFFIX = ".create"
 
 
 def node_queue(node: str) -> str:
@@ -24,22 +29,42 @@ def node_queue(node: str) -> str:
     return f"sandbox.node.{node}"
 
 
+def create_queue(intake: str) -> str:
+    """Where the creates of jobs submitted through `intake` wait for a node that admits them."""
+    return intake if intake.endswith(CREATE_SUFFIX) else f"{intake}{CREATE_SUFFIX}"
+
+
+def consumed_queues(node: str, intakes: Sequence[str] = ("sandbox",)) -> list[str]:
+    """Every queue a node consumes, in the order it drains them (queue_order_strategy "priority"):
+    its in-flight jobs' stages first, then submits and the rest, new jobs' creates last."""
+    intakes = [q for q in dict.fromkeys([*intakes, "celery"]) if q != node_queue(node) and not q.endswith(CREATE_SUFFIX)]
+    return [node_queue(node), *intakes, *(create_queue(q) for q in intakes)]
+
+
 @celeryd_after_setup.connect
-def _consume_own_queue(sender: str, instance, **_: object) -> None:
+def _consume_own_queues(sender: str, instance, **_: object) -> None:  # noqa: ANN001
     _node["name"] = sender
-    instance.app.amqp.queues.select_add(node_queue(sender))
+    queues = instance.app.amqp.queues
+    queues.select(consumed_queues(sender, list(queues.consume_from)))  # -Q names the intakes
 
 
-@worker_process_init.connect
-def _fresh_services(**_: object) -> None:
-    # Connections must not cross a fork: each pool process builds its own clients.
-    _services.clear()
+@worker_ready.connect
+def _reconcile_admission(**_: object) -> None:
+    # A worker killed while holding admitted capacity gets it back here (one process per node).
+    svc = services()
+    if svc.admission is not None:
+        svc.admission.publish_capacity()
+        lifecycle.reconcile_admission(svc)
 
 
 def services() -> Services:
-    """This process's services, built on first use (after the fork)."""
+    """This process's services, built on first use and shared by its pool threads."""
     pid = os.getpid()
-    if pid not in _services:
-        _services.clear()
-        _services[pid] = build_services(host=_node["name"] or None)
-    return _services[pid]
+    services_now = _services.get(pid)
+    if services_now is None:
+        with _services_lock:
+            if pid not in _services:
+                _services.clear()  # built before a fork: connections must not cross it
+                _services[pid] = build_services(host=_node["name"] or None)
+            services_now = _services[pid]
+    return services_now

@@ -5,13 +5,14 @@ import logging
 from typing import Any, Callable
 
 from celery import Task, chain, states
+from celery.exceptions import Reject
 from celery.worker.control import control_command
 
 from config.settings import EXECUTE_HARD_MARGIN_S
 from sandbox import lifecycle
 from sandbox.errors import TransientError
 from tasks import monitoring
-from tasks.app import app, node_queue, services
+from tasks.app import app, create_queue, node_queue, services
 
 log = logging.getLogger("sandbox.tasks")
 
@@ -24,13 +25,18 @@ log = logging.getLogger("sandbox.tasks")
 # Celery would mark the rest of the chain failed and the waiters would get an exception instead.
 MAX_RETRIES = 5
 BACKOFF_S = (2, 4, 8, 16, 32)
+# A create this node cannot admit waits this long in its thread for capacity to come back (in FIFO
+# order, released capacity wakes it at once), then goes back to the queue for any node to take.
+ADMIT_WAIT_S = 5.0
 
 
-def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any) -> str:
-    """Run one lifecycle stage; transient errors retry, anything else ends the job as `error`."""
+def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any) -> Any:
+    """Run one lifecycle stage; transient errors retry, anything else ends the job as `error`.
+    Returns what the stage returned (None if it failed)."""
     name = stage.__name__
+    result = None
     try:
-        stage(services(), job_id, **kwargs)
+        result = stage(services(), job_id, **kwargs)
     except TransientError as exc:
         if task.request.retries < MAX_RETRIES:
             raise task.retry(exc=exc, countdown=BACKOFF_S[task.request.retries], max_retries=MAX_RETRIES)
@@ -39,7 +45,7 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any)
         log.exception("stage %s of job %s failed", name, job_id)
         lifecycle.fail(services(), job_id, name, exc)
     _notify_transitions(job_id)
-    return job_id
+    return result
 
 
 @app.task(name="sandbox.submit", bind=True)
@@ -50,41 +56,64 @@ def submit(self, job: Any) -> dict:
         return record
     _notify_transitions(record["id"])
     timeout_s = float(services().store.spec(record["id"])["timeout_s"])
-    raise self.replace(pipeline(record["id"], services().host, timeout_s))
+    intake = (self.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
+    raise self.replace(pipeline(record["id"], create_queue(intake), timeout_s))
 
 
-def pipeline(job_id: str, node: str, timeout_s: float) -> chain:
-    """create → prepare → execute → collect → cleanup, all on `node`, with the errback on each."""
-    queue = node_queue(node)
-    # The runtime enforces the job's own timeout; these are the backstop if the runtime hangs.
+def pipeline(job_id: str, create_on: str, timeout_s: float) -> chain:
+    """create (on the queue every node admits from) → prepare → execute → collect → cleanup, with
+    the errback on each; create routes the later stages to its own node when the runtime is pinned."""
+    # Celery's time limits do not apply under the threads pool: the runtime enforces the job's own
+    # timeout, and these are the backstop only where a worker runs the prefork pool.
     execute_limits = dict(soft_time_limit=timeout_s + EXECUTE_HARD_MARGIN_S / 2, time_limit=timeout_s + EXECUTE_HARD_MARGIN_S)
     return chain(
-        create.si(job_id).set(queue=queue),
-        prepare.si(job_id).set(queue=queue),
-        execute.si(job_id).set(queue=queue, **execute_limits),
-        collect.si(job_id).set(queue=queue),
-        cleanup.si(job_id).set(queue=queue),
+        create.si(job_id).set(queue=create_on),
+        prepare.si(job_id),
+        execute.si(job_id).set(**execute_limits),
+        collect.si(job_id),
+        cleanup.si(job_id),
     ).on_error(on_stage_error.s())
 
 
-@app.task(name="sandbox.create", bind=True)
+def _route_rest_of_chain(task: Task, queue: str) -> None:
+    """Send the chain's remaining stages to `queue` (request.chain is what Celery sends on from)."""
+    for step in task.request.chain or []:
+        options = step.setdefault("options", {})
+        options.pop("exchange", None)
+        options.pop("routing_key", None)
+        options["queue"] = queue
+
+
+# Results are stored only where someone reads them: cleanup carries the submit task's id (its
+# record is what sandbox.submit's waiters get), cancel answers its caller. Every other stage's
+# result would be one more Redis write per stage that nobody reads.
+@app.task(name="sandbox.create", bind=True, ignore_result=True)
 def create(self, job_id: str) -> str:
-    return run_stage(self, lifecycle.create, job_id)
+    """Admit and build the sandbox on this node; not admissible yet: back to the queue, untouched."""
+    svc = services()
+    if getattr(svc.runtime, "pinned", True):
+        _route_rest_of_chain(self, node_queue(svc.host))
+    if run_stage(self, lifecycle.create, job_id, admit_wait_s=ADMIT_WAIT_S) is False:
+        raise Reject(f"job {job_id} not admitted on {svc.host} yet", requeue=True)
+    return job_id
 
 
-@app.task(name="sandbox.prepare", bind=True)
+@app.task(name="sandbox.prepare", bind=True, ignore_result=True)
 def prepare(self, job_id: str) -> str:
-    return run_stage(self, lifecycle.prepare, job_id)
+    run_stage(self, lifecycle.prepare, job_id)
+    return job_id
 
 
-@app.task(name="sandbox.execute", bind=True)
+@app.task(name="sandbox.execute", bind=True, ignore_result=True)
 def execute(self, job_id: str) -> str:
-    return run_stage(self, lifecycle.execute, job_id, token=self.request.id)
+    run_stage(self, lifecycle.execute, job_id, token=self.request.id)
+    return job_id
 
 
-@app.task(name="sandbox.collect", bind=True)
+@app.task(name="sandbox.collect", bind=True, ignore_result=True)
 def collect(self, job_id: str) -> str:
-    return run_stage(self, lifecycle.collect, job_id)
+    run_stage(self, lifecycle.collect, job_id)
+    return job_id
 
 
 @app.task(name="sandbox.cleanup", bind=True)
@@ -96,7 +125,7 @@ def cleanup(self, job_id: str) -> dict:
     return record
 
 
-@app.task(name="sandbox.on_stage_error")
+@app.task(name="sandbox.on_stage_error", ignore_result=True)
 def on_stage_error(request, exc, traceback) -> None:
     """Safety net for what run_stage cannot catch (a hard time limit): runs in the failing stage's
     worker, so on the sandbox's host; the chain's later stages never run after it."""
@@ -133,7 +162,7 @@ def sandbox_kill(state: Any, job_id: str) -> dict:
     return {"ok": f"killed {job_id}"}
 
 
-@app.task(name="sandbox.notify", autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)
+@app.task(name="sandbox.notify", ignore_result=True, autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)
 def notify(job_id: str, event_type: str = "job.terminal", transition: dict | None = None) -> list[dict]:
     """Deliver the terminal record (or one transition) to the job's callback_url; returns the attempts."""
     return lifecycle.notify(services(), job_id, event_type, transition)

@@ -1,7 +1,7 @@
 """Beat's sweeps. Local sandboxes live on one host each, so the orphan sweep fans out per node."""
 from __future__ import annotations
 
-from sandbox import sweeps
+from sandbox import lifecycle, sweeps
 from tasks.app import app, node_queue, services
 
 STUCK_MARGIN_S = 600
@@ -16,9 +16,11 @@ def sweep_orphans() -> list[str]:
     return nodes
 
 
-@app.task(name="sandbox.sweep_node")
+@app.task(name="sandbox.sweep_node", ignore_result=True)
 def sweep_node() -> list[str]:
-    return sweeps.sweep_orphans(services())
+    destroyed = sweeps.sweep_orphans(services())
+    lifecycle.reconcile_admission(services())  # what the sweep destroyed (or a lost worker held) comes back
+    return destroyed
 
 
 @app.task(name="sandbox.sweep_stuck")

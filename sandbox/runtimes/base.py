@@ -77,6 +77,9 @@ class Runtime(Protocol):
     """A sandbox backend. Every method is idempotent: a stage may be redelivered."""
 
     name: str
+    # True: a sandbox lives on the worker node that created it, so the stages after create run on
+    # that node's queue and count against its admission. False: any worker may run any stage.
+    pinned: bool
 
     def create(self, spec: JobSpec, host: str) -> SandboxHandle:
         """Make an isolated, empty sandbox for the job (no network unless the policy allows it)."""

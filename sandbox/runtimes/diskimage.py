@@ -14,6 +14,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import threading
 import struct
 import subprocess
 import tempfile
@@ -48,7 +49,7 @@ def _make_template(work_dir: str, size_bytes: int) -> str:
     os.makedirs(tdir, 0o700, exist_ok=True)
     path = _template_path(work_dir, size_bytes)
     stage = tempfile.mkdtemp(prefix=".stage-", dir=tdir)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
         os.chmod(stage, 0o755)  # becomes the image's root: root-owned, so the job cannot rename its dirs away
         for sub in ("workspace", "tmp"):

@@ -160,7 +160,7 @@ def free_inodes(mnt: str) -> int:
 
 def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
     """Write JSON via a temp file and rename, so readers never see half a file (fsync if durable)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f)
         if durable:

@@ -73,6 +73,7 @@ class LocalRuntime:
     """The Runtime protocol on this Linux host (bubblewrap + cgroups + seccomp + loop ext4)."""
 
     name = "local"
+    pinned = True  # a sandbox lives on the host that made it: later stages run on its node's queue
 
     def __init__(self, settings: Settings, cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.settings = settings
