@@ -338,9 +338,6 @@ def _check_consistency(s: Settings) -> None:
     if s.sandbox_uid + s.sandbox_uid_count > 2**31:
         raise ConfigError("SANDBOX_UID_COUNT", f"the range {s.sandbox_uid}..{s.sandbox_uid + s.sandbox_uid_count - 1} "
                           "must end below 2^31")
-    if s.node_max_sandboxes > s.sandbox_uid_count:
-        raise ConfigError("SANDBOX_NODE_MAX_SANDBOXES", f"{s.node_max_sandboxes} exceeds SANDBOX_UID_COUNT "
-                          f"({s.sandbox_uid_count}): every live sandbox needs a host uid of its own")
     if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
         raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")
     if s.runtime == "fly":

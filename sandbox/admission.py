@@ -86,8 +86,9 @@ class Capacity:
 
     @classmethod
     def of(cls, settings: Settings) -> "Capacity":
+        # every live sandbox holds a host uid of its own: never admit more than the range has
         return cls(settings.node_cpu * settings.cpu_overcommit, settings.node_memory_bytes,
-                   settings.node_disk_bytes, settings.node_max_sandboxes)
+                   settings.node_disk_bytes, min(settings.node_max_sandboxes, settings.sandbox_uid_count))
 
 
 def check_possible(resources: ResourceLimits, settings: Settings, published: Iterable[dict] = ()) -> None:
