@@ -47,7 +47,9 @@ result_extended = True
 # Flower needs worker events.
 worker_send_task_events = True
 task_send_sent_event = True
-task_track_started = True
+# No STARTED state in the result backend: nobody reads it (Flower follows events), and it cost two
+# Redis writes per job. Job progress is the job record's status.
+task_track_started = False
 
 # Per-stage limits (seconds). execute's limits are set per job from its timeout (tasks.canvas).
 task_annotations = {

@@ -282,9 +282,11 @@ def cleanup(svc: Services, job_id: str) -> JobRecord:
     _destroy(svc, record)
     outcome = (record.get("outcome") or {}).get("outcome", "error")
     status = JobStatus.CANCELLED if record.get("cancel_requested") else _OUTCOME_STATUS[outcome]
-    svc.store.transition(job_id, status)
-    _finish_stage(svc, job_id, "cleanup")
-    return svc.store.get(job_id)
+    # the terminal status and the stage's end in one atomic write, whose result is the final record
+    record = svc.store.transition(job_id, status, also=_stage_end(svc, "cleanup"))
+    if "finished_at" not in record["stages"].get("cleanup", {}):  # already terminal (cancelled): no transition
+        record = _finish_stage(svc, job_id, "cleanup")
+    return record
 
 
 def fail(svc: Services, job_id: str, stage: str, exc: BaseException) -> JobRecord | None:
@@ -364,15 +366,24 @@ def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobReco
 def _finish_stage(svc: Services, job_id: str, stage: str,
                   also: Callable[[JobRecord], None] | None = None) -> JobRecord:
     """Record the stage's end (and the stage's own result, `also`) in one atomic write."""
-    now = time.time()
+    end = _stage_end(svc, stage)
 
     def change(r: JobRecord) -> None:
         if also:
             also(r)
+        end(r)
+
+    return svc.store.update(job_id, change)
+
+
+def _stage_end(svc: Services, stage: str) -> Callable[[JobRecord], None]:
+    now = time.time()
+
+    def end(r: JobRecord) -> None:
         entry = r["stages"].setdefault(stage, {"attempts": 1, "host": svc.host, "started_at": now})
         entry.update(finished_at=now, duration_s=round(now - entry["started_at"], 6))
 
-    return svc.store.update(job_id, change)
+    return end
 
 
 def _owned_handle(svc: Services, record: JobRecord) -> SandboxHandle:

@@ -119,8 +119,7 @@ def collect(self, job_id: str) -> str:
 @app.task(name="sandbox.cleanup", bind=True)
 def cleanup(self, job_id: str) -> dict:
     """Always destroys the sandbox; the terminal record it returns is what sandbox.submit yields."""
-    run_stage(self, lifecycle.cleanup, job_id)
-    record = services().store.get(job_id)
+    record = run_stage(self, lifecycle.cleanup, job_id) or services().store.get(job_id)
     _notify(record)
     return record
 
