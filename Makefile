@@ -47,6 +47,7 @@ test-fast: deps
 
 bench: deps
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/capacity.py
 	$(BIN)/python bench/sandbox_start.py 50
 	$(BIN)/python bench/storage_memory.py
 	$(BIN)/python bench/egress.py 300
