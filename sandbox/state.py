@@ -82,6 +82,13 @@ def claim_key(job_id: str) -> str:
 
 
 ACTIVE_SET = "sandbox:jobs:active"
+# KEYS: record, active set. ARGV: the value read, the new value, 1 if terminal, job id.
+_COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
+return 1
+"""
 
 
 class JobStore:
@@ -91,6 +98,7 @@ class JobStore:
         self.redis = client
         self.events = events or NullPublisher()
         self.ttl_s = ttl_s
+        self._cas = client.register_script(_COMPARE_AND_SET)
 
     def create(self, record: JobRecord, spec: dict[str, Any] | None = None) -> bool:
         """Store a new record; False if one already exists for the id (idempotent submit)."""
@@ -125,27 +133,21 @@ class JobStore:
         return json.loads(raw)
 
     def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
-        """Apply `change` to the record atomically (optimistic WATCH/MULTI, retried on conflict)."""
+        """Apply `change` to the record atomically (optimistic: compare-and-set, retried on conflict)."""
         key = record_key(job_id)
-        result: dict[str, Any] = {}
-
-        def apply(pipe: redis.client.Pipeline) -> None:
-            raw = pipe.get(key)
+        while True:
+            raw = self.redis.get(key)
             if raw is None:
                 raise JobNotFound(f"no job {job_id!r}")
             record = json.loads(raw)
             before = record["status"]
             change(record)
             record["updated_at"] = time.time()
-            pipe.multi()
-            pipe.set(key, json.dumps(record), keepttl=True)
-            if JobStatus(record["status"]).terminal:
-                pipe.zrem(ACTIVE_SET, job_id)
-            result["record"], result["before"] = record, before
-
-        self.redis.transaction(apply, key)
-        record = result["record"]
-        if record["status"] != result["before"]:
+            terminal = JobStatus(record["status"]).terminal
+            # One round trip for the write where WATCH/MULTI/EXEC took two (every stage writes twice).
+            if self._cas(keys=[key, ACTIVE_SET], args=[raw, json.dumps(record), int(terminal), job_id]):
+                break
+        if record["status"] != before:
             self._publish_status(record)
         return record
 
