@@ -30,9 +30,9 @@ BACKOFF_S = (2, 4, 8, 16, 32)
 ADMIT_WAIT_S = 5.0
 
 
-def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any) -> Any:
+def run_stage(task: Task, stage: Callable[..., Any], job_id: str, notify: bool = False, **kwargs: Any) -> Any:
     """Run one lifecycle stage; transient errors retry, anything else ends the job as `error`.
-    Returns what the stage returned (None if it failed)."""
+    Returns what the stage returned (None if it failed). `notify`: the job asked for every transition."""
     name = stage.__name__
     result = None
     try:
@@ -44,7 +44,8 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, **kwargs: Any)
     except Exception as exc:  # noqa: BLE001 - any other failure is the job's end, with its reason
         log.exception("stage %s of job %s failed", name, job_id)
         lifecycle.fail(services(), job_id, name, exc)
-    _notify_transitions(job_id)
+    if notify:
+        _notify_transitions(job_id)
     return result
 
 
@@ -55,29 +56,33 @@ def submit(self, job: Any) -> dict | None:
     if not run:
         self.backend.store_result(self.request.id, record, states.SUCCESS, request=self.request)
         return record
-    _notify_transitions(record["id"])
+    notify = record.get("callback_events") == "all" and bool(record.get("callback_url"))
+    if notify:
+        _notify_transitions(record["id"])
     timeout_s = float(services().store.spec(record["id"])["timeout_s"])
     intake = (self.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
     # The chain's last task (cleanup) takes this task's id, so its final record is what the
     # submitter's waiters get. What self.replace() does, without its Ignore exception and copies.
-    pipeline(record["id"], create_queue(intake), timeout_s).apply_async(task_id=self.request.id,
+    pipeline(record["id"], create_queue(intake), timeout_s, notify).apply_async(task_id=self.request.id,
                                                                          root_id=self.request.root_id,
                                                                          parent_id=self.request.id)
     return None
 
 
-def pipeline(job_id: str, create_on: str, timeout_s: float) -> chain:
+def pipeline(job_id: str, create_on: str, timeout_s: float, notify: bool = False) -> chain:
     """create (on the queue every node admits from) → prepare → execute → collect → cleanup, with
     the errback on each; create routes the later stages to its own node when the runtime is pinned."""
     # Celery's time limits do not apply under the threads pool: the runtime enforces the job's own
     # timeout, and these are the backstop only where a worker runs the prefork pool.
     execute_limits = dict(soft_time_limit=timeout_s + EXECUTE_HARD_MARGIN_S / 2, time_limit=timeout_s + EXECUTE_HARD_MARGIN_S)
+    # Only a job that asked for every transition pays a record read per stage to find new ones.
+    extra = {"notify": True} if notify else {}
     return chain(
-        create.si(job_id).set(queue=create_on),
-        prepare.si(job_id),
-        execute.si(job_id).set(**execute_limits),
-        collect.si(job_id),
-        cleanup.si(job_id),
+        create.si(job_id, **extra).set(queue=create_on),
+        prepare.si(job_id, **extra),
+        execute.si(job_id, **extra).set(**execute_limits),
+        collect.si(job_id, **extra),
+        cleanup.si(job_id, **extra),
     ).on_error(on_stage_error.s())
 
 
@@ -94,38 +99,38 @@ def _route_rest_of_chain(task: Task, queue: str) -> None:
 # record is what sandbox.submit's waiters get), cancel answers its caller. Every other stage's
 # result would be one more Redis write per stage that nobody reads.
 @app.task(name="sandbox.create", bind=True, ignore_result=True)
-def create(self, job_id: str) -> str:
+def create(self, job_id: str, notify: bool = False) -> str:
     """Admit and build the sandbox on this node; not admissible yet: back to the queue, untouched."""
     svc = services()
     if getattr(svc.runtime, "pinned", True):
         _route_rest_of_chain(self, node_queue(svc.host))
-    if run_stage(self, lifecycle.create, job_id, admit_wait_s=ADMIT_WAIT_S) is False:
+    if run_stage(self, lifecycle.create, job_id, notify, admit_wait_s=ADMIT_WAIT_S) is False:
         raise Reject(f"job {job_id} not admitted on {svc.host} yet", requeue=True)
     return job_id
 
 
 @app.task(name="sandbox.prepare", bind=True, ignore_result=True)
-def prepare(self, job_id: str) -> str:
-    run_stage(self, lifecycle.prepare, job_id)
+def prepare(self, job_id: str, notify: bool = False) -> str:
+    run_stage(self, lifecycle.prepare, job_id, notify)
     return job_id
 
 
 @app.task(name="sandbox.execute", bind=True, ignore_result=True)
-def execute(self, job_id: str) -> str:
-    run_stage(self, lifecycle.execute, job_id, token=self.request.id)
+def execute(self, job_id: str, notify: bool = False) -> str:
+    run_stage(self, lifecycle.execute, job_id, notify, token=self.request.id)
     return job_id
 
 
 @app.task(name="sandbox.collect", bind=True, ignore_result=True)
-def collect(self, job_id: str) -> str:
-    run_stage(self, lifecycle.collect, job_id)
+def collect(self, job_id: str, notify: bool = False) -> str:
+    run_stage(self, lifecycle.collect, job_id, notify)
     return job_id
 
 
 @app.task(name="sandbox.cleanup", bind=True)
-def cleanup(self, job_id: str) -> dict:
+def cleanup(self, job_id: str, notify: bool = False) -> dict:
     """Always destroys the sandbox; the terminal record it returns is what sandbox.submit yields."""
-    record = run_stage(self, lifecycle.cleanup, job_id) or services().store.get(job_id)
+    record = run_stage(self, lifecycle.cleanup, job_id, notify) or services().store.get(job_id)
     _notify(record)
     return record
 
