@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from enum import Enum
 from typing import Any, Callable, Protocol
 
@@ -82,6 +84,7 @@ def claim_key(job_id: str) -> str:
 
 
 ACTIVE_SET = "sandbox:jobs:active"
+SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES = 1024, 64 << 10  # at most 64 MiB of specs in a worker
 # KEYS: record, active set. ARGV: the value read, the new value, 1 if terminal, job id.
 _COMPARE_AND_SET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -99,6 +102,8 @@ class JobStore:
         self.events = events or NullPublisher()
         self.ttl_s = ttl_s
         self._cas = client.register_script(_COMPARE_AND_SET)
+        self._specs: OrderedDict[str, bytes] = OrderedDict()  # job id -> spec JSON, oldest first
+        self._spec_lock = threading.Lock()
 
     def create(self, record: JobRecord, spec: dict[str, Any] | None = None) -> bool:
         """Store a new record; False if one already exists for the id (idempotent submit)."""
@@ -127,9 +132,19 @@ class JobStore:
             return None
 
     def spec(self, job_id: str) -> dict[str, Any]:
-        raw = self.redis.get(spec_key(job_id))
+        """The job's validated spec; it never changes after submit, so small ones are kept in memory
+        (four stages of one job read it, all in this process on a pinned runtime)."""
+        with self._spec_lock:
+            raw = self._specs.get(job_id)
         if raw is None:
-            raise JobNotFound(f"no stored spec for job {job_id!r}")
+            raw = self.redis.get(spec_key(job_id))
+            if raw is None:
+                raise JobNotFound(f"no stored spec for job {job_id!r}")
+            if len(raw) <= SPEC_CACHE_MAX_BYTES:
+                with self._spec_lock:
+                    self._specs[job_id] = raw
+                    while len(self._specs) > SPEC_CACHE_ENTRIES:
+                        self._specs.popitem(last=False)
         return json.loads(raw)
 
     def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
