@@ -228,3 +228,22 @@ def test_the_node_queue_is_drained_first_and_creates_last(intakes):
     queues = consumed_queues("n@h", intakes)
     assert queues[0] == "sandbox.node.n@h"
     assert queues[-len(intakes) - 1:] == [f"{q}.create" for q in (*intakes, "celery")]
+
+
+def test_a_create_that_waits_too_long_goes_back_to_the_queue_and_runs_once_there_is_room(
+        celery_client, stack_env, session_dir, redis_client):
+    node, queue = "w-bounce@host-i", "adm-bounce"
+    worker = _start(stack_env, celery_client, session_dir, node, queue, "adm-bounce", SANDBOX_NODE_MAX_SANDBOXES="1")
+    try:
+        holder = {"id": new_job_id("hold"), "command": "sleep 8", "timeout": 30}
+        later = {"id": new_job_id("later"), "command": "ls"}
+        held = celery_client.send_task("sandbox.submit", args=[json.dumps(holder)], queue=queue)
+        wait_for(lambda: record_of(redis_client, holder["id"]).get("status") == "running")
+        pending = celery_client.send_task("sandbox.submit", args=[json.dumps(later)], queue=queue)
+        first, second = held.get(timeout=60), pending.get(timeout=60)
+    finally:
+        worker.stop()
+    assert first["status"] == "succeeded" and second["status"] == "succeeded"
+    # it waited more than one admission wait (5 s) for the holder, then was admitted, never before
+    assert second["stages"]["create"]["started_at"] >= first["stages"]["cleanup"]["started_at"]
+    assert "not admitted" in worker.tail(400)  # it went back to the queue at least once
