@@ -3,9 +3,9 @@
     .venv/bin/python bench/e2e.py [--jobs 100] [--concurrency 8]
 
 Starts its own Redis, SeaweedFS and one worker node as `make up` runs it (threads pool, default
-admission), then measures
-sequential latency (p50/p95/p99) and parallel throughput for: (a) the baseline, a chain of five
-no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints both and their ratios.
+admission), then measures sequential latency (p50/p95/p99) and parallel throughput for: (a) the
+baseline, a chain of five no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints
+both and their ratios.
 """
 from __future__ import annotations
 
