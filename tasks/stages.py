@@ -5,7 +5,7 @@ import logging
 from typing import Any, Callable
 
 from celery import Task, chain, states
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.worker.control import control_command
 
 from config.settings import EXECUTE_HARD_MARGIN_S
@@ -50,7 +50,7 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, notify: bool =
 
 
 @app.task(name="sandbox.submit", bind=True, ignore_result=True)
-def submit(self, job: Any) -> dict | None:
+def submit(self, job: Any) -> dict:
     """Validate and record a job, then start its five-stage chain; the result is the final record."""
     record, run = lifecycle.submit(services(), job, self.request.id)
     if not run:
@@ -62,11 +62,12 @@ def submit(self, job: Any) -> dict | None:
     timeout_s = float(services().store.spec(record["id"])["timeout_s"])
     intake = (self.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
     # The chain's last task (cleanup) takes this task's id, so its final record is what the
-    # submitter's waiters get. What self.replace() does, without its Ignore exception and copies.
+    # submitter's waiters get: what self.replace() does, without its signature copies. Ignore, as
+    # replace raises it, so no success event for this id precedes cleanup's (Flower's row is the job's).
     pipeline(record["id"], create_queue(intake), timeout_s, notify).apply_async(task_id=self.request.id,
                                                                          root_id=self.request.root_id,
                                                                          parent_id=self.request.id)
-    return None
+    raise Ignore()
 
 
 def pipeline(job_id: str, create_on: str, timeout_s: float, notify: bool = False) -> chain:
@@ -172,7 +173,7 @@ def sandbox_kill(state: Any, job_id: str) -> dict:
     return {"ok": f"killed {job_id}"}
 
 
-@app.task(name="sandbox.notify", ignore_result=True, autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)
+@app.task(name="sandbox.notify", autoretry_for=(TransientError,), retry_backoff=5, max_retries=8)
 def notify(job_id: str, event_type: str = "job.terminal", transition: dict | None = None) -> list[dict]:
     """Deliver the terminal record (or one transition) to the job's callback_url; returns the attempts."""
     return lifecycle.notify(services(), job_id, event_type, transition)
