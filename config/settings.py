@@ -69,6 +69,26 @@ def _runtime(text: str) -> str:
     return text
 
 
+def _fly_regions(text: str) -> tuple[str, ...]:
+    regions = _csv(text)
+    if not regions or any(not r.isalnum() or not r.islower() for r in regions):
+        raise ValueError("must be a comma-separated list of Fly region codes such as 'ams,fra'")
+    return regions
+
+
+def _cpu_kind(text: str) -> str:
+    if text not in ("shared", "performance"):
+        raise ValueError("must be 'shared' or 'performance'")
+    return text
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("must lie in 1-65535")
+    return value
+
+
 def _presign_ttl(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 7 * 24 * 3600:
@@ -187,6 +207,14 @@ class Settings:
     fly_api_token: str = _setting("SANDBOX_FLY_API_TOKEN", "", secret=True)
     fly_api_url: str = _setting("SANDBOX_FLY_API_URL", "https://api.machines.dev/v1", _http_url)
     fly_app: str = _setting("SANDBOX_FLY_APP", "")
+    fly_image: str = _setting("SANDBOX_FLY_IMAGE", "")
+    fly_regions: tuple[str, ...] = _setting("SANDBOX_FLY_REGIONS", "ams", _fly_regions)
+    fly_cpu_kind: str = _setting("SANDBOX_FLY_CPU_KIND", "shared", _cpu_kind)
+    fly_start_timeout_s: float = _setting("SANDBOX_FLY_START_TIMEOUT", "120", _positive_float)
+    fly_agent_port: int = _setting("SANDBOX_FLY_AGENT_PORT", "8080", _port)
+    # the per-machine agent tokens are HMACs of this and the machine's name (see docs/fly.md)
+    fly_agent_secret: str = _setting("SANDBOX_FLY_AGENT_SECRET", "", secret=True)
+    fly_retry_budget_s: float = _setting("SANDBOX_FLY_RETRY_BUDGET", "60", _positive_float)
     runtime: str = _setting("SANDBOX_RUNTIME", "local", _runtime)
     default_cpu: float = _setting("SANDBOX_DEFAULT_CPU", "0.5", parse_cpu)
     default_memory_bytes: int = _setting("SANDBOX_DEFAULT_MEMORY", "512Mi", parse_size)
@@ -338,7 +366,15 @@ def _check_consistency(s: Settings) -> None:
     if s.sandbox_uid + s.sandbox_uid_count > 2**31:
         raise ConfigError("SANDBOX_UID_COUNT", f"the range {s.sandbox_uid}..{s.sandbox_uid + s.sandbox_uid_count - 1} "
                           "must end below 2^31")
-    if s.runtime == "fly" and not (s.fly_api_token and s.fly_app):
-        raise ConfigError("SANDBOX_FLY_APP", "the fly runtime needs SANDBOX_FLY_APP and SANDBOX_FLY_API_TOKEN")
     if s.runtime == "fly":
-        raise ConfigError("SANDBOX_RUNTIME", "the fly runtime is not built yet (see the README); use 'local'")
+        _check_fly(s)
+
+
+def _check_fly(s: Settings) -> None:
+    required = (("SANDBOX_FLY_APP", s.fly_app), ("SANDBOX_FLY_API_TOKEN", s.fly_api_token),
+                ("SANDBOX_FLY_IMAGE", s.fly_image), ("SANDBOX_FLY_AGENT_SECRET", s.fly_agent_secret))
+    for env, value in required:
+        if not value:
+            raise ConfigError(env, "the fly runtime (SANDBOX_RUNTIME=fly) needs it")
+    if len(s.fly_agent_secret) < 32:
+        raise ConfigError("SANDBOX_FLY_AGENT_SECRET", "must be at least 32 characters (agent tokens derive from it)")

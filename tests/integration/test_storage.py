@@ -245,7 +245,6 @@ def test_presigned_upload_urls_are_never_made_for_a_local_sandbox(seaweed: Seawe
     local = ArtifactStore(_settings(seaweed, SANDBOX_RUNTIME="local"), actor="w")
     with pytest.raises(StorageError, match="local sandbox"):
         local.presign_put("jobs/j11/output/a", "j11")
-    # Settings refuse SANDBOX_RUNTIME=fly until that runtime exists; the store's rule for it is ready.
     remote = ArtifactStore(dataclasses.replace(_settings(seaweed), runtime="fly"), actor="w")
     with pytest.raises(StorageError, match="outside"):
         remote.presign_put("jobs/j11/input/a", "j11")

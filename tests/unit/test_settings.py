@@ -84,7 +84,28 @@ def test_bad_sandbox_uid_range_names_its_variable(env: dict[str, str], variable:
     assert caught.value.variable == variable and variable in str(caught.value)
 
 
-def test_the_fly_runtime_is_refused_by_name_until_it_exists() -> None:
+FLY_ENV = {"SANDBOX_RUNTIME": "fly", "SANDBOX_FLY_APP": "app", "SANDBOX_FLY_API_TOKEN": "t",
+           "SANDBOX_FLY_IMAGE": "registry.fly.io/app:1", "SANDBOX_FLY_AGENT_SECRET": "s" * 32}
+
+
+@pytest.mark.parametrize("missing", ["SANDBOX_FLY_APP", "SANDBOX_FLY_API_TOKEN", "SANDBOX_FLY_IMAGE",
+                                     "SANDBOX_FLY_AGENT_SECRET"])
+def test_the_fly_runtime_names_each_missing_setting(missing: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings({"SANDBOX_RUNTIME": "fly", "SANDBOX_FLY_APP": "app", "SANDBOX_FLY_API_TOKEN": "t"})
-    assert caught.value.variable == "SANDBOX_RUNTIME"
+        load_settings({k: v for k, v in FLY_ENV.items() if k != missing})
+    assert caught.value.variable == missing
+
+
+@pytest.mark.parametrize("env", [{"SANDBOX_FLY_REGIONS": "ams,FRA"}, {"SANDBOX_FLY_REGIONS": ""},
+                                 {"SANDBOX_FLY_CPU_KIND": "dedicated"}, {"SANDBOX_FLY_AGENT_PORT": "0"},
+                                 {"SANDBOX_FLY_START_TIMEOUT": "0"}, {"SANDBOX_FLY_AGENT_SECRET": "short"}])
+def test_bad_fly_setting_names_its_variable(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**FLY_ENV, **env})
+    assert caught.value.variable == next(iter(env))
+
+
+def test_the_fly_runtime_is_accepted_with_its_settings() -> None:
+    s = load_settings({**FLY_ENV, "SANDBOX_FLY_REGIONS": "ams, fra"})
+    assert s.runtime == "fly" and s.fly_regions == ("ams", "fra") and s.fly_cpu_kind == "shared"
+    assert s.redacted()["SANDBOX_FLY_AGENT_SECRET"] == "***"
