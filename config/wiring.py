@@ -14,7 +14,11 @@ from sandbox.storage import ArtifactStore
 
 def build_runtime(settings: Settings) -> Runtime:
     """The sandbox backend SANDBOX_RUNTIME names."""
-    from sandbox.runtimes.local import LocalRuntime  # the only runtime so far (see Settings)
+    if settings.runtime == "fly":
+        from sandbox.runtimes.fly import FlyRuntime
+
+        return FlyRuntime(settings)
+    from sandbox.runtimes.local import LocalRuntime  # needs bwrap and root: only where it runs
 
     return LocalRuntime(settings)
 

@@ -322,7 +322,7 @@ def cancel(svc: Services, job_id: str) -> dict[str, Any]:
               "kill_on": None}
     if record.get("sandbox"):
         handle = SandboxHandle.from_dict(record["sandbox"])
-        if handle.host == svc.host:
+        if not _pinned(svc) or handle.host == svc.host:
             _kill_quietly(svc, handle)
         else:
             answer["kill_on"] = handle.host  # the caller routes a kill to the sandbox's own host
@@ -390,9 +390,14 @@ def _owned_handle(svc: Services, record: JobRecord) -> SandboxHandle:
     if not record.get("sandbox"):
         raise PlacementError(f"job {record['id']} has no sandbox")
     handle = SandboxHandle.from_dict(record["sandbox"])
-    if handle.host != svc.host:
+    if _pinned(svc) and handle.host != svc.host:
         raise PlacementError(f"sandbox {handle.sandbox_id} lives on {handle.host}, not on {svc.host}")
     return handle
+
+
+def _pinned(svc: Services) -> bool:
+    """A pinned runtime's sandbox lives on one node (local); a Fly machine is every worker's."""
+    return getattr(svc.runtime, "pinned", True)
 
 
 def _spec(svc: Services, job_id: str) -> JobSpec:

@@ -17,7 +17,8 @@ def sweep_orphans(svc: Services, now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     destroyed = []
     for info in svc.runtime.list_sandboxes():
-        if info.host != svc.host or not _orphaned(svc, info, now):
+        pinned = getattr(svc.runtime, "pinned", True)  # a Fly machine is any worker's to sweep
+        if (pinned and info.host != svc.host) or not _orphaned(svc, info, now):
             continue
         svc.runtime.destroy(_handle(svc, info))
         destroyed.append(info.sandbox_id)
