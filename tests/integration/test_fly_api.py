@@ -1,0 +1,219 @@
+"""FlyRuntime's Machines API half against the strict fake: faults, idempotent create, regions, sweeps.
+
+The agent is a stub here (its real process is driven in tests/e2e over the fly runtime), so these
+tests exercise exactly the API calls and their retries.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from config.settings import Settings, load_settings
+from sandbox.errors import RuntimeUnavailable, SandboxFailure
+from sandbox.runtimes import fly as flymod
+from sandbox.runtimes.fly import SERVICE, FlyRuntime, machine_name
+from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
+from sandbox.spec import parse_job
+from tests.support.fakefly import FakeFly
+from tests.support.flyspec import validate_request
+
+TOKEN = "fly-api-token-for-tests-0123456789"
+SECRET = "agent-secret-for-tests-0123456789abcdef"
+
+
+class StubAgent:
+    """Answers health and create; records what the runtime asked of it."""
+
+    calls: list[str] = []
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            StubAgent.calls.append(name)
+            return {"ok": True}
+        return call
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeFly]:
+    server = FakeFly(TOKEN, "sbx-app", tmp_path / "fly", agent_port=18080, start_agents=False, wait_cap_s=0.5).start()
+    yield server
+    server.stop()
+
+
+def fly_settings(fake: FakeFly, **env: str) -> Settings:
+    return load_settings({"SANDBOX_RUNTIME": "fly", "SANDBOX_FLY_API_URL": fake.url, "SANDBOX_FLY_APP": "sbx-app",
+                          "SANDBOX_FLY_API_TOKEN": TOKEN, "SANDBOX_FLY_IMAGE": "registry.fly.io/sbx-app:test",
+                          "SANDBOX_FLY_AGENT_SECRET": SECRET, "SANDBOX_FLY_RETRY_BUDGET": "5",
+                          "SANDBOX_FLY_START_TIMEOUT": "5", "SANDBOX_FLY_REGIONS": "ams,fra", **env})
+
+
+@pytest.fixture
+def runtime(fake: FakeFly, monkeypatch: pytest.MonkeyPatch) -> FlyRuntime:
+    monkeypatch.setattr(flymod, "_agent_client", StubAgent)
+    StubAgent.calls = []
+    return FlyRuntime(fly_settings(fake))
+
+
+def spec(job_id: str, **extra: Any):
+    return parse_job({"id": job_id, "command": "ls", **extra}, load_settings({}))
+
+
+def posts(fake: FakeFly) -> list[dict]:
+    return [r for r in fake.requests if r["method"] == "POST"]
+
+
+def test_happy_create_is_lookup_create_wait_and_destroy_is_one_delete(fake, runtime):
+    handle = runtime.create(spec("j-happy"), "w1")
+    runtime.destroy(handle)
+    assert [r["op"] for r in fake.requests] == ["Machines_list", "Machines_create", "Machines_wait", "Machines_delete"]
+    assert StubAgent.calls == ["health", "create", "destroy"]
+    assert fake.live() == []
+    body = posts(fake)[0]["body"]
+    assert body["name"] == machine_name("j-happy") and body["region"] == "ams"
+    config = body["config"]
+    assert config["auto_destroy"] is True and config["restart"] == {"policy": "no"}
+    assert config["metadata"]["sandbox_service"] == SERVICE and config["metadata"]["sandbox_job"] == "j-happy"
+    assert config["guest"] == {"cpu_kind": "shared", "cpus": 1, "memory_mb": 768}  # 512 MiB + agent, rounded
+    assert "rounded up" in handle.data["sizing"]
+    assert "SANDBOX_AGENT_TOKEN" in config["env"] and TOKEN not in str(config)
+    assert not {"SANDBOX_FLY_API_TOKEN", "SANDBOX_REDIS_URL", "SANDBOX_CLOUDFLARE_SECRET_KEY"} & set(config["env"])
+    assert SECRET not in str(handle.to_dict()) and config["env"]["SANDBOX_AGENT_TOKEN"] not in str(handle.to_dict())
+
+
+def test_create_retried_after_its_answer_was_lost_ends_with_one_machine(fake, runtime):
+    fake.fail("POST", "/machines", "reset_after")  # Fly made the machine; the answer never came
+    handle = runtime.create(spec("j-lost"), "w1")
+    again = runtime.create(spec("j-lost"), "w1")  # a retried create task / a redelivered message
+    assert handle.sandbox_id == again.sandbox_id
+    assert len(fake.machine_of("j-lost")) == 1 and len(posts(fake)) == 1
+
+
+def test_create_reset_before_fly_acted_retries_as_a_stage_and_makes_one_machine(fake, runtime):
+    fake.fail("POST", "/machines", "reset_before")
+    with pytest.raises(RuntimeUnavailable):
+        runtime.create(spec("j-reset"), "w1")  # the stage's Celery retry runs it again
+    runtime.create(spec("j-reset"), "w1")
+    assert len(fake.machine_of("j-reset")) == 1
+
+
+def test_429_with_retry_after_is_honoured(fake):
+    sleeps: list[float] = []
+    api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=5, sleep=sleeps.append)
+    fake.fail("GET", "/machines", status=429, retry_after="2", times=2)
+    assert api.list() == []
+    assert sleeps == [2.0, 2.0]
+
+
+def test_429_without_retry_after_backs_off_exponentially_with_jitter(fake):
+    sleeps: list[float] = []
+    api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=5, sleep=sleeps.append)
+    fake.fail("GET", "/machines", status=429, times=4)
+    assert api.list() == []
+    assert len(sleeps) == 4 and all(0 <= s <= 0.5 * 2 ** i for i, s in enumerate(sleeps))
+
+
+@pytest.mark.parametrize("kind,status", [("status", 500), ("status", 503), ("reset_before", 0)])
+def test_5xx_bursts_and_dropped_connections_are_retried(fake, kind, status):
+    api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=5, sleep=lambda s: None)
+    fake.fail("GET", "/machines", kind, status=status or 500, times=3)
+    assert api.list() == []
+    assert len(fake.requests) == 4
+
+
+def test_throttling_gives_up_after_the_budget_with_the_reason(fake):
+    api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=1)
+    fake.fail("GET", "/machines", status=429, retry_after="0.2", times=1000)
+    started = time.monotonic()
+    with pytest.raises(RuntimeUnavailable) as caught:
+        api.list()
+    assert time.monotonic() - started < 4  # bounded: the budget plus one last wait
+    assert "gave up" in str(caught.value) and "429" in str(caught.value) and TOKEN not in str(caught.value)
+
+
+def test_a_wrong_token_is_refused_at_once_without_showing_the_token(fake):
+    api = MachinesAPI(fake.url, "wrong-token-abcdef", "sbx-app", retry_budget_s=5, sleep=lambda s: None)
+    with pytest.raises(FlyAPIError) as caught:
+        api.list()
+    assert caught.value.status == 401 and "wrong-token" not in str(caught.value)
+    assert len(fake.requests) == 1
+
+
+def test_408_from_wait_means_not_yet(fake, runtime):
+    fake.fail("GET", "/wait", status=408, times=2, body={"error": "deadline_exceeded"})
+    runtime.create(spec("j-408"), "w1")
+    assert [r["status"] for r in fake.requests if r["op"] == "Machines_wait"] == [408, 408, 200]
+
+
+def test_capacity_error_tries_the_next_region(fake, runtime):
+    fake.no_capacity = {"ams"}
+    handle = runtime.create(spec("j-cap"), "w1")
+    assert handle.data["region"] == "fra"
+    assert [r["body"]["region"] for r in posts(fake)] == ["ams", "fra"]
+    assert [r["status"] for r in posts(fake)] == [422, 200]
+
+
+def test_no_capacity_anywhere_ends_create_with_the_reason(fake, runtime):
+    fake.no_capacity = {"ams", "fra"}
+    with pytest.raises(SandboxFailure) as caught:
+        runtime.create(spec("j-nocap"), "w1")
+    assert "ams" in str(caught.value) and "fra" in str(caught.value) and "insufficient_capacity" in str(caught.value)
+    assert fake.live() == []
+
+
+def test_a_machine_that_never_starts_is_destroyed_after_the_start_timeout(fake, monkeypatch):
+    monkeypatch.setattr(flymod, "_agent_client", StubAgent)
+    runtime = FlyRuntime(fly_settings(fake, SANDBOX_FLY_START_TIMEOUT="1.5"))
+    fake.start_delay_s = float("inf")
+    with pytest.raises(SandboxFailure, match="did not start within 1.5 s"):
+        runtime.create(spec("j-stuck"), "w1")
+    assert fake.live() == [] and len(fake.machine_of("j-stuck")) == 1
+
+
+def test_a_slow_start_is_waited_for(fake, runtime):
+    fake.start_delay_s = 1.2
+    runtime.create(spec("j-slowstart"), "w1")
+    assert [r["status"] for r in fake.requests if r["op"] == "Machines_wait"][-1] == 200
+
+
+def test_destroying_a_gone_machine_is_fine(fake, runtime):
+    handle = runtime.create(spec("j-gone"), "w1")
+    runtime.destroy(handle)
+    runtime.destroy(handle)
+    assert [r["status"] for r in fake.requests if r["op"] == "Machines_delete"] == [200, 404]
+
+
+def test_kill_destroys_the_machine_when_the_agent_does_not_answer(fake, runtime, monkeypatch):
+    handle = runtime.create(spec("j-deadagent"), "w1")
+
+    class DeadAgent(StubAgent):
+        def kill(self) -> None:
+            raise ConnectionError("agent unreachable")
+
+    monkeypatch.setattr(flymod, "_agent_client", DeadAgent)
+    runtime.kill(handle)
+    assert fake.live() == []
+
+
+def test_sandboxes_are_listed_by_this_services_metadata_only(fake, runtime):
+    foreign = fake.add_foreign_machine({"team": "web"})
+    lookalike = fake.add_foreign_machine({"sandbox_job": "j-x"})  # no sandbox_service: not ours either
+    runtime.create(spec("j-listed"), "w1")
+    listed = runtime.list_sandboxes()
+    assert [info.job_id for info in listed] == ["j-listed"]
+    assert foreign.id not in {i.sandbox_id for i in listed} and lookalike.id not in {i.sandbox_id for i in listed}
+
+
+def test_every_request_the_runtime_sent_validates_against_the_spec(fake, runtime):
+    for job_id in ("j-s1", "j-s2"):
+        runtime.destroy(runtime.create(spec(job_id, resources={"memory": "3Gi", "cpu": "1.5"}), "w1"))
+    runtime.list_sandboxes()
+    assert fake.requests
+    for r in fake.requests:
+        assert "violation" not in r, r
+        validate_request(r["method"], r["path"], r["query"], r["body"])
