@@ -20,6 +20,7 @@ from typing import IO, Any, Iterator
 
 from config.settings import Settings
 from sandbox.errors import SandboxError, SandboxFailure, TransientError
+from sandbox.agent.protocol import token_digest
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
 from sandbox.spec import JobSpec
@@ -144,8 +145,10 @@ class FlyRuntime:
     def _config(self, spec: JobSpec, name: str, guest: dict[str, Any], now: float, expires_at: float) -> dict[str, Any]:
         s = self.settings
         env = {key: _raw_setting(s, key) for key in AGENT_SETTINGS}
-        env.update(SANDBOX_AGENT_TOKEN=agent_token(s.fly_agent_secret, s.fly_app, name),
-                   SANDBOX_AGENT_LISTEN=f"fly-local-6pn:{s.fly_agent_port}", SANDBOX_JOB_ID=spec.id)
+        # Only the token's digest goes in the machine's config: Fly shows config.env to anyone
+        # holding an API token, and the digest lets the agent check a token, not present one.
+        env.update(SANDBOX_AGENT_TOKEN_SHA256=token_digest(agent_token(s.fly_agent_secret, s.fly_app, name)),
+                   SANDBOX_AGENT_LISTEN=f"fly-local-6pn:{s.fly_agent_port}", SANDBOX_AGENT_JOB_ID=spec.id)
         config: dict[str, Any] = {
             "image": s.fly_image, "guest": guest, "auto_destroy": True, "restart": {"policy": "no"}, "env": env,
             "metadata": {"sandbox_service": SERVICE, "sandbox_job": spec.id, "sandbox_created_at": f"{now:.3f}",
@@ -203,29 +206,19 @@ class FlyRuntime:
 
         threading.Thread(target=backstop, name=f"fly-backstop-{spec.id}", daemon=True).start()
         started = time.monotonic()
+        deadline = started + spec.timeout_s + 2 * BACKSTOP_MARGIN_S
         try:
-            return agent.execute(sink)
-        except SandboxError as e:
-            return self._outcome_after_break(agent, handle, e, started)
+            return agent.execute(sink, max_wait_s=spec.timeout_s + 2 * BACKSTOP_MARGIN_S)
+        except TransientError as e:
+            # The stream broke; the command goes on in the machine and the agent keeps its outcome.
+            try:
+                return agent.wait_result(max(1.0, deadline - time.monotonic()))
+            except SandboxError as again:
+                return ExecResult("error", None, None, time.monotonic() - started,
+                                  reason=f"the agent of machine {handle.sandbox_id} stopped answering while the "
+                                         f"command ran ({e}; then {again})")
         finally:
             ended.set()
-
-    def _outcome_after_break(self, agent: Any, handle: SandboxHandle, error: Exception, started: float) -> ExecResult:
-        # The stream broke (or the command already ran: a redelivered execute). The agent keeps
-        # the outcome; without an agent there is none, and the job ends `error` with the reason.
-        try:
-            raw = agent.result()
-        except Exception as e:  # noqa: BLE001
-            return ExecResult("error", None, None, time.monotonic() - started,
-                              reason=f"the agent of machine {handle.sandbox_id} stopped answering: "
-                                     f"{type(error).__name__}: {str(error)[:200]}; {type(e).__name__}")
-        if isinstance(raw, ExecResult):
-            return raw
-        if isinstance(raw, dict) and raw:
-            return ExecResult(**raw)
-        return ExecResult("error", None, None, time.monotonic() - started,
-                          reason=f"the output stream of machine {handle.sandbox_id} broke before the command "
-                                 f"ended: {str(error)[:200]}")
 
     def logs(self, handle: SandboxHandle) -> dict[str, IO[bytes]]:
         """The captured, capped stdout and stderr, streamed from the agent."""

@@ -81,9 +81,10 @@ def test_happy_create_is_lookup_create_wait_and_destroy_is_one_delete(fake, runt
     assert config["metadata"]["sandbox_service"] == SERVICE and config["metadata"]["sandbox_job"] == "j-happy"
     assert config["guest"] == {"cpu_kind": "shared", "cpus": 1, "memory_mb": 768}  # 512 MiB + agent, rounded
     assert "rounded up" in handle.data["sizing"]
-    assert "SANDBOX_AGENT_TOKEN" in config["env"] and TOKEN not in str(config)
+    assert len(config["env"]["SANDBOX_AGENT_TOKEN_SHA256"]) == 64 and "SANDBOX_AGENT_TOKEN" not in config["env"]
+    assert TOKEN not in str(config) and config["env"]["SANDBOX_AGENT_JOB_ID"] == "j-happy"
     assert not {"SANDBOX_FLY_API_TOKEN", "SANDBOX_REDIS_URL", "SANDBOX_CLOUDFLARE_SECRET_KEY"} & set(config["env"])
-    assert SECRET not in str(handle.to_dict()) and config["env"]["SANDBOX_AGENT_TOKEN"] not in str(handle.to_dict())
+    assert SECRET not in str(handle.to_dict()) and "TOKEN" not in str(handle.to_dict())
 
 
 def test_create_retried_after_its_answer_was_lost_ends_with_one_machine(fake, runtime):
