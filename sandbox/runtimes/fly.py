@@ -20,7 +20,7 @@ from typing import IO, Any, Iterator
 
 from config.settings import Settings
 from sandbox.errors import SandboxError, SandboxFailure, TransientError
-from sandbox.agent.protocol import token_digest
+from sandbox.agent.protocol import machine_env
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
 from sandbox.spec import JobSpec
@@ -33,15 +33,6 @@ BACKSTOP_MARGIN_S = 30.0  # the agent enforces the timeout; the worker kills thi
 AGENT_OVERHEAD_MIB = 256  # the VM's kernel, the agent and the job's sandbox setup beside the job
 HEALTH_INTERVAL_S = 0.2
 AGENT_TIMEOUT_S = (3.0, 30.0)  # the agent sends a keepalive every ~5 s while a command is silent
-# Settings the agent's own LocalRuntime needs to enforce what the workers would; never a credential.
-AGENT_SETTINGS = (
-    "SANDBOX_DEFAULT_CPU", "SANDBOX_DEFAULT_MEMORY", "SANDBOX_DEFAULT_DISK", "SANDBOX_DEFAULT_TIMEOUT",
-    "SANDBOX_DEFAULT_PIDS", "SANDBOX_MAX_CPU", "SANDBOX_MAX_MEMORY", "SANDBOX_MAX_DISK", "SANDBOX_MAX_TIMEOUT",
-    "SANDBOX_MAX_PIDS", "SANDBOX_ALLOWED_COMMANDS", "SANDBOX_BLOCKED_PORTS", "SANDBOX_ALLOWED_HOSTS",
-    "SANDBOX_MAX_LOG_BYTES", "SANDBOX_MAX_OUTPUT_FILES", "SANDBOX_MAX_OUTPUT_FILE_BYTES",
-    "SANDBOX_MAX_OUTPUT_BYTES", "SANDBOX_MAX_INPUT_FILES", "SANDBOX_MAX_INLINE_BYTES", "SANDBOX_MAX_OPEN_FILES",
-    "SANDBOX_MAX_LOG_LINE_BYTES", "SANDBOX_MAX_LOG_LINES",
-)
 _NAME_SAFE = re.compile(r"[^a-z0-9-]+")
 GUEST_CPUS = (1, 2, 4, 8, 16)
 MIB = 1 << 20
@@ -144,11 +135,10 @@ class FlyRuntime:
 
     def _config(self, spec: JobSpec, name: str, guest: dict[str, Any], now: float, expires_at: float) -> dict[str, Any]:
         s = self.settings
-        env = {key: _raw_setting(s, key) for key in AGENT_SETTINGS}
-        # Only the token's digest goes in the machine's config: Fly shows config.env to anyone
-        # holding an API token, and the digest lets the agent check a token, not present one.
-        env.update(SANDBOX_AGENT_TOKEN_SHA256=token_digest(agent_token(s.fly_agent_secret, s.fly_app, name)),
-                   SANDBOX_AGENT_LISTEN=f"fly-local-6pn:{s.fly_agent_port}", SANDBOX_AGENT_JOB_ID=spec.id)
+        # The operator's limits and caps, the one job id, and only the token's digest: Fly shows
+        # config.env to anyone holding an API token, and a digest checks a token, it cannot be one.
+        env = machine_env(s, agent_token(s.fly_agent_secret, s.fly_app, name), spec.id,
+                          listen=f"fly-local-6pn:{s.fly_agent_port}")
         config: dict[str, Any] = {
             "image": s.fly_image, "guest": guest, "auto_destroy": True, "restart": {"policy": "no"}, "env": env,
             "metadata": {"sandbox_service": SERVICE, "sandbox_job": spec.id, "sandbox_created_at": f"{now:.3f}",
@@ -180,7 +170,7 @@ class FlyRuntime:
             try:
                 client.health()
                 return
-            except (SandboxError, OSError) as e:
+            except TransientError as e:  # not listening yet; a refused token is no reason to wait
                 last = f"{type(e).__name__}: {e}"
                 time.sleep(HEALTH_INTERVAL_S)
         raise SandboxFailure(f"the agent of machine {handle.sandbox_id} did not answer: {last[:300]}")
@@ -268,12 +258,6 @@ class FlyRuntime:
     def reap_incomplete(self, older_than: float) -> list[str]:
         """Nothing to do: a half-created machine already carries its metadata, so list_sandboxes sees it."""
         return []
-
-
-def _raw_setting(settings: Settings, env: str) -> str:
-    """A setting as the agent's load_settings parses it back (sizes in bytes, lists comma-separated)."""
-    value = settings.redacted()[env]
-    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def _float(text: Any) -> float | None:

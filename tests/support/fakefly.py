@@ -10,7 +10,9 @@ sandbox left (as a VM's end would). Faults are injected with `fail(...)`, `no_ca
 from __future__ import annotations
 
 import json
+import atexit
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -85,7 +87,10 @@ class FakeFly(ThreadingHTTPServer):
         self.start_delay_s = 0.0  # float("inf"): the machine never starts
         self.changed = threading.Condition()
         self._next = 0
+        # loopback addresses of their own: two fakes (or two test sessions) never share one
+        self._net = f"127.{random.randint(16, 250)}.{random.randint(0, 255)}"
         self._lock = threading.Lock()
+        self.uid_base = 3_000_000 + random.randint(0, 1000) * 20_000  # host uids apart from other fakes
         self._thread = threading.Thread(target=self.serve_forever, name="fakefly", daemon=True)
 
     # -- test-side API ---------------------------------------------------------------------------
@@ -93,7 +98,13 @@ class FakeFly(ThreadingHTTPServer):
         self.base_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base_dir, 0o711)
         self._thread.start()
+        atexit.register(self._kill_agents)  # a test run that dies leaves no agent behind
         return self
+
+    def _kill_agents(self) -> None:
+        for machine in list(self.machines.values()):
+            if machine.proc is not None and machine.proc.poll() is None:
+                os.killpg(machine.proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         for machine in list(self.machines.values()):
@@ -142,7 +153,7 @@ class FakeFly(ThreadingHTTPServer):
             self._next += 1
             n = self._next
         machine = FakeMachine(id=secrets.token_hex(7), name=body.get("name") or f"m{n}", region=body.get("region", "ams"),
-                              config=body["config"], private_ip=f"127.0.{1 + n // 200}.{2 + n % 200}",
+                              config=body["config"], private_ip=f"{self._net}.{2 + n % 250}",
                               created_at=datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"))
         self.machines[machine.id] = machine
         if start and not body.get("skip_launch"):
@@ -166,12 +177,12 @@ class FakeFly(ThreadingHTTPServer):
         work = self.base_dir / machine.id
         work.mkdir(mode=0o711)
         machine.work_dir, machine.log_path = str(work), str(self.base_dir / f"agent-{machine.id}.log")
-        n = int(machine.private_ip.rsplit(".", 2)[-2]) * 256 + int(machine.private_ip.rsplit(".", 1)[-1])
+        n = int(machine.private_ip.rsplit(".", 1)[-1])
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
                **(machine.config.get("env") or {}), **self.agent_env,
                # what a VM would differ in: its address, its disk, its own uids
                "SANDBOX_AGENT_LISTEN": f"{machine.private_ip}:{self.agent_port}", "SANDBOX_WORK_DIR": str(work),
-               "SANDBOX_UID": str(3_000_000 + n * 64), "SANDBOX_UID_COUNT": "64",
+               "SANDBOX_UID": str(self.uid_base + n * 64), "SANDBOX_UID_COUNT": "64",
                "FLY_MACHINE_ID": machine.id, "FLY_APP_NAME": self.app, "FLY_REGION": machine.region,
                "FLY_PRIVATE_IP": machine.private_ip}
         with open(machine.log_path, "ab") as log:
