@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import requests
 
 import celeryconfig
 from tests.support.services import ROOT, free_port, stop_process
+
+pytestmark = pytest.mark.runtimes("local")  # nothing here depends on the runtime
 
 
 def test_every_beat_entry_names_a_task_the_worker_has(worker, celery_client):

@@ -11,15 +11,15 @@ import requests
 
 from sandbox.state import ACTIVE_SET
 from tests.conftest import new_job_id
+from tests.e2e.conftest import sandbox_left
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = json.loads((ROOT / "examples" / "hello.json").read_text())
 
 
 def assert_cleaned_up(record: dict, stack_env: dict, redis_client) -> None:
-    """Its sandbox is gone and nothing in Redis claims the job still runs."""
-    work = Path(stack_env["SANDBOX_WORK_DIR"])
-    assert not [p for p in work.iterdir() if record["id"] in p.name], "sandbox directory left behind"
+    """Its sandbox (directory or machine) is gone and nothing in Redis claims the job still runs."""
+    assert not sandbox_left(record["id"], stack_env), "sandbox left behind"
     assert redis_client.zscore(ACTIVE_SET, record["id"]) is None
     assert record["finished_at"] is not None
 

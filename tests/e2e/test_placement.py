@@ -17,6 +17,7 @@ def second_worker(stack_env, celery_client, session_dir, worker):
     proc.stop()
 
 
+@pytest.mark.runtimes("local")  # a Fly machine is every worker's: its stages are not pinned
 def test_every_stage_runs_where_its_sandbox_is_and_jobs_spread(submit, second_worker):
     jobs = [{"id": new_job_id("place"), "command": "sleep 1"} for _ in range(8)]
     with ThreadPoolExecutor(max_workers=8) as pool:

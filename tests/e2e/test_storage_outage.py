@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import requests
 
 from tests.conftest import new_job_id, wait_for
+
+pytestmark = pytest.mark.runtimes("local")  # nothing here depends on the runtime
 
 
 def test_collect_retries_through_an_s3_outage_and_loses_no_output(celery_client, worker, s3, redis_client):
@@ -25,3 +28,4 @@ def test_collect_retries_through_an_s3_outage_and_loses_no_output(celery_client,
     assert final["status"] == "succeeded", final
     [artifact] = final["artifacts"]
     assert requests.get(artifact["url"], timeout=10).text == "kept"
+

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from kombu import Connection
 
 from tests.conftest import new_job_id, wait_for
+from tests.e2e.conftest import sandbox_left
 from tests.support.services import Worker
 
 NODE = "w-lost@host-c"
@@ -51,5 +51,4 @@ def test_killed_worker_mid_execute_ends_error_without_rerunning(celery_client, s
     assert "never run twice" in record["error"]["message"]
     started = [e for _, e in redis_client.xrange(f"sandbox:job:{job_id}:logs") if b"started" in e.get(b"line", b"")]
     assert len(started) == 1  # the redelivered execute did not start the command again
-    assert not [p for p in Path(stack_env["SANDBOX_WORK_DIR"]).iterdir()
-                if job_id in p.name], "the sandbox was not destroyed"
+    assert not sandbox_left(job_id, stack_env), "the sandbox was not destroyed"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from sandbox.runtimes.flyapi import auth_header
 from tests.support.flyspec import SpecViolation, validate_request
 from tests.support.services import ROOT, remove_work_dir, stop_process
 
@@ -287,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, method: str, path: str, query: dict[str, list[str]], raw: bytes,
                 entry: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         fly = self.server
-        if self.headers.get("Authorization") != f"Bearer {fly.token}":
+        if self.headers.get("Authorization") != auth_header(fly.token):  # Fly's rule, as fly-go applies it
             return (*_error(401, "You must be authenticated to view this."), {})
         try:
             entry["body"] = json.loads(raw) if raw else None
