@@ -32,6 +32,7 @@ EXPIRY_MARGIN_S = 900.0  # create + prepare + collect + cleanup around the job's
 BACKSTOP_MARGIN_S = 30.0  # the agent enforces the timeout; the worker kills this long after it
 AGENT_OVERHEAD_MIB = 256  # the VM's kernel, the agent and the job's sandbox setup beside the job
 HEALTH_INTERVAL_S = 0.2
+COLLECT_KILL_WAIT_S = 30.0
 AGENT_TIMEOUT_S = (3.0, 30.0)  # the agent sends a keepalive every ~5 s while a command is silent
 _NAME_SAFE = re.compile(r"[^a-z0-9-]+")
 GUEST_CPUS = (1, 2, 4, 8, 16)
@@ -215,8 +216,12 @@ class FlyRuntime:
         return self._agent(handle).logs()
 
     def collect(self, handle: SandboxHandle, dirs: tuple[str, ...]) -> Iterator[OutputFile]:
-        """The agent's list of output files (each opened as a stream); `.skipped` as the agent says."""
-        return self._agent(handle).outputs(dirs)
+        """The agent's output files (each opened as a stream), after killing anything left, as locally."""
+        agent = self._agent(handle)
+        if agent.health().get("state") == "running":  # its worker was lost: the command ran on alone
+            agent.kill()
+            agent.wait_result(COLLECT_KILL_WAIT_S)
+        return agent.outputs(dirs)
 
     def kill(self, handle: SandboxHandle) -> None:
         """Kill the command through the agent; if the agent does not answer, destroy the machine."""
