@@ -15,6 +15,7 @@ import math
 import re
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from typing import IO, Any, Iterator
 
@@ -179,7 +180,8 @@ class FlyRuntime:
     # -- the stages ------------------------------------------------------------------------------
     def put_file(self, handle: SandboxHandle, relpath: str, src: IO[bytes], mode: int) -> int:
         """Stream one input file to the agent, which writes it as LocalRuntime.put_file does."""
-        return self._agent(handle).put_file(relpath, src, mode)
+        with self._unless_gone(handle):
+            return self._agent(handle).put_file(relpath, src, mode)
 
     def execute(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
         """Run the command through the agent; past the job's timeout the worker kills, then destroys."""
@@ -213,15 +215,32 @@ class FlyRuntime:
 
     def logs(self, handle: SandboxHandle) -> dict[str, IO[bytes]]:
         """The captured, capped stdout and stderr, streamed from the agent."""
-        return self._agent(handle).logs()
+        agent = self._agent(handle)
+        with self._unless_gone(handle):
+            agent.health()  # the logs are read lazily: find out now whether the machine is still there
+            return agent.logs()
 
     def collect(self, handle: SandboxHandle, dirs: tuple[str, ...]) -> Iterator[OutputFile]:
         """The agent's output files (each opened as a stream), after killing anything left, as locally."""
         agent = self._agent(handle)
-        if agent.health().get("state") == "running":  # its worker was lost: the command ran on alone
-            agent.kill()
-            agent.wait_result(COLLECT_KILL_WAIT_S)
-        return agent.outputs(dirs)
+        with self._unless_gone(handle):
+            if agent.health().get("state") == "running":  # its worker was lost: the command ran on alone
+                agent.kill()
+                agent.wait_result(COLLECT_KILL_WAIT_S)
+            return agent.outputs(dirs)
+
+    @contextmanager
+    def _unless_gone(self, handle: SandboxHandle) -> Iterator[None]:
+        """An unreachable agent is retried (transient) unless its machine is gone: then it never comes back."""
+        try:
+            yield
+        except TransientError as e:
+            machine = self.api.get(handle.sandbox_id)
+            state = machine.get("state") if machine else "destroyed"
+            if state in ("destroying", "destroyed", "stopping", "stopped", "failed"):
+                raise SandboxFailure(f"machine {handle.sandbox_id} is {state}: its agent and workspace are gone "
+                                     f"({str(e)[:200]})") from e
+            raise
 
     def kill(self, handle: SandboxHandle) -> None:
         """Kill the command through the agent; if the agent does not answer, destroy the machine."""

@@ -59,7 +59,7 @@ def stack_env(stack_env: dict[str, str], runtime_name: str, fake_fly: FakeFly | 
     return {**stack_env, "SANDBOX_RUNTIME": "fly", "SANDBOX_FLY_API_URL": fake_fly.url, "SANDBOX_FLY_APP": FLY_APP,
             "SANDBOX_FLY_API_TOKEN": FLY_TOKEN, "SANDBOX_FLY_IMAGE": f"registry.fly.io/{FLY_APP}:e2e",
             "SANDBOX_FLY_AGENT_SECRET": FLY_AGENT_SECRET, "SANDBOX_FLY_AGENT_PORT": str(fake_fly.agent_port),
-            "SANDBOX_FLY_REGIONS": "ams,fra", "SANDBOX_FLY_START_TIMEOUT": "20", "SANDBOX_FLY_RETRY_BUDGET": "10"}
+            "SANDBOX_FLY_REGIONS": "ams,fra", "SANDBOX_FLY_START_TIMEOUT": "8", "SANDBOX_FLY_RETRY_BUDGET": "10"}
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,14 @@ def test_timeout_ends_timed_out(submit, stack_env, redis_client):
     assert_cleaned_up(record, stack_env, redis_client)
 
 
+def test_memory_over_the_limit_ends_oom_killed(submit, stack_env, redis_client):
+    alloc = "python3 -c 'b = [bytearray(1 << 20) for _ in range(400)]; print(\"survived\")'"
+    record = submit({"id": new_job_id("oom"), "command": alloc, "resources": {"memory": "64Mi"}})
+    assert record["status"] == "oom_killed", record
+    assert any(e["type"] == "oom" for e in record["security_events"])
+    assert_cleaned_up(record, stack_env, redis_client)
+
+
 def test_rejected_job_names_the_field_and_never_reaches_a_sandbox(submit, stack_env, redis_client):
     job_id = new_job_id("bad")
     record = submit({"id": job_id, "command": "cat /etc/passwd", "resources": {"memory": "lots"}})
