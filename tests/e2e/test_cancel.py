@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from config.settings import load_settings
+from config.wiring import build_services
+from sandbox import lifecycle
 from tests.conftest import new_job_id, wait_for
+from tests.e2e.conftest import sandbox_left
 from tests.e2e.test_pipeline import assert_cleaned_up
 from tests.support.services import Worker
 
@@ -62,3 +68,51 @@ def test_cancel_handled_on_another_node_kills_the_sandbox_on_its_own_node(celery
         assert "killed_on" not in answer
     assert record["status"] == "cancelled" and record["outcome"]["outcome"] == "cancelled"
     assert_cleaned_up(record, stack_env, redis_client)
+
+
+class _CancelOnEntry:
+    """The runtime, except that its first `method` call cancels the job first: a cancel that
+    arrives while that stage runs, at a known point (no timing)."""
+
+    def __init__(self, svc, job_id: str, method: str) -> None:  # noqa: ANN001
+        self._svc, self._inner, self._job_id, self._method = svc, svc.runtime, job_id, method
+        self.answer: dict | None = None
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        attr = getattr(self._inner, name)
+        if name != self._method or self.answer is not None:
+            return attr
+
+        def cancel_then(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.answer = lifecycle.cancel(self._svc, self._job_id)
+            return attr(*args, **kwargs)
+        return cancel_then
+
+
+@pytest.mark.parametrize("stage,method", [("create", "create"), ("prepare", "put_file"),
+                                          ("execute", "execute"), ("collect", "logs")])
+def test_cancel_during_each_stage_ends_cancelled_and_destroys_the_sandbox(stage, method, stack_env, redis_client,
+                                                                         runtime_name, fake_fly):
+    svc = build_services(load_settings(stack_env), host="cancel-test-node")
+    job_id = new_job_id(f"cx{stage}")
+    gate = _CancelOnEntry(svc, job_id, method)
+    svc.runtime = gate
+    command = "ls" if stage == "collect" else "sleep 20"
+    record, run = lifecycle.submit(svc, {"id": job_id, "command": command,
+                                         "files": [{"path": "in.txt", "content": "x"}]}, "task-1")
+    assert run
+    for step in (lifecycle.create, lifecycle.prepare):
+        step(svc, job_id)
+    lifecycle.execute(svc, job_id, token="task-2")
+    lifecycle.collect(svc, job_id)
+    final = lifecycle.cleanup(svc, job_id)
+
+    assert gate.answer and gate.answer["cancelled"] is True, gate.answer
+    assert final["status"] == "cancelled", final
+    if stage == "execute":
+        assert final["outcome"]["outcome"] == "cancelled" and final["stages"]["execute"]["duration_s"] < 15
+    elif stage == "collect":  # the command had ended; the job still ends as asked
+        assert final["outcome"]["outcome"] == "succeeded"
+    else:  # a cancel before the command: it never starts
+        assert "execute" not in final["stages"]
+    assert not sandbox_left(job_id, stack_env)
