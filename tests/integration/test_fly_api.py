@@ -218,3 +218,55 @@ def test_every_request_the_runtime_sent_validates_against_the_spec(fake, runtime
     for r in fake.requests:
         assert "violation" not in r, r
         validate_request(r["method"], r["path"], r["query"], r["body"])
+
+
+class HangingAgent(StubAgent):
+    """An agent whose command outlives its timeout and whose stream ends only when it is killed."""
+
+    killed = None
+
+    def execute(self, sink, max_wait_s=None):  # noqa: ANN001, ANN201
+        import threading
+        HangingAgent.killed = HangingAgent.killed or threading.Event()
+        if not HangingAgent.killed.wait(10):
+            raise AssertionError("the worker's backstop never killed the command")
+        from sandbox.runtimes.base import ExecResult
+        return ExecResult("timed_out", None, 9, 1.5, reason="killed by the worker's backstop")
+
+    def kill(self) -> None:
+        HangingAgent.killed.set()
+
+
+def test_the_worker_kills_a_command_the_agent_let_outlive_its_timeout(fake, runtime, monkeypatch):
+    monkeypatch.setattr(flymod, "BACKSTOP_MARGIN_S", 0.5)
+    handle = runtime.create(spec("j-backstop", timeout=1), "w1")
+    monkeypatch.setattr(flymod, "_agent_client", HangingAgent)
+    HangingAgent.killed = None
+    result = runtime.execute(handle, spec("j-backstop", timeout=1), lambda s, b: None)
+    assert result.outcome == "timed_out" and HangingAgent.killed.is_set()
+    runtime.destroy(handle)
+
+
+def test_the_backstop_destroys_the_machine_when_the_kill_is_not_taken(fake, runtime, monkeypatch):
+    monkeypatch.setattr(flymod, "BACKSTOP_MARGIN_S", 0.5)
+    handle = runtime.create(spec("j-backstop2", timeout=1), "w1")
+
+    class Unkillable(HangingAgent):
+        def kill(self) -> None:
+            raise ConnectionError("agent stuck")
+
+        def execute(self, sink, max_wait_s=None):  # noqa: ANN001, ANN201
+            deadline = time.monotonic() + 10
+            while fake.live() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            from sandbox.errors import AgentUnavailable
+            raise AgentUnavailable("exec stream broke before its end")
+
+        def wait_result(self, max_wait_s=None):  # noqa: ANN001, ANN201
+            from sandbox.errors import AgentUnavailable
+            raise AgentUnavailable("connection refused")
+
+    monkeypatch.setattr(flymod, "_agent_client", Unkillable)
+    result = runtime.execute(handle, spec("j-backstop2", timeout=1), lambda s, b: None)
+    assert fake.live() == []  # destroyed by the backstop
+    assert result.outcome == "error" and "stopped answering" in result.reason
