@@ -1,11 +1,14 @@
 """End-to-end latency and throughput of a trivial job, beside a five-task no-op chain, same broker.
 
-    .venv/bin/python bench/e2e.py [--jobs 100] [--concurrency 8]
+    .venv/bin/python bench/e2e.py [--jobs 100] [--concurrency 8] [--runtime local|fly]
 
 Starts its own Redis, SeaweedFS and one worker node as `make up` runs it (threads pool, default
 admission), then measures sequential latency (p50/p95/p99) and parallel throughput for: (a) the
 baseline, a chain of five no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints
 both and their ratios.
+With `--runtime fly` it also runs (c) the same jobs on the Fly runtime against the fake Machines
+API (tests/support/fakefly.py, zero delays) whose machines run the real agent, with a worker of
+its own, and prints the agent path's overhead over (b) and the Machines API calls per job.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ from celery import Celery, chain  # noqa: E402
 
 from devstack.seaweed import seaweed_server  # noqa: E402
 from devstack.processes import RedisServer, Worker  # noqa: E402
+
+
+STAGES: dict[str, list[dict[str, float]]] = {}  # runtime -> each job's stage durations
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -57,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--runtime", choices=("local", "fly"), default="local")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir="/var/tmp"))
     base.chmod(0o711)
@@ -80,18 +87,53 @@ def main() -> None:
                     job = {"id": f"bench-{uuid.uuid4().hex[:12]}", "command": "ls"}
                     record = client.send_task("sandbox.submit", args=[json.dumps(job)]).get(timeout=120)
                     assert record["status"] == "succeeded", record
+                    STAGES.setdefault(record["sandbox"]["runtime"], []).append(
+                        {k: v["duration_s"] for k, v in record["stages"].items()})
 
                 pipeline = measure(one_job, args.jobs, args.concurrency)
             finally:
                 worker.stop()
+            fly = measure_fly(client, env, base, one_job, args) if args.runtime == "fly" else None
     finally:
         redis_server.stop()
         shutil.rmtree(base, ignore_errors=True)
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'per s':>10}")
     for name, row in (("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)):
         print(f"{name:24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}{row['throughput_per_s']:10.1f}")
-    print(f"{'ratio job/chain':24}" + "".join(f"{pipeline[k] / baseline[k]:10.2f}" for k in ("p50_ms", "p95_ms", "p99_ms",
-                                                                                        "throughput_per_s")))
+    keys = ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s")
+    print(f"{'ratio job/chain':24}" + "".join(f"{pipeline[k] / baseline[k]:10.2f}" for k in keys))
+    if fly is not None:
+        row, calls_per_job = fly
+        print(f"{'fly job (ls), fake API':24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}"
+              f"{row['throughput_per_s']:10.1f}")
+        print(f"{'ratio fly/local job':24}" + "".join(f"{row[k] / pipeline[k]:10.2f}" for k in keys))
+        print(f"Machines API calls per job: {calls_per_job:.2f} (goal <= 4)")
+    print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup")))
+    for runtime, rows in STAGES.items():
+        print(f"{runtime:14}" + "".join(f"{statistics.median(r.get(stage, 0) for r in rows) * 1e3:10.1f}"
+                                        for stage in ("create", "prepare", "execute", "collect", "cleanup")))
+
+
+def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callable[[], None],
+                args: argparse.Namespace) -> tuple[dict[str, float], float]:
+    """The same jobs on FlyRuntime against the fake Machines API (zero delays, the real agent)."""
+    from devstack.processes import free_port
+    from tests.support.fakefly import FakeFly
+
+    token, app = "bench-fly-token", "bench-app"
+    fake = FakeFly(token, app, base / "fly-machines", agent_port=free_port()).start()
+    fly_env = {**env, "SANDBOX_RUNTIME": "fly", "SANDBOX_FLY_API_URL": fake.url, "SANDBOX_FLY_APP": app,
+               "SANDBOX_FLY_API_TOKEN": token, "SANDBOX_FLY_IMAGE": "bench", "SANDBOX_FLY_AGENT_SECRET": "b" * 40,
+               "SANDBOX_FLY_AGENT_PORT": str(fake.agent_port)}
+    worker = Worker(fly_env, node="bench-fly@host", log_path=base / "worker-fly.log")
+    worker.start(client)
+    try:
+        row = measure(one_job, args.jobs, args.concurrency)
+        jobs = 5 + 2 * args.jobs  # measure's warm-up, sequential and parallel rounds
+        return row, len(fake.requests) / jobs
+    finally:
+        worker.stop()
+        fake.stop()
 
 
 if __name__ == "__main__":
