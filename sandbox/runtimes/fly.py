@@ -123,6 +123,10 @@ class FlyRuntime:
             try:
                 return self.api.create(body)
             except FlyAPIError as e:
+                if e.status == 409:  # the name is taken: a concurrent create of the same job won
+                    found = self._find(name)
+                    if found:
+                        return found
                 if not e.capacity:
                     raise
                 reasons.append(f"{region}: {e}")

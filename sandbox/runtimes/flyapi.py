@@ -88,8 +88,9 @@ class MachinesAPI:
         self.retry_budget_s = retry_budget_s
         self._sleep = sleep
         self._auth = auth_header(token)
-        self._local = threading.local()  # a Session per thread: Session is not documented thread-safe
-        self.calls = 0  # Machines API requests sent, for the benchmark
+        # A Session (and its connection pool) per worker thread: requests does not promise that
+        # one Session is safe across threads, and the worker runs Celery's threads pool.
+        self._local = threading.local()
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -156,7 +157,6 @@ class MachinesAPI:
     def _once(self, method: str, path: str, params: dict[str, Any] | None, body: Any, accept: tuple[int, ...],
               read_timeout_s: float, what: str) -> Answer:
         url = f"{self.base_url}/apps/{self.app}{path}"
-        self.calls += 1
         try:
             response = self._session().request(method, url, params=params, json=body,
                                                timeout=(CONNECT_TIMEOUT_S, read_timeout_s))

@@ -270,3 +270,12 @@ def test_the_backstop_destroys_the_machine_when_the_kill_is_not_taken(fake, runt
     result = runtime.execute(handle, spec("j-backstop2", timeout=1), lambda s, b: None)
     assert fake.live() == []  # destroyed by the backstop
     assert result.outcome == "error" and "stopped answering" in result.reason
+
+
+def test_a_concurrent_create_of_the_same_job_shares_its_machine(fake, runtime, monkeypatch):
+    # Both looked before either created: the second POST meets the taken name and finds the first.
+    first = runtime.create(spec("j-race"), "w1")
+    monkeypatch.setattr(runtime, "_find", lambda name, real=runtime._find: real(name) if posts(fake)[1:] else None)
+    second = runtime.create(spec("j-race"), "w2")
+    assert first.sandbox_id == second.sandbox_id and len(fake.machine_of("j-race")) == 1
+    assert [r["status"] for r in posts(fake)] == [200, 409]
