@@ -105,6 +105,8 @@ class FlyRuntime:
             self._wait_started(machine["id"], deadline)
             self._healthy(handle, deadline)
             self._agent(handle).create(spec)
+        except TransientError:
+            raise  # the stage's retry finds this machine by its name and carries on with it
         except Exception:
             self._destroy_quietly(machine["id"])
             raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import requests
@@ -94,7 +94,3 @@ def sandbox_left(job_id: str, stack_env: dict[str, str]) -> list[str]:
         return [m["id"] for m in machines if (m["config"].get("metadata") or {}).get("sandbox_job") == job_id]
     work = Path(stack_env["SANDBOX_WORK_DIR"])
     return [p.name for p in work.iterdir() if job_id in p.name]
-
-
-def machines_of(fake: FakeFly, job_id: str) -> list[Any]:
-    return fake.machine_of(job_id)

@@ -14,7 +14,6 @@ import atexit
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -356,10 +355,6 @@ def agent_processes_alive(fly: FakeFly) -> list[str]:
     """Ids of machines, destroyed or not, whose agent process still runs."""
     everything = list(fly.machines.values()) + list(fly.destroyed.values())
     return [m.id for m in everything if m.proc is not None and m.proc.poll() is None]
-
-
-def cleanup_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def kill_agent(machine: FakeMachine) -> None:
