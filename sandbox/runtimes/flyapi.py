@@ -82,8 +82,9 @@ class MachinesAPI:
     """Calls to /apps/{app}/machines…; one instance (one requests.Session) per worker process."""
 
     def __init__(self, base_url: str, token: str, app: str, retry_budget_s: float = 60.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, read_timeout_s: float = READ_TIMEOUT_S) -> None:
         self.base_url = base_url.rstrip("/")
+        self.read_timeout_s = read_timeout_s
         self.app = app
         self.retry_budget_s = retry_budget_s
         self._sleep = sleep
@@ -117,7 +118,7 @@ class MachinesAPI:
         """True once the machine is started; False when Fly answered 408 (not yet)."""
         timeout_s = max(1, min(MAX_WAIT_S, int(timeout_s)))
         answer = self._call("GET", f"/machines/{machine_id}/wait", params={"state": "started", "timeout": timeout_s},
-                            accept=(408,), read_timeout_s=timeout_s + READ_TIMEOUT_S)
+                            accept=(408,), read_timeout_s=timeout_s + self.read_timeout_s)
         return answer.status != 408
 
     def destroy(self, machine_id: str) -> bool:
@@ -127,8 +128,9 @@ class MachinesAPI:
 
     # -- the mechanics ---------------------------------------------------------------------------
     def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
-              accept: tuple[int, ...] = (), retry: bool = True, read_timeout_s: float = READ_TIMEOUT_S) -> Answer:
+              accept: tuple[int, ...] = (), retry: bool = True, read_timeout_s: float | None = None) -> Answer:
         what = f"{method} /apps/{self.app}{path}"
+        read_timeout_s = read_timeout_s or self.read_timeout_s
         if not retry:
             try:
                 return self._once(method, path, params, json, accept, read_timeout_s, what)

@@ -279,3 +279,10 @@ def test_a_concurrent_create_of_the_same_job_shares_its_machine(fake, runtime, m
     second = runtime.create(spec("j-race"), "w2")
     assert first.sandbox_id == second.sandbox_id and len(fake.machine_of("j-race")) == 1
     assert [r["status"] for r in posts(fake)] == [200, 409]
+
+
+def test_an_answer_slower_than_the_read_timeout_is_retried(fake):
+    api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=5, sleep=lambda s: None, read_timeout_s=0.3)
+    fake.fail("GET", "/machines", "slow", delay_s=1.0)
+    assert api.list() == []
+    assert len(fake.requests) == 2
