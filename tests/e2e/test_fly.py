@@ -141,3 +141,21 @@ def _everything(redis_client, fake_fly, session_dir):
         if m.log_path:
             yield m.log_path, open(m.log_path, errors="replace").read()
     yield "fly requests", json.dumps(fake_fly.requests, default=str)
+
+
+def test_throttling_past_the_budget_ends_the_job_error_with_the_reason_on_its_record(stack_env, fake_fly):
+    from config.settings import load_settings
+    from config.wiring import build_services
+    from sandbox import lifecycle
+    from sandbox.errors import RuntimeUnavailable
+
+    svc = build_services(load_settings({**stack_env, "SANDBOX_FLY_RETRY_BUDGET": "1"}), host="budget-node")
+    job_id = new_job_id("budget")
+    lifecycle.submit(svc, {"id": job_id, "command": "ls"}, "task-1")
+    fake_fly.fail("GET", "/machines", status=429, retry_after="0.3", times=1000)
+    with pytest.raises(RuntimeUnavailable) as caught:
+        lifecycle.create(svc, job_id)  # what the stage's last retry meets
+    record = lifecycle.fail(svc, job_id, "create", caught.value)
+    assert record["status"] == "error"
+    message = record["error"]["message"]
+    assert "gave up after" in message and "429" in message and FLY_TOKEN not in json.dumps(record)
