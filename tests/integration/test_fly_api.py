@@ -41,7 +41,7 @@ class StubAgent:
 
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeFly]:
-    server = FakeFly(TOKEN, "sbx-app", tmp_path / "fly", agent_port=18080, start_agents=False, wait_cap_s=0.5).start()
+    server = FakeFly(TOKEN, "sbx-app", tmp_path / "fly", agent_port=18080, start_agents=False, wait_cap_s=5).start()
     yield server
     server.stop()
 
@@ -130,11 +130,12 @@ def test_5xx_bursts_and_dropped_connections_are_retried(fake, kind, status):
 def test_throttling_gives_up_after_the_budget_with_the_reason(fake):
     api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=1)
     fake.fail("GET", "/machines", status=429, retry_after="0.2", times=1000)
-    started = time.monotonic()
     with pytest.raises(RuntimeUnavailable) as caught:
         api.list()
-    assert time.monotonic() - started < 4  # bounded: the budget plus one last wait
-    assert "gave up" in str(caught.value) and "429" in str(caught.value) and TOKEN not in str(caught.value)
+    # bounded: 0.2 s apart within a 1 s budget leaves room for at most 6 attempts (fewer on a busy host)
+    assert 2 <= len(fake.requests) <= 6
+    assert f"gave up after {len(fake.requests)} attempts" in str(caught.value)
+    assert "429" in str(caught.value) and TOKEN not in str(caught.value)
 
 
 def test_a_wrong_token_is_refused_at_once_without_showing_the_token(fake):
@@ -148,7 +149,8 @@ def test_a_wrong_token_is_refused_at_once_without_showing_the_token(fake):
 def test_408_from_wait_means_not_yet(fake, runtime):
     fake.fail("GET", "/wait", status=408, times=2, body={"error": "deadline_exceeded"})
     runtime.create(spec("j-408"), "w1")
-    assert [r["status"] for r in fake.requests if r["op"] == "Machines_wait"] == [408, 408, 200]
+    waits = [r["status"] for r in fake.requests if r["op"] == "Machines_wait"]
+    assert waits[:2] == [408, 408] and waits[-1] == 200 and set(waits) == {408, 200}
 
 
 def test_capacity_error_tries_the_next_region(fake, runtime):

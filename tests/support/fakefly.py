@@ -72,7 +72,7 @@ class FakeFly(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, token: str, app: str, base_dir: Path, agent_port: int, agent_env: dict[str, str] | None = None,
-                 start_agents: bool = True, wait_cap_s: float = 2.0) -> None:
+                 start_agents: bool = True, wait_cap_s: float = 10.0) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token, self.app, self.base_dir, self.agent_port = token, app, base_dir, agent_port
         self.agent_env = agent_env or {}
