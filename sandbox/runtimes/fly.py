@@ -3,8 +3,8 @@
 The API is used for lifecycle only (look up, create, wait, destroy, list). Files, the command with
 its live output, outputs and kill go to the agent (sandbox/agent) at the machine's private address,
 authenticated by a per-machine token: HMAC-SHA256(SANDBOX_FLY_AGENT_SECRET, app/machine-name). Any
-worker can derive it, so no token is stored anywhere (not in the record, not in Redis); it travels
-only in the machine's env at create and in the Authorization header of agent calls.
+worker can derive it, so no token is stored anywhere (not in the record, not in Redis, not in the
+machine, whose env holds its sha256); it travels only in the Authorization header of agent calls.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from datetime import datetime
 from typing import IO, Any, Iterator
 
 from config.settings import Settings
-from sandbox.errors import SandboxError, SandboxFailure, TransientError
 from sandbox.agent.protocol import machine_env
+from sandbox.errors import SandboxError, SandboxFailure, TransientError
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
 from sandbox.spec import JobSpec
