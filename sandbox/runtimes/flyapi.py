@@ -1,4 +1,5 @@
-"""A small client of Fly's Machines API on requests: timeouts on every call, tenacity retries.
+"""A small client of Fly's Machines API on requests (one Session per process): timeouts on every
+call, tenacity retries.
 
 Retried: 429 (honouring Retry-After when Fly sends one, else exponential backoff with jitter), 5xx
 and connection errors, for at most `retry_budget_s` in all. Never retried here: a POST that creates
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import requests
+from requests.adapters import HTTPAdapter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay
 
 from sandbox.errors import RuntimeUnavailable, SandboxFailure
@@ -27,6 +28,7 @@ MAX_WAIT_S = 60  # the API's own upper bound for GET …/wait
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
 RETRY_AFTER_MAX_S = 30.0
+POOL_SIZE = 64  # connections kept to the API: about the stages one worker process runs at once
 
 
 class FlyAPIError(SandboxFailure):
@@ -79,7 +81,7 @@ def _retry_after(response: requests.Response) -> float | None:
 
 
 class MachinesAPI:
-    """Calls to /apps/{app}/machines…; one instance (one requests.Session) per worker process."""
+    """Calls to /apps/{app}/machines…; one instance (one requests.Session) per worker process, thread-safe."""
 
     def __init__(self, base_url: str, token: str, app: str, retry_budget_s: float = 60.0,
                  sleep: Callable[[float], None] = time.sleep, read_timeout_s: float = READ_TIMEOUT_S) -> None:
@@ -88,17 +90,14 @@ class MachinesAPI:
         self.app = app
         self.retry_budget_s = retry_budget_s
         self._sleep = sleep
-        self._auth = auth_header(token)
-        # A Session (and its connection pool) per worker thread: requests does not promise that
-        # one Session is safe across threads, and the worker runs Celery's threads pool.
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.headers.update({"Authorization": self._auth, "User-Agent": "job-sandbox"})
-        return session
+        # One Session per process, shared by the worker's threads: nothing on it changes after this
+        # (headers fixed here, Fly sets no cookies), and urllib3's pool is thread-safe; the pool is
+        # sized so that dozens of concurrent stages each keep a connection instead of reopening.
+        self._session = requests.Session()
+        self._session.headers.update({"Authorization": auth_header(token), "User-Agent": "job-sandbox"})
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
 
     # -- the endpoints this service uses ---------------------------------------------------------
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +159,7 @@ class MachinesAPI:
               read_timeout_s: float, what: str) -> Answer:
         url = f"{self.base_url}/apps/{self.app}{path}"
         try:
-            response = self._session().request(method, url, params=params, json=body,
+            response = self._session.request(method, url, params=params, json=body,
                                                timeout=(CONNECT_TIMEOUT_S, read_timeout_s))
         except (requests.ConnectionError, requests.Timeout) as e:
             raise _Retryable(f"{type(e).__name__}: connection failed or timed out") from e

@@ -288,3 +288,13 @@ def test_an_answer_slower_than_the_read_timeout_is_retried(fake):
     fake.fail("GET", "/machines", "slow", delay_s=1.0)
     assert api.list() == []
     assert len(fake.requests) == 2
+
+
+def test_one_client_serves_many_threads_at_once(fake):
+    from concurrent.futures import ThreadPoolExecutor
+
+    api = MachinesAPI(fake.url, TOKEN, "sbx-app", retry_budget_s=5, sleep=lambda s: None)
+    fake.fail("GET", "/machines", status=503, times=8)  # some threads retry while others pass
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: api.list(), range(64)))
+    assert answers == [[]] * 64 and len(fake.requests) == 72
