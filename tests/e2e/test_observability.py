@@ -119,12 +119,12 @@ def test_every_ending_reaches_its_status(mixed_run):
         "rejected_same_id": "rejected"}
 
 
-def test_counters_moved_by_exactly_the_jobs_that_ran(mixed_run):
+def test_counters_moved_by_exactly_the_jobs_that_ran(mixed_run, runtime_name):
     before, after, records = mixed_run["before"], mixed_run["after"], mixed_run["records"]
     jobs = "sandbox_jobs_total"
     for status, expected in (("succeeded", 2), ("failed", 1), ("timed_out", 1), ("oom_killed", 1),
                              ("cancelled", 1), ("rejected", 2), ("error", 1)):
-        assert moved(before, after, jobs, status=status, runtime="local") == expected, status
+        assert moved(before, after, jobs, status=status, runtime=runtime_name) == expected, status
     assert moved(before, after, "sandbox_rejections_total", field="/resources/memory",
                  rule=records["rejected"]["error"]["rule"]) == 2
     assert moved(before, after, "sandbox_stage_failures_total", stage="prepare") == 1
