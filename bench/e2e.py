@@ -127,6 +127,7 @@ def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callab
                "SANDBOX_FLY_AGENT_PORT": str(fake.agent_port)}
     worker = Worker(fly_env, node="bench-fly@host", log_path=base / "worker-fly.log")
     worker.start(client)
+    fake.requests.clear()  # the worker's own start-up listing is not a job's
     try:
         row = measure(one_job, args.jobs, args.concurrency)
         jobs = 5 + 2 * args.jobs  # measure's warm-up, sequential and parallel rounds

@@ -12,7 +12,7 @@ from config.settings import EXECUTE_HARD_MARGIN_S
 from sandbox import lifecycle
 from sandbox.errors import TransientError
 from tasks import monitoring
-from tasks.app import app, create_queue, node_queue, services
+from tasks.app import CREATE_SUFFIX, app, create_queue, node_queue, services
 
 log = logging.getLogger("sandbox.tasks")
 
@@ -87,6 +87,12 @@ def pipeline(job_id: str, create_on: str, timeout_s: float, notify: bool = False
     ).on_error(on_stage_error.s())
 
 
+def _intake(task: Task) -> str:
+    """The intake queue a job came in on (its create waited on `<intake>.create`)."""
+    queue = (task.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
+    return queue[: -len(CREATE_SUFFIX)] if queue.endswith(CREATE_SUFFIX) else queue
+
+
 def _route_rest_of_chain(task: Task, queue: str) -> None:
     """Send the chain's remaining stages to `queue` (request.chain is what Celery sends on from)."""
     for step in task.request.chain or []:
@@ -105,6 +111,8 @@ def create(self, job_id: str, notify: bool = False) -> str:
     svc = services()
     if getattr(svc.runtime, "pinned", True):
         _route_rest_of_chain(self, node_queue(svc.host))
+    else:  # any worker of the job's intake may drive its machine: the stages stay there
+        _route_rest_of_chain(self, _intake(self))
     if run_stage(self, lifecycle.create, job_id, notify, admit_wait_s=ADMIT_WAIT_S) is False:
         raise Reject(f"job {job_id} not admitted on {svc.host} yet", requeue=True)
     return job_id
