@@ -28,6 +28,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 node-deps:
 	@command -v npm >/dev/null || { echo "npm (Node.js 20) is needed for clients/node and its tests"; exit 1; }
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+	cd tests/faults/node && npm ci --no-audit --no-fund --loglevel=error  # celery-node, a stock producer
 
 # Bring up Redis, SeaweedFS, a worker, beat and Flower; submit examples/hello.json; show its
 # logs and final record; stop everything.

@@ -38,8 +38,22 @@ broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s
                             "queue_order_strategy": "priority"}
 result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
 broker_connection_retry_on_startup = True
+# A Redis restart (seconds) must not drop a chain's next stage or a stage's result: Celery's
+# defaults give up after about a second, which stalled a job mid-chain when Redis restarted.
+task_publish_retry_policy = {"max_retries": 40, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}
+result_backend_always_retry = True
+result_backend_max_retries = 40
+result_backend_max_sleep_between_retries_ms = 2000
+# The guards of docs/reliability.md: a queue item that is no message envelope is dead-lettered by
+# the transport, a task message Celery cannot run by the consumer; neither stops the worker.
+broker_transport = "tasks.transport:Transport"
+worker_consumer = "tasks.consumer:Consumer"
 
 task_default_queue = "sandbox"
+# Cancels and beat's stuck/orphan sweeps have a queue of their own that every worker consumes
+# outside the task prefetch limit (tasks.consumer.ControlConsumer): they never wait for a slot.
+task_routes = {name: {"queue": "sandbox.control"}
+               for name in ("sandbox.cancel", "sandbox.sweep_stuck", "sandbox.sweep_orphans")}
 task_create_missing_queues = True
 result_expires = _settings.record_ttl_s
 result_extended = True
@@ -66,9 +80,10 @@ task_annotations = {
     "sandbox.sweep_artifacts": {"soft_time_limit": 3000, "time_limit": 3300},  # under its 1 h period
 }
 
-# One beat only (see README, Operations): two beats would send every sweep twice.
+# One beat is enough; a second (or a restarted one) sends every sweep twice, but each sweep takes a
+# Redis lock for its period (tasks.sweeps), so only one of the two does the work.
 beat_schedule = {
-    "sweep-orphaned-sandboxes": {"task": "sandbox.sweep_orphans", "schedule": 60.0},
-    "sweep-stuck-jobs": {"task": "sandbox.sweep_stuck", "schedule": 120.0},
+    "sweep-orphaned-sandboxes": {"task": "sandbox.sweep_orphans", "schedule": _settings.orphan_sweep_interval_s},
+    "sweep-stuck-jobs": {"task": "sandbox.sweep_stuck", "schedule": _settings.stuck_sweep_interval_s},
     "sweep-expired-artifacts": {"task": "sandbox.sweep_artifacts", "schedule": 3600.0},
 }

@@ -289,6 +289,15 @@ class Settings:
     node_disk_bytes: int = _setting("SANDBOX_NODE_DISK", "", _auto_size)  # default: the work dir's free space
     cpu_overcommit: float = _setting("SANDBOX_CPU_OVERCOMMIT", "4", _positive_float)  # cgroup quotas cap each job
     node_max_sandboxes: int = _setting("SANDBOX_NODE_MAX_SANDBOXES", "64", _positive_int)
+    # Reliability under faults (docs/reliability.md)
+    max_deliveries: int = _setting("SANDBOX_MAX_DELIVERIES", "3", _positive_int)
+    require_durable_redis: bool = _setting("SANDBOX_REQUIRE_DURABLE_REDIS", "false", _bool)
+    heartbeat_interval_s: float = _setting("SANDBOX_HEARTBEAT_INTERVAL", "10", _positive_float)
+    node_dead_after_s: float = _setting("SANDBOX_NODE_DEAD_AFTER", "60", _positive_float)
+    stuck_sweep_interval_s: float = _setting("SANDBOX_STUCK_SWEEP_INTERVAL", "15", _positive_float)
+    orphan_sweep_interval_s: float = _setting("SANDBOX_ORPHAN_SWEEP_INTERVAL", "60", _positive_float)
+    dead_letter_max: int = _setting("SANDBOX_DEAD_LETTER_MAX", "10000", _positive_int)
+    max_message_bytes: int = _setting("SANDBOX_MAX_MESSAGE_BYTES", "64Mi", parse_size)
 
     @property
     def s3_endpoint(self) -> str:
@@ -302,6 +311,11 @@ class Settings:
         """Days each jobs/{id}/<category>/ object is kept before the expiry sweep deletes it."""
         return {"input": self.retention_days_input, "output": self.retention_days_output,
                 "logs": self.retention_days_logs, "artifacts": self.retention_days_artifacts}
+
+    @property
+    def tombstone_ttl_s(self) -> int:
+        """How long a finished job id stays reserved: its longest artifact retention."""
+        return max(self.retention_days.values()) * 86400
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -366,6 +380,9 @@ def _check_consistency(s: Settings) -> None:
     if s.sandbox_uid + s.sandbox_uid_count > 2**31:
         raise ConfigError("SANDBOX_UID_COUNT", f"the range {s.sandbox_uid}..{s.sandbox_uid + s.sandbox_uid_count - 1} "
                           "must end below 2^31")
+    if s.node_dead_after_s < 2 * s.heartbeat_interval_s:
+        raise ConfigError("SANDBOX_NODE_DEAD_AFTER", f"must be at least twice SANDBOX_HEARTBEAT_INTERVAL "
+                          f"({s.heartbeat_interval_s:g} s), or one late heartbeat declares a live node dead")
     if s.runtime == "fly":
         _check_fly(s)
 

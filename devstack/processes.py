@@ -51,7 +51,8 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
 
 
 class RedisServer:
-    """redis-server on 127.0.0.1 with no persistence, in its own process group."""
+    """redis-server on 127.0.0.1, in its own process group, durable as production's must be: every
+    write in the append-only file (fsynced every second), and no eviction of queued work."""
 
     def __init__(self, base_dir: Path) -> None:
         self.port = free_port()
@@ -62,7 +63,8 @@ class RedisServer:
     def start(self) -> None:
         binary = find_binary("redis-server")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
              "--dir", str(self.base_dir), "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         client = redis.Redis.from_url(self.url)
@@ -79,6 +81,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc:
             stop_process(self.proc)
+
+    def restart(self) -> None:
+        """Stop with SIGTERM and start again on the same port and append-only file."""
+        self.stop()
+        self.start()
 
 
 class Worker:

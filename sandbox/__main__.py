@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config", help="print the settings in force (secrets masked)")
     p = sub.add_parser("health", help="check Redis, S3, workers, beat and queues; exit 0 ok, 1 degraded, 2 down")
     p.add_argument("--json", action="store_true", help="print the checks as JSON instead of a table")
+    p = sub.add_parser("dead-letters", help="list the messages no worker could run (newest first)")
+    p.add_argument("--limit", type=int, default=20, help="how many to list")
+    p.add_argument("--show", type=int, metavar="INDEX", help="print one entry whole")
+    p.add_argument("--drop", type=int, metavar="INDEX", help="remove one entry")
+    p.add_argument("--drop-all", action="store_true", help="remove every entry")
     args = parser.parse_args(argv)
     _configure_logging()
     try:
@@ -100,7 +105,9 @@ def _submit(args: argparse.Namespace) -> int:
     if job_id:
         threading.Thread(target=_print_progress, args=(job_id,), daemon=True).start()
     try:
-        record = result.get(timeout=args.timeout, propagate=True)
+        record = _wait(result, job_id, args.timeout)
+    except SandboxError:
+        raise
     except Exception as e:  # noqa: BLE001 - e.g. a stage hit its hard time limit: the record still says why
         if not job_id:
             raise
@@ -108,6 +115,34 @@ def _submit(args: argparse.Namespace) -> int:
         record = _store().get(job_id)
     print(json.dumps(record, indent=2))
     return {"succeeded": EXIT_OK, "rejected": EXIT_REJECTED}.get(record.get("status"), EXIT_FAILED)
+
+
+def _wait(result: Any, job_id: str | None, timeout_s: float | None) -> dict:
+    """The final record; a job Redis lost (a restart without its data) is an error, not a hang."""
+    import time
+
+    import redis
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    from sandbox.nodes import SubmissionWatch
+
+    if not job_id:
+        return result.get(timeout=timeout_s, propagate=True)
+    watch = SubmissionWatch(redis.Redis.from_url(load_settings().redis_url, socket_timeout=5), job_id, result.id)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            return result.get(timeout=2.0, propagate=True)
+        except ResultTimeout:
+            pass
+        except (redis.RedisError, OSError, RuntimeError):  # Redis restarting under the result backend
+            time.sleep(1.0)
+        state = watch.check()
+        if state and state[0] == "ended":
+            return state[1]
+        if state and state[0] == "vanished":
+            raise SandboxError(state[1])
+    raise SandboxError(f"job {job_id} did not end within {timeout_s} s")
 
 
 def _bus() -> Any:
@@ -164,8 +199,32 @@ def _config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dead_letters(args: argparse.Namespace) -> int:
+    import redis
+
+    from sandbox import deadletters
+
+    client = redis.Redis.from_url(load_settings().redis_url)
+    if args.drop_all or args.drop is not None:
+        count = deadletters.drop(client, None if args.drop_all else args.drop)
+        print(json.dumps({"dropped": count}))
+        return EXIT_OK if count else EXIT_FAILED
+    if args.show is not None:
+        found = deadletters.entries(client, args.show, 1)
+        if not found:
+            print(f"error: no dead letter at index {args.show}", file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(found[0], indent=2))
+        return EXIT_OK
+    listed = deadletters.entries(client, 0, args.limit)
+    print(json.dumps({"total_recorded": deadletters.total(client), "kept": client.llen(deadletters.DEAD_LIST),
+                      "entries": [{k: e.get(k) for k in ("index", "at", "queue", "reason", "task", "id")}
+                                  for e in listed]}, indent=2))
+    return EXIT_OK
+
+
 COMMANDS = {"submit": _submit, "show": _show, "validate": _validate, "cancel": _cancel, "logs": _logs,
-            "config": _config, "health": _health}
+            "config": _config, "health": _health, "dead-letters": _dead_letters}
 
 if __name__ == "__main__":
     sys.exit(main())

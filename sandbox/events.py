@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from typing import Any, Iterator
 
 STATUSES = (
@@ -29,15 +30,19 @@ _ESCAPES.update({c: f"\\u{c:04x}" for c in [0x200B, 0x200E, 0x200F, 0x2028, 0x20
 
 # One round trip per chunk, atomic per job: assigns seq, enforces the line and byte budget,
 # writes the single "log truncated" marker once and drops everything after it.
-# KEYS: stream, meta hash. ARGV: max_lines, max_bytes, ttl_s, maxlen, then (stream, ts, line, cut)*
+# A chunk's id makes it apply once: a call retried across a Redis restart (it ran, its reply was
+# lost) must not write the lines twice.
+# KEYS: stream, meta hash. ARGV: max_lines, max_bytes, ttl_s, maxlen, chunk id, then (stream, ts, line, cut)*
 _APPEND_LOGS = """
 local max_lines = tonumber(ARGV[1])
 local max_bytes = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 local maxlen = ARGV[4]
+if redis.call('HGET', KEYS[2], 'chunk') == ARGV[5] then return 0 end
+redis.call('HSET', KEYS[2], 'chunk', ARGV[5])
 local done = redis.call('HGET', KEYS[2], 'truncated')
 local added = 0
-for i = 5, #ARGV, 4 do
+for i = 6, #ARGV, 4 do
   if done then
     redis.call('HINCRBY', KEYS[2], 'dropped', 1)
   else
@@ -223,7 +228,8 @@ class EventBus:
     def _append(self, job_id: str, lines: list[tuple[str, float, bytes, bool]]) -> None:
         if not lines:
             return
-        args: list[Any] = [self.max_stream_len, self.max_log_bytes, self.ttl_s, self.max_stream_len + 100]
+        args: list[Any] = [self.max_stream_len, self.max_log_bytes, self.ttl_s, self.max_stream_len + 100,
+                           uuid.uuid4().hex]
         for stream, ts, raw, cut in lines:
             text = escape_line(raw.rstrip(b"\r") if not cut else raw)
             args += [stream, f"{ts:.6f}", text, "1" if cut else "0"]

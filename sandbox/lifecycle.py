@@ -17,8 +17,8 @@ from typing import Any, Callable
 from config.settings import Settings
 from sandbox import webhooks
 from sandbox.admission import Admission, Request, check_possible, published_capacities
-from sandbox.events import escape_line
-from sandbox.errors import JobRejected, PlacementError, SandboxError, SandboxFailure, StorageError
+from sandbox.events import check_job_id, escape_line
+from sandbox.errors import JobNotFound, JobRejected, PlacementError, SandboxError, SandboxFailure, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
 from sandbox.layout import check_key, log_key, output_key
@@ -61,11 +61,25 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     record["callback_url"] = spec.callback_url
     record["callback_events"] = spec.callback_events
     record["transitions_notified"] = 0
-    if svc.store.create(record, spec.to_dict()):
-        return record, True
+    try:
+        if svc.store.create(record, spec.to_dict()):
+            if svc.store.precancelled(spec.id):  # cancelled while its submit waited in the queue
+                return svc.store.transition(spec.id, JobStatus.CANCELLED, cancel_requested=True, error={
+                    "code": "cancelled", "message": "cancelled before it was accepted", "field": None}), False
+            return record, True
+    except JobRejected as rejection:  # the id of an earlier job (tombstone): never reuse its objects
+        return _reject(svc, raw, rejection), False
     existing = svc.store.get(spec.id)
-    redelivered = existing["submit_task_id"] == task_id and existing["status"] == JobStatus.QUEUED.value
+    # The same submit delivered again: run it only if the first delivery died before it sent the
+    # stages (dispatched_at is written just before they are sent), so the job runs once.
+    redelivered = (existing.get("submit_task_id") == task_id and existing["status"] == JobStatus.QUEUED.value
+                   and not existing.get("dispatched_at"))
     return existing, redelivered
+
+
+def dispatched(svc: Services, job_id: str) -> None:
+    """Mark that the job's stages are being sent: a redelivered submit must not send them again."""
+    svc.store.update(job_id, lambda r: r.update(dispatched_at=time.time()))
 
 
 def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
@@ -207,7 +221,11 @@ def _record_outcome(r: JobRecord, result: ExecResult) -> None:
 
 
 def collect(svc: Services, job_id: str) -> None:
-    """Upload logs and every collected file to R2, each with a presigned download URL."""
+    """Upload logs, then every collected file to R2, each with a presigned download URL.
+
+    Logs go first; a name or an object S3 refuses is skipped with its reason, never the whole stage;
+    every handle of the workspace is closed before the stage ends, so destroy can unmount it.
+    """
     record = svc.store.get(job_id)
     if record.get("outcome") is None:
         return
@@ -222,20 +240,31 @@ def collect(svc: Services, job_id: str) -> None:
     n_logs = len(uploads)
     spec = _spec(svc, job_id)
     collected = svc.runtime.collect(handle, spec.collect)
-    refused = []
-    for f in collected:
-        key = output_key(job_id, f.relpath)
-        shown = shown_path(f.relpath)
-        try:
-            if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
-                raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
-            check_key(key)  # a job-chosen name: control characters or '..' never reach S3
-        except StorageError as e:
-            refused.append({"path": shown, "reason": str(e)})
-            continue
-        uploads.append((key, f.open, f.size, f.relpath))
-    entries = _upload_all(svc, job_id, uploads)
-    logs, artifacts = entries[:n_logs], entries[n_logs:]
+    refused: list[dict[str, str]] = []
+    try:
+        for f in collected:
+            key = output_key(job_id, f.relpath)
+            shown = shown_path(f.relpath)
+            try:
+                if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
+                    raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
+                check_key(key)  # a job-chosen name: control characters or '..' never reach S3
+            except StorageError as e:
+                refused.append({"path": shown, "reason": str(e)})
+                continue
+            uploads.append((key, f.open, f.size, f.relpath))
+    finally:
+        close = getattr(collected, "close", None)
+        if close:
+            close()  # the walk's directory handles pin the workspace mount: released on every path
+    # Logs first, on their own: an output S3 refuses must never cost the job its logs.
+    logs = _upload_all(svc, job_id, uploads[:n_logs])
+    artifacts = []
+    for upload, entry in zip(uploads[n_logs:], _upload_all(svc, job_id, uploads[n_logs:], tolerate=True)):
+        if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
+            refused.append({"path": shown_path(upload[3]), "reason": str(entry)[:500]})
+        else:
+            artifacts.append(entry)
     # over a cap, links, devices, bad names: every job-chosen path in the record is shown escaped
     skipped = [{**s, "path": shown_path(s["path"])} for s in getattr(collected, "skipped", [])] + refused
     _finish_stage(svc, job_id, "collect", also=lambda r: r.update(logs=logs, artifacts=artifacts,
@@ -250,15 +279,25 @@ def shown_path(relpath: str) -> str:
 UPLOAD_THREADS = 4  # per collect: S3 PUTs are round trips, not CPU; a few at once cut collect's wall time
 
 
-def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[], Any], int | None, str | None]]
-                ) -> list[dict]:
-    """Upload every (key, opener, size, path) concurrently; entries in the same order; the first error raises."""
-    if len(uploads) <= 1:
-        return [_upload(svc, job_id, *u) for u in uploads]
+def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[], Any], int | None, str | None]],
+                tolerate: bool = False) -> list[Any]:
+    """Upload every (key, opener, size, path) concurrently; entries in the same order. The first error
+    raises, except with `tolerate`, where a refused or unreadable object is its entry's exception
+    (a backend outage still raises: the stage is retried)."""
+    if not uploads:
+        return []
     with ThreadPoolExecutor(max_workers=min(UPLOAD_THREADS, len(uploads)),
                             thread_name_prefix=f"collect-{job_id[:16]}") as pool:
         futures = [pool.submit(_upload, svc, job_id, *u) for u in uploads]
-        return [f.result() for f in futures]
+        entries: list[Any] = []
+        for f in futures:
+            try:
+                entries.append(f.result())
+            except (StorageError, OSError) as e:  # (a TransientError is neither: it always raises)
+                if not tolerate:
+                    raise
+                entries.append(e)
+        return entries
 
 
 def _upload(svc: Services, job_id: str, key: str, opener: Callable[[], Any], size: int | None,
@@ -280,8 +319,10 @@ def cleanup(svc: Services, job_id: str) -> JobRecord:
     if not JobStatus(record["status"]).terminal:
         _begin(svc, job_id, "cleanup", JobStatus.CLEANING)
     _destroy(svc, record)
-    outcome = (record.get("outcome") or {}).get("outcome", "error")
-    status = JobStatus.CANCELLED if record.get("cancel_requested") else _OUTCOME_STATUS[outcome]
+    outcome = (record.get("outcome") or {}).get("outcome")
+    # a command that ended before a cancel's kill landed is recorded as it ended
+    cancelled = record.get("cancel_requested") and outcome in (None, "cancelled")
+    status = JobStatus.CANCELLED if cancelled else _OUTCOME_STATUS[outcome or "error"]
     # the terminal status and the stage's end in one atomic write, whose result is the final record
     record = svc.store.transition(job_id, status, also=_stage_end(svc, "cleanup"))
     if "finished_at" not in record["stages"].get("cleanup", {}):  # already terminal (cancelled): no transition
@@ -308,25 +349,79 @@ def fail(svc: Services, job_id: str, stage: str, exc: BaseException) -> JobRecor
 
 
 def cancel(svc: Services, job_id: str) -> dict[str, Any]:
-    """Stop a job at any stage; a finished job is left as it is, and the answer says so."""
-    record = svc.store.find(job_id)
-    if record is None:
+    """Stop a job at any stage in one atomic change; the answer says what really happened.
+
+    Before execute the job ends `cancelled` at once. While it runs, the change only marks the
+    request: the caller kills the sandbox and `settle_cancel` records how the command ended.
+    """
+    decided: dict[str, Any] = {}
+
+    def change(r: JobRecord) -> None:
+        decided.clear()
+        status = JobStatus(r["status"])
+        outcome = (r.get("outcome") or {}).get("outcome")
+        if status.terminal:
+            decided["message"] = f"job already ended as {r['status']}; nothing changed"
+        elif outcome:
+            decided["message"] = f"its command had already ended ({outcome}); recorded as it ended"
+        else:
+            r["cancel_requested"] = True
+            decided["cancelled"] = True
+            if status == JobStatus.RUNNING:
+                decided["kill"] = True
+            else:  # nothing of the job runs: it ends now, later stages skip, cleanup destroys
+                _end(r, JobStatus.CANCELLED, {"code": "cancelled", "message": "cancelled on request", "field": None})
+
+    try:
+        check_job_id(job_id)
+    except ValueError:
         return {"job_id": job_id, "cancelled": False, "status": None, "message": "no such job"}
-    if JobStatus(record["status"]).terminal:
-        return {"job_id": job_id, "cancelled": False, "status": record["status"],
-                "message": f"job already ended as {record['status']}; nothing changed"}
-    svc.store.update(job_id, lambda r: r.update(cancel_requested=True))
-    record = svc.store.transition(job_id, JobStatus.CANCELLED,
-                                  error={"code": "cancelled", "message": "cancelled on request", "field": None})
-    answer = {"job_id": job_id, "cancelled": True, "status": record["status"], "message": "cancelled",
-              "kill_on": None}
-    if record.get("sandbox"):
+    try:
+        record = svc.store.update(job_id, change)
+    except JobNotFound:
+        # Its submit may still wait behind busy slots: remembered first, then looked for again, so
+        # either this cancel finds the record or the submit finds the cancel.
+        svc.store.precancel(job_id)
+        try:
+            record = svc.store.update(job_id, change)
+        except JobNotFound:
+            return {"job_id": job_id, "cancelled": False, "status": None,
+                    "message": "no such job (yet): if it is submitted later, it ends cancelled"}
+    answer = {"job_id": job_id, "cancelled": bool(decided.get("cancelled")), "status": record["status"],
+              "message": decided.get("message", "cancelled"), "kill_on": None}
+    if decided.get("kill") and record.get("sandbox"):
         handle = SandboxHandle.from_dict(record["sandbox"])
         if not _pinned(svc) or handle.host == svc.host:
             _kill_quietly(svc, handle)
         else:
             answer["kill_on"] = handle.host  # the caller routes a kill to the sandbox's own host
     return answer
+
+
+def settle_cancel(svc: Services, job_id: str, answer: dict[str, Any], wait_s: float = 2.0) -> dict[str, Any]:
+    """After the kill: the job ends `cancelled` unless its command had ended on its own first."""
+    if not answer.get("cancelled") or answer["status"] != JobStatus.RUNNING.value:
+        return answer
+    deadline = time.monotonic() + wait_s
+    record = svc.store.get(job_id)
+    while record.get("outcome") is None and not JobStatus(record["status"]).terminal and time.monotonic() < deadline:
+        time.sleep(0.02)  # the executor records the ending within milliseconds of the kill
+        record = svc.store.get(job_id)
+    outcome = (record.get("outcome") or {}).get("outcome")
+    if outcome not in (None, "cancelled"):
+        return {**answer, "cancelled": False, "status": record["status"],
+                "message": f"its command had already ended ({outcome}); recorded as it ended"}
+    record = svc.store.transition(job_id, JobStatus.CANCELLED,
+                                  error={"code": "cancelled", "message": "cancelled on request", "field": None})
+    return {**answer, "status": record["status"], "cancelled": record["status"] == JobStatus.CANCELLED.value}
+
+
+def _end(r: JobRecord, status: JobStatus, error: dict[str, Any] | None) -> None:
+    now = time.time()
+    r.update(status=status.value, finished_at=now)
+    r["timeline"].append({"status": status.value, "at": now})
+    if error:
+        r["error"] = error
 
 
 def kill(svc: Services, job_id: str) -> None:

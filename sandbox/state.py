@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol
 
 import redis
 
-from sandbox.errors import JobNotFound
+from sandbox.errors import JobNotFound, JobRejected
 
 
 class JobStatus(str, Enum):
@@ -83,6 +83,16 @@ def claim_key(job_id: str) -> str:
     return f"sandbox:job:{job_id}:exec-claim"
 
 
+def precancel_key(job_id: str) -> str:
+    """A cancel that came before its job was recorded (its submit still queued)."""
+    return f"sandbox:job:{job_id}:cancel"
+
+
+def tombstone_key(job_id: str) -> str:
+    """Reserves an accepted job's id (and so its jobs/{id}/ objects) until its retention ends."""
+    return f"sandbox:job:{job_id}:id"
+
+
 ACTIVE_SET = "sandbox:jobs:active"
 SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES = 1024, 64 << 10  # at most 64 MiB of specs in a worker
 # KEYS: record, active set. ARGV: the value read, the new value, 1 if terminal, job id.
@@ -93,31 +103,59 @@ if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 return 1
 """
 
+# record, spec, tombstone and active-set entry in one step: a worker that dies in between can no
+# longer leave a record without its spec (a redelivered submit would then fail every stage).
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 and ARGV[7] == '1' then return -1 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
+if ARGV[7] == '1' then
+  redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+end
+return 1
+"""
+
 
 class JobStore:
     """Job records in Redis: created once per id, changed atomically, terminal exactly once."""
 
-    def __init__(self, client: redis.Redis, events: EventPublisher | None = None, ttl_s: int = 604800) -> None:
+    def __init__(self, client: redis.Redis, events: EventPublisher | None = None, ttl_s: int = 604800,
+                 tombstone_ttl_s: int = 30 * 86400) -> None:
         self.redis = client
         self.events = events or NullPublisher()
         self.ttl_s = ttl_s
         self._cas = client.register_script(_COMPARE_AND_SET)
         self._specs: OrderedDict[str, bytes] = OrderedDict()  # job id -> spec JSON, oldest first
         self._spec_lock = threading.Lock()
+        self.tombstone_ttl_s = tombstone_ttl_s  # the longest artifact retention
+        self._create_script = client.register_script(_CREATE_LUA)
 
     def create(self, record: JobRecord, spec: dict[str, Any] | None = None) -> bool:
-        """Store a new record; False if one already exists for the id (idempotent submit)."""
-        key = record_key(record["id"])
-        if not self.redis.set(key, json.dumps(record), nx=True, ex=self.ttl_s):
+        """Store a new record (with its spec and active-set entry, in one atomic step); False if one
+        already exists for the id (idempotent submit). JobRejected if the id belonged to a job
+        whose objects may still be in storage (its tombstone)."""
+        job_id = record["id"]
+        active = not JobStatus(record["status"]).terminal
+        created = self._create_script(
+            keys=[record_key(job_id), spec_key(job_id), tombstone_key(job_id), ACTIVE_SET],
+            args=[json.dumps(record), "" if spec is None else json.dumps(spec), self.ttl_s,
+                  self.ttl_s + self.tombstone_ttl_s if active else 0, job_id, record["created_at"], int(active)])
+        if created == -1:
+            raise JobRejected("/id", "reused", f"job id {job_id!r} belonged to an earlier job whose objects may "
+                              "still be kept; choose another id")
+        if not created:
             return False
-        pipe = self.redis.pipeline()
-        if spec is not None:
-            pipe.set(spec_key(record["id"]), json.dumps(spec), ex=self.ttl_s)
-        if not JobStatus(record["status"]).terminal:
-            pipe.zadd(ACTIVE_SET, {record["id"]: record["created_at"]})
-        pipe.execute()
         self._publish_status(record)
         return True
+
+    def precancel(self, job_id: str) -> None:
+        """Remember a cancel for a job not recorded yet; its submit then ends it `cancelled`."""
+        self.redis.set(precancel_key(job_id), "1", ex=self.ttl_s)
+
+    def precancelled(self, job_id: str) -> bool:
+        return bool(self.redis.exists(precancel_key(job_id)))
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.get(record_key(job_id))

@@ -1,42 +1,124 @@
-"""Sweeps that beat runs: orphaned sandboxes, stuck jobs. They find work by labels, not memory."""
+"""Sweeps beat runs, a restarted node's reconcile, and the other ways a job ends without its own
+stages (a record gone, a stage that keeps killing its worker). They find work by labels, not memory.
+
+- orphans: a sandbox never outlives its job's record. Destroyed at once when the record is gone or
+  terminal (unless one of the job's own stages still works on it in a live process, or its own
+  collect and cleanup are still queued on its live node), or when the job outlived its expiry
+  counted from the start of `execute` (a backlog before execute is no age).
+- stuck: a job whose node stopped beating for SANDBOX_NODE_DEAD_AFTER ends `error` ("worker lost");
+  a job that is only queued is never stuck.
+- Each check and its transition are one atomic step (sandbox.nodes.end_if).
+"""
 from __future__ import annotations
 
+import json
 import logging
 import time
+import uuid
+from typing import Any
 
+from sandbox import nodes
 from sandbox.lifecycle import Services
 from sandbox.runtimes.base import SandboxHandle, SandboxInfo
-from sandbox.state import JobStatus
+from sandbox.state import JobRecord, JobStatus
 
 log = logging.getLogger("sandbox.sweeps")
-GRACE_S = 300.0  # leave a just-finished job's own cleanup time to run first
+GRACE_S = 300.0  # a half-made sandbox (no meta.json yet) may be a create under way
 
 
-def sweep_orphans(svc: Services, now: float | None = None) -> list[str]:
-    """Destroy this host's sandboxes whose job ended, vanished, or outlived its expiry."""
+def sweep_lock(client: Any, name: str, period_s: float) -> bool:
+    """True if this run may sweep `name`: one run per period, however many beats send it."""
+    return bool(client.set(f"sandbox:sweep:{name}:lock", uuid.uuid4().hex, nx=True,
+                           px=max(1000, int(period_s * 900))))
+
+
+def sweep_done(client: Any, name: str, count: int, node: str) -> None:
+    """Record when the sweep last ran, how much it did and where."""
+    client.set(f"sandbox:sweep:{name}:last", json.dumps({"at": time.time(), "count": count, "node": node}))
+
+
+def reconcile(svc: Services, booted_at: float) -> tuple[list[JobRecord], list[str]]:
+    """At start-up: end the jobs a dead process of this node was running, then sweep the host."""
+    ended = []
+    reason = "the worker was lost while a stage ran (the node restarted); the job is not run again"
+    for job_id in svc.store.active_ids():
+        record = svc.store.find(job_id)
+        if record is None or not nodes.lost_on(record, svc.host, booted_at):
+            continue
+        done = nodes.end_if(svc.store, job_id, lambda r, _read: nodes.lost_on(r, svc.host, booted_at), reason)
+        if done is not None:
+            ended.append(done)
+            log.warning("reconcile: job %s ended %s: %s", job_id, done["status"], reason)
+    return ended, sweep_orphans(svc, booted_at=booted_at)
+
+
+def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.0,
+                  dead_after_s: float | None = None) -> list[str]:
+    """Destroy every sandbox in this host's work dir (whatever node it names) its job no longer needs."""
     now = time.time() if now is None else now
+    dead_after_s = svc.settings.node_dead_after_s if dead_after_s is None else dead_after_s
     destroyed = []
     for info in svc.runtime.list_sandboxes():
-        pinned = getattr(svc.runtime, "pinned", True)  # a Fly machine is any worker's to sweep
-        if (pinned and info.host != svc.host) or not _orphaned(svc, info, now):
+        why = _orphaned(svc, info, now, booted_at, dead_after_s)
+        if why is None:
             continue
-        svc.runtime.destroy(_handle(svc, info))
+        _destroy(svc, _handle(svc, info))
         destroyed.append(info.sandbox_id)
-        log.warning("destroyed orphaned sandbox %s of job %s", info.sandbox_id, info.job_id)
+        log.warning("destroyed sandbox %s of job %s: %s", info.sandbox_id, info.job_id, why)
     for sandbox_id in svc.runtime.reap_incomplete(older_than=now - GRACE_S):
         destroyed.append(sandbox_id)
         log.warning("tore down half-created sandbox %s", sandbox_id)
     return destroyed
 
 
-def _orphaned(svc: Services, info: SandboxInfo, now: float) -> bool:
-    if info.expires_at + GRACE_S < now:
-        return True
+def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, dead_after_s: float) -> str | None:
     record = svc.store.find(info.job_id)
     if record is None:
-        return info.created_at + GRACE_S < now
-    ended = JobStatus(record["status"]).terminal
-    return ended and (record.get("finished_at") or now) + GRACE_S < now
+        return "its job record is gone"
+    if JobStatus(record["status"]).terminal:
+        if nodes.running_stage(record) is not None:
+            if _stage_alive(svc, record, booted_at, dead_after_s, now):
+                return None  # collect or cleanup of a cancelled job still works on it; cleanup destroys it
+            return f"its job ended {record['status']} and the stage working on it was lost"
+        if _cleanup_to_come(svc, info, record, now, dead_after_s):
+            return None  # a cancelled job's collect (its logs) and cleanup are queued on a live node
+        return f"its job ended {record['status']}"
+    started = (record.get("stages", {}).get("execute") or {}).get("started_at")
+    lifetime_s = info.expires_at - info.created_at  # the job's timeout + the runtime's margin
+    if started is None or now < started + lifetime_s + GRACE_S:
+        return None
+    reason = f"still running {int(now - started)} s after execute started (timeout + margins passed)"
+    ended = nodes.end_if(svc.store, info.job_id,
+                         lambda r, _read: (r.get("stages", {}).get("execute") or {}).get("started_at") == started,
+                         reason)
+    return reason if ended is not None else None
+
+
+def _stage_alive(svc: Services, record: JobRecord, booted_at: float, dead_after_s: float, now: float) -> bool:
+    stage = nodes.running_stage(record)
+    if stage is None:
+        return False
+    host, started = stage[1].get("host"), stage[1]["started_at"]
+    if host == svc.host:
+        return started >= booted_at  # begun by this process (booted_at 0: by any live one)
+    return not nodes.is_dead(nodes.heartbeat(svc.store.redis, host), dead_after_s, now)
+
+
+def _cleanup_to_come(svc: Services, info: SandboxInfo, record: JobRecord, now: float, dead_after_s: float) -> bool:
+    """True while the job's own cleanup has not run but still can: queued on its live node, and not
+    for longer than a message can wait before it is redelivered (then the sweep destroys)."""
+    if (record.get("stages", {}).get("cleanup") or {}).get("finished_at") is not None:
+        return False
+    if record.get("finished_at") is None or now > record["finished_at"] + svc.settings.visibility_timeout_s + GRACE_S:
+        return False
+    alive = info.host == svc.host or not nodes.is_dead(nodes.heartbeat(svc.store.redis, info.host), dead_after_s, now)
+    return alive and bool(record.get("stages"))
+
+
+def _destroy(svc: Services, handle: SandboxHandle) -> None:
+    svc.runtime.destroy(handle)
+    if getattr(svc, "admission", None) is not None and handle.host == svc.host:
+        svc.admission.release(handle.job_id)  # what the sandbox held of this node is free again
 
 
 def _handle(svc: Services, info: SandboxInfo) -> SandboxHandle:
@@ -44,16 +126,62 @@ def _handle(svc: Services, info: SandboxInfo) -> SandboxHandle:
                          host=info.host, created_at=info.created_at, expires_at=info.expires_at)
 
 
-def sweep_stuck(svc: Services, max_idle_s: float, now: float | None = None) -> list[str]:
-    """End as `error` every job that made no progress for `max_idle_s` (its worker was lost)."""
+def sweep_stuck(svc: Services, max_idle_s: float, now: float | None = None) -> list[JobRecord]:
+    """End as `error` every started job whose node is dead, or that made no progress for `max_idle_s`."""
     now = time.time() if now is None else now
+    dead_after_s = svc.settings.node_dead_after_s
+    pinned = getattr(svc.runtime, "pinned", True)
     ended = []
     for job_id in svc.store.active_ids():
         record = svc.store.find(job_id)
-        if record is None or JobStatus(record["status"]).terminal or record["updated_at"] + max_idle_s > now:
+        if record is None or JobStatus(record["status"]).terminal or not _started(record):
             continue
-        message = f"no progress for {int(now - record['updated_at'])} s in {record['status']}: its worker was lost"
-        svc.store.transition(job_id, JobStatus.ERROR, error={"code": "stuck", "message": message, "field": None})
-        ended.append(job_id)
-        log.warning("ended stuck job %s: %s", job_id, message)
+        node = nodes.node_of(record) if pinned else (nodes.running_stage(record) or (None, {}))[1].get("host")
+        if node and nodes.is_dead(nodes.heartbeat(svc.store.redis, node), dead_after_s, now):
+            reason = f"worker node {node} was lost: no heartbeat for over {dead_after_s:g} s"
+
+            def still(r: JobRecord, read: Any, node: str = node) -> bool:
+                beat = json.loads(read(nodes.heartbeat_key(node)) or "null")
+                return _started(r) and nodes.node_of(r) == node and nodes.is_dead(beat, dead_after_s, time.time())
+
+            done = nodes.end_if(svc.store, job_id, still, reason, watch=(nodes.heartbeat_key(node),))
+        elif record["updated_at"] + max_idle_s < now:
+            reason = f"no progress for {int(now - record['updated_at'])} s in {record['status']}: its worker was lost"
+            updated = record["updated_at"]
+            done = nodes.end_if(svc.store, job_id, lambda r, _read: r["updated_at"] == updated, reason)
+        else:
+            continue
+        if done is not None:
+            ended.append(done)
+            log.warning("ended stuck job %s: %s", job_id, reason)
     return ended
+
+
+def _started(record: JobRecord) -> bool:
+    """A job some stage has begun (a job only queued is never stuck)."""
+    return bool(record.get("stages")) or record["status"] != JobStatus.QUEUED.value
+
+
+def abandon(svc: Services, job_id: str) -> None:
+    """A stage found its job's record gone: tear down the sandbox the job may have on this host."""
+    for info in svc.runtime.list_sandboxes():
+        if info.job_id == job_id:
+            _destroy(svc, _handle(svc, info))
+            log.warning("job %s has no record any more: destroyed its sandbox %s", job_id, info.sandbox_id)
+
+
+def give_up(svc: Services, job_id: str, reason: str) -> JobRecord | None:
+    """End a job whose stage keeps killing its worker as `error` with the reason; destroy its sandbox."""
+    record = svc.store.find(job_id)
+    if record is None:
+        return None
+    if not JobStatus(record["status"]).terminal:
+        record = svc.store.transition(job_id, JobStatus.ERROR,
+                                      error={"code": "max_deliveries", "message": reason, "field": None})
+    sandbox = record.get("sandbox")
+    if sandbox and (sandbox.get("host") == svc.host or not getattr(svc.runtime, "pinned", True)):
+        try:
+            _destroy(svc, SandboxHandle.from_dict(sandbox))
+        except Exception:  # noqa: BLE001 - the job has ended; the orphan sweep retries the destroy
+            log.exception("could not destroy the sandbox of job %s", job_id)
+    return record

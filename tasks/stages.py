@@ -9,8 +9,9 @@ from celery.exceptions import Ignore, Reject
 from celery.worker.control import control_command
 
 from config.settings import EXECUTE_HARD_MARGIN_S
-from sandbox import lifecycle
-from sandbox.errors import TransientError
+from sandbox import lifecycle, sweeps
+from sandbox.errors import JobNotFound, TransientError
+from sandbox.state import JobStatus
 from tasks import monitoring
 from tasks.app import CREATE_SUFFIX, app, create_queue, node_queue, services
 
@@ -37,6 +38,11 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, notify: bool =
     result = None
     try:
         result = stage(services(), job_id, **kwargs)
+    except JobNotFound:
+        # The record is gone (a Redis that lost data): nothing may outlive it on this host.
+        log.error("stage %s: job %s has no record; tearing its sandbox down", name, job_id)
+        sweeps.abandon(services(), job_id)
+        raise
     except TransientError as exc:
         if task.request.retries < MAX_RETRIES:
             raise task.retry(exc=exc, countdown=BACKOFF_S[task.request.retries], max_retries=MAX_RETRIES)
@@ -54,6 +60,8 @@ def submit(self, job: Any) -> dict:
     """Validate and record a job, then start its five-stage chain; the result is the final record."""
     record, run = lifecycle.submit(services(), job, self.request.id)
     if not run:
+        if record.get("submit_task_id") == self.request.id and not JobStatus(record["status"]).terminal:
+            raise Ignore()  # this very submit, redelivered: its stages already carry its result
         self.backend.store_result(self.request.id, record, states.SUCCESS, request=self.request)
         return record
     notify = record.get("callback_events") == "all" and bool(record.get("callback_url"))
@@ -61,6 +69,7 @@ def submit(self, job: Any) -> dict:
         _notify_transitions(record["id"])
     timeout_s = float(services().store.spec(record["id"])["timeout_s"])
     intake = (self.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
+    lifecycle.dispatched(services(), record["id"])  # a redelivered submit must not send them again
     # The chain's last task (cleanup) takes this task's id, so its final record is what the
     # submitter's waiters get: what self.replace() does, without its signature copies. Ignore, as
     # replace raises it, so no success event for this id precedes cleanup's (Flower's row is the job's).
@@ -152,7 +161,13 @@ def on_stage_error(request, exc, traceback) -> None:
     record = lifecycle.fail(services(), job_id, stage, exc)
     if record is None:
         return
-    # Celery calls this errback directly (no task signals fire), so it counts the job itself.
+    announce_end(record)
+
+
+def announce_end(record: dict) -> None:
+    """Tell a job's ending to its sandbox.submit waiters, its webhook and the metrics, as cleanup does."""
+    # Celery calls the errback directly and sweeps end jobs outside any stage: no task signal
+    # fires for either, so the job is counted here.
     monitoring.job_finished(record)
     if record.get("submit_task_id"):
         # The chain's last task carries the submit task's id: give its waiters the final record.
@@ -162,7 +177,12 @@ def on_stage_error(request, exc, traceback) -> None:
 
 @app.task(name="sandbox.cancel")
 def cancel(job_id: str) -> dict:
-    """Cancel a job at any stage; its sandbox is killed on its own host at once, cleanup still runs."""
+    """Cancel a job at any stage (workers run this on a consumer side thread, tasks.consumer)."""
+    return cancel_job(job_id)
+
+
+def cancel_job(job_id: str) -> dict:
+    """One atomic cancel, the kill on the sandbox's own host, and the truthful answer."""
     answer = lifecycle.cancel(services(), job_id)
     node = answer.pop("kill_on", None)
     if node:
@@ -171,7 +191,15 @@ def cancel(job_id: str) -> dict:
         replies = app.control.broadcast("sandbox_kill", arguments={"job_id": job_id}, destination=[node],
                                         reply=True, timeout=10)
         answer["killed_on"] = [name for reply in replies or [] for name in reply]
-    return answer
+    return lifecycle.settle_cancel(services(), job_id, answer)
+
+
+def give_up(job_id: str, reason: str) -> dict | None:
+    """End a job whose stage was delivered more than SANDBOX_MAX_DELIVERIES times."""
+    record = sweeps.give_up(services(), job_id, reason)
+    if record is not None:
+        announce_end(record)
+    return record
 
 
 @control_command(args=[("job_id", str)], signature="<job_id>")

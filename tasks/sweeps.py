@@ -1,18 +1,24 @@
-"""Beat's sweeps. Local sandboxes live on one host each, so the orphan sweep fans out per node."""
+"""Beat's sweeps, one run per period each (a Redis lock). Local sandboxes live on one host each, so
+the orphan sweep fans out per node."""
 from __future__ import annotations
 
 from sandbox import lifecycle, sweeps
 from tasks.app import app, node_queue, services
 
 STUCK_MARGIN_S = 600
+ARTIFACTS_PERIOD_S = 3600.0
 
 
 @app.task(name="sandbox.sweep_orphans")
-def sweep_orphans() -> list[str]:
-    """Ask every live worker node to sweep its own sandboxes."""
+def sweep_orphans() -> list[str] | None:
+    """Ask every live worker node to sweep its own sandboxes (None: this period's run was done)."""
+    svc = services()
+    if not sweeps.sweep_lock(svc.store.redis, "orphans", svc.settings.orphan_sweep_interval_s):
+        return None
     nodes = sorted({name for reply in (app.control.ping(timeout=2.0) or []) for name in reply})
     for node in nodes:
         sweep_node.apply_async(queue=node_queue(node))
+    sweeps.sweep_done(svc.store.redis, "orphans", len(nodes), svc.host)
     return nodes
 
 
@@ -24,14 +30,27 @@ def sweep_node() -> list[str]:
 
 
 @app.task(name="sandbox.sweep_stuck")
-def sweep_stuck() -> list[str]:
+def sweep_stuck() -> list[str] | None:
+    """End the jobs of dead nodes (and of silent workers) as `error`, telling waiters and webhooks."""
+    from tasks.stages import announce_end
+
     svc = services()
-    return sweeps.sweep_stuck(svc, max_idle_s=svc.settings.visibility_timeout_s + STUCK_MARGIN_S)
+    if not sweeps.sweep_lock(svc.store.redis, "stuck", svc.settings.stuck_sweep_interval_s):
+        return None
+    ended = sweeps.sweep_stuck(svc, max_idle_s=svc.settings.visibility_timeout_s + STUCK_MARGIN_S)
+    for record in ended:
+        announce_end(record)
+    sweeps.sweep_done(svc.store.redis, "stuck", len(ended), svc.host)
+    return [r["id"] for r in ended]
 
 
 @app.task(name="sandbox.sweep_artifacts")
-def sweep_artifacts() -> int:
+def sweep_artifacts() -> int | None:
     """Re-assert the bucket's lifecycle rules, then delete what is past retention anyway."""
     svc = services()
+    if not sweeps.sweep_lock(svc.store.redis, "artifacts", ARTIFACTS_PERIOD_S):
+        return None
     svc.artifacts.apply_lifecycle(svc.settings.retention_days)
-    return svc.artifacts.sweep_expired(svc.settings.retention_days)
+    count = svc.artifacts.sweep_expired(svc.settings.retention_days)
+    sweeps.sweep_done(svc.store.redis, "artifacts", count, svc.host)
+    return count

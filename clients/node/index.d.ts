@@ -140,6 +140,8 @@ export class SandboxClient {
 
 export class TaskFailed extends Error { taskId: string; result: unknown }
 export class TimeoutError extends Error {}
+/** Redis lost the job (restart without its data): it can no longer end; submit it again. */
+export class JobVanished extends Error { jobId: string }
 export const TERMINAL_STATUSES: ReadonlySet<JobStatus>;
 
 export const QUEUE: string;

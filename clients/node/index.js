@@ -1,6 +1,6 @@
 'use strict';
 /** The sandbox service's Node.js client. */
-const { SandboxClient, TaskFailed, TimeoutError, TERMINAL } = require('./lib/client');
+const { SandboxClient, TaskFailed, TimeoutError, JobVanished, TERMINAL } = require('./lib/client');
 const { buildTaskMessage, QUEUE } = require('./lib/message');
 const { validateJob, JobRejected, schemaPath } = require('./lib/schema');
 const { signWebhook, verifyWebhook, WebhookVerificationError } = require('./lib/webhook');
@@ -9,6 +9,7 @@ module.exports = {
   SandboxClient,
   TaskFailed,
   TimeoutError,
+  JobVanished,
   TERMINAL_STATUSES: TERMINAL,
   buildTaskMessage,
   QUEUE,

@@ -246,7 +246,10 @@ def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, d
     oom_kills = int(usage.pop("oom_kills") or 0)
     pids_hits = int(usage.pop("pids_max_hits") or 0)
     usage["bytes_written"] = max(0, fsutil.used_bytes(mnt) - int(meta.get("disk_baseline_bytes", 0)))
-    cancelled = os.path.exists(os.path.join(d, "cancelled"))
+    # Cancelled only if the kill is what ended it: a command that exited on its own before the
+    # kill landed is recorded as it ended (bwrap dies of the signal, or relays it as 128+n).
+    killed = returncode < 0 or returncode > 128
+    cancelled = os.path.exists(os.path.join(d, "cancelled")) and (killed or timed_out)
     if timed_out:
         events.append(_event("timeout", f"wall clock limit reached after {duration:.1f}s; killed the cgroup"))
     if oom_kills:

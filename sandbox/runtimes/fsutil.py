@@ -136,7 +136,11 @@ def shared_etc(work_dir: str, uid: int) -> str:
             raise  # (else another process finished the same copy first)
     now = time.time()
     for entry in os.scandir(base):
-        if entry.path != etc and entry.stat(follow_symlinks=False).st_mtime < now - ETC_KEEP_S:
+        try:
+            stale = entry.path != etc and entry.stat(follow_symlinks=False).st_mtime < now - ETC_KEEP_S
+        except FileNotFoundError:
+            continue  # another thread's build, renamed into place since the listing
+        if stale:
             shutil.rmtree(entry.path, ignore_errors=True)
     return etc
 
@@ -270,6 +274,10 @@ class CollectedFiles:
 
     def __next__(self) -> OutputFile:
         return next(self._it)
+
+    def close(self) -> None:
+        """Close every directory handle the walk holds (they keep the workspace mount busy)."""
+        self._it.close()
 
     def _skip(self, relpath: str, reason: str) -> None:
         if len(self.skipped) < 1000:  # a job must not grow the worker's memory through this list

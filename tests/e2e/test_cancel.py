@@ -45,7 +45,8 @@ def test_cancelling_a_finished_job_changes_nothing_and_says_so(submit, celery_cl
 
 def test_cancelling_an_unknown_job_says_so(celery_client, worker):
     answer = celery_client.send_task("sandbox.cancel", args=["no-such-job"]).get(timeout=30)
-    assert answer == {"job_id": "no-such-job", "cancelled": False, "status": None, "message": "no such job"}
+    assert answer["cancelled"] is False and answer["status"] is None
+    assert answer["message"].startswith("no such job")
 
 
 def test_cancel_handled_on_another_node_kills_the_sandbox_on_its_own_node(celery_client, worker, stack_env,

@@ -329,3 +329,17 @@ def test_the_work_dir_must_be_searchable_by_every_uid_of_the_range(settings) -> 
     assert "SANDBOX_UID_COUNT 2" in str(caught.value)
     os.chmod(work, 0o711)
     LocalRuntime(load_settings({**env, "SANDBOX_UID_COUNT": "2"}))
+
+
+def test_a_command_that_ends_on_its_own_before_the_kill_lands_is_recorded_as_it_ended(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # The cancel marker is written just before the kill; a command that exits 0 in between is not
+    # "cancelled" (the issue: 7 of 20 commands ran to completion yet were recorded cancelled).
+    spec = make_spec(["/bin/sh", "-c", "sleep 0.5; echo done"], timeout_s=20)
+    handle = runtime.create(spec, "h")
+    results: list[ExecResult] = []
+    worker = threading.Thread(target=lambda: results.append(runtime.execute(handle, spec, lambda s, c: None)))
+    worker.start()
+    time.sleep(0.2)
+    open(os.path.join(settings.work_dir, handle.sandbox_id, "cancelled"), "w").close()  # the kill never lands
+    worker.join(30)
+    assert results and results[0].outcome == "succeeded" and results[0].exit_code == 0, results

@@ -61,3 +61,48 @@ def test_a_rejection_never_overwrites_an_earlier_job_with_that_id(services):
     record, _ = lifecycle.submit(services, json.dumps({"id": job_id, "command": "rm x"}), "task-2")
     assert record["status"] == "rejected"
     assert services.store.get(job_id)["status"] == "queued"
+
+
+def test_a_finished_job_id_is_never_reused_for_another_job(services, redis_client):
+    job_id = new_job_id("tomb")
+    job = json.dumps({"id": job_id, "command": "ls"})
+    record, run = lifecycle.submit(services, job, "task-1")
+    assert run and record["status"] == "queued"
+    assert redis_client.ttl(f"sandbox:job:{job_id}:id") > services.settings.tombstone_ttl_s
+    redis_client.delete(f"sandbox:job:{job_id}", f"sandbox:job:{job_id}:spec")  # the record expired
+
+    again, run = lifecycle.submit(services, job, "task-2")
+
+    assert not run and again["status"] == "rejected"
+    assert again["error"]["field"] == "/id" and again["error"]["rule"] == "reused"
+
+
+def test_a_redelivered_submit_runs_the_job_once(services, redis_client):
+    job = json.dumps({"id": new_job_id("again"), "command": "ls"})
+    record, run = lifecycle.submit(services, job, "task-1")
+    assert run
+    _, run_again = lifecycle.submit(services, job, "task-1")  # died before sending the stages
+    assert run_again
+    lifecycle.dispatched(services, record["id"])
+    _, run_third = lifecycle.submit(services, job, "task-1")  # died after sending them
+    assert not run_third
+
+
+def test_submit_writes_nothing_beside_an_existing_record(services, redis_client):
+    job_id = new_job_id("atomic")
+    redis_client.set(f"sandbox:job:{job_id}", json.dumps({"status": "queued", "submit_task_id": "x"}))
+    _, run = lifecycle.submit(services, json.dumps({"id": job_id, "command": "ls"}), "task-1")
+    assert not run
+    assert redis_client.get(f"sandbox:job:{job_id}:spec") is None
+    assert redis_client.zscore("sandbox:jobs:active", job_id) is None
+
+
+def test_a_job_cancelled_while_its_submit_waited_ends_cancelled_when_it_arrives(services):
+    job_id = new_job_id("early")
+    answer = lifecycle.cancel(services, job_id)  # its submit still waits behind busy slots
+    assert answer["cancelled"] is False and "if it is submitted later, it ends cancelled" in answer["message"]
+
+    record, run = lifecycle.submit(services, json.dumps({"id": job_id, "command": "ls"}), "task-1")
+
+    assert not run and record["status"] == "cancelled"
+    assert record["error"]["message"] == "cancelled before it was accepted"

@@ -26,40 +26,110 @@ def spec_for(job_id: str) -> JobSpec:
                    resources=ResourceLimits(cpu=0.5, memory_bytes=64 << 20, disk_bytes=16 << 20, pids=32))
 
 
-def test_orphan_sweep_destroys_only_sandboxes_of_ended_or_vanished_jobs(services):
+def test_orphan_sweep_destroys_sandboxes_of_ended_or_vanished_jobs_at_once(services):
     ended, running, vanished = new_job_id("ended"), new_job_id("running"), new_job_id("vanished")
     for job_id, status in ((ended, JobStatus.SUCCEEDED), (running, JobStatus.RUNNING)):
         services.store.create(new_record(job_id, status))
     handles = {job_id: services.runtime.create(spec_for(job_id), HOST) for job_id in (ended, running, vanished)}
-    services.store.update(ended, lambda r: r.update(finished_at=time.time()))
 
-    assert sweeps.sweep_orphans(services) == []  # everything is inside its grace period
-    later = time.time() + sweeps.GRACE_S + 1
-    destroyed = sweeps.sweep_orphans(services, now=later)
+    destroyed = sweeps.sweep_orphans(services)  # no grace for a missing or terminal record
 
     assert sorted(destroyed) == sorted([handles[ended].sandbox_id, handles[vanished].sandbox_id])
     assert [info.job_id for info in services.runtime.list_sandboxes()] == [running]
-
-
-def test_orphan_sweep_leaves_other_hosts_sandboxes_alone(services):
-    job_id = new_job_id("elsewhere")
-    services.runtime.create(spec_for(job_id), "another@host")
+    # a job that waits in a backlog before execute has no age: it is never swept
     assert sweeps.sweep_orphans(services, now=time.time() + 10**6) == []
-    assert [info.job_id for info in services.runtime.list_sandboxes()] == [job_id]
 
 
-def test_stuck_sweep_ends_jobs_without_progress_as_error(services):
-    stuck, fresh = new_job_id("stuck"), new_job_id("fresh")
-    services.store.create(new_record(stuck, JobStatus.RUNNING, now=time.time() - 1000))
-    services.store.create(new_record(fresh, JobStatus.RUNNING))
+def test_orphan_sweep_covers_every_sandbox_in_its_work_dir_whatever_node_it_names(services):
+    job_id = new_job_id("elsewhere")
+    services.runtime.create(spec_for(job_id), "another@host")  # e.g. the node's name before a rename
+    assert sweeps.sweep_orphans(services) != []
+    assert services.runtime.list_sandboxes() == []
 
-    ended = sweeps.sweep_stuck(services, max_idle_s=500)
 
-    assert stuck in ended and fresh not in ended
-    record = services.store.get(stuck)
-    assert record["status"] == "error" and record["error"]["code"] == "stuck"
+def test_expiry_counts_from_the_start_of_execute_and_ends_the_job(services):
+    waited, ran = new_job_id("waited"), new_job_id("ran")
+    old = time.time() - 10**5  # created long ago: it waited in a backlog
+    for job_id in (waited, ran):
+        services.store.create(new_record(job_id, JobStatus.RUNNING, now=old))
+        services.runtime.create(spec_for(job_id), HOST)
+    now = time.time()
+    services.store.update(waited, lambda r: r["stages"].update(execute={"host": HOST, "started_at": now}))
+    services.store.update(ran, lambda r: r["stages"].update(execute={"host": HOST, "started_at": old}))
+
+    destroyed = sweeps.sweep_orphans(services)
+
+    assert destroyed == [f"sbx-{ran}"]
+    assert services.store.get(ran)["status"] == "error"
+    assert services.store.get(waited)["status"] == "running"
+
+
+def test_a_terminal_job_whose_own_stage_still_works_on_it_keeps_its_sandbox(services):
+    job_id = new_job_id("collecting")
+    services.store.create(new_record(job_id, JobStatus.CANCELLED))
+    services.runtime.create(spec_for(job_id), HOST)
+    services.store.update(job_id, lambda r: r["stages"].update(collect={"host": HOST, "started_at": time.time()}))
+    assert sweeps.sweep_orphans(services, booted_at=time.time() - 60) == []
+    # the same stage begun by a process of this node that died (before this one booted): destroyed
+    assert sweeps.sweep_orphans(services, booted_at=time.time() + 1) == [f"sbx-{job_id}"]
+
+
+def test_a_cancelled_job_whose_collect_and_cleanup_are_still_queued_keeps_its_sandbox(services):
+    job_id = new_job_id("queuedcollect")
+    services.store.create(new_record(job_id, JobStatus.RUNNING))
+    services.runtime.create(spec_for(job_id), HOST)
+    now = time.time()
+    services.store.update(job_id, lambda r: r["stages"].update(
+        execute={"host": HOST, "started_at": now - 1, "finished_at": now}))
+    services.store.transition(job_id, JobStatus.CANCELLED)  # its collect (the logs) waits for a slot
+
+    assert sweeps.sweep_orphans(services) == []
+    late = now + services.settings.visibility_timeout_s + sweeps.GRACE_S + 1  # that message is lost
+    assert sweeps.sweep_orphans(services, now=late) == [f"sbx-{job_id}"]
+
+
+def test_stuck_sweep_ends_started_jobs_of_dead_nodes_and_never_queued_ones(services):
+    from sandbox import nodes
+
+    lost, alive, queued = new_job_id("lost"), new_job_id("alive"), new_job_id("queued")
+    for job_id, node in ((lost, "gone@host"), (alive, "live@host")):
+        services.store.create(new_record(job_id, JobStatus.RUNNING))
+        services.store.update(job_id, lambda r, n=node: r["stages"].update(
+            execute={"host": n, "started_at": time.time()}))
+    services.store.create(new_record(queued, JobStatus.QUEUED, now=time.time() - 10**6))
+    nodes.beat(services.store.redis, "live@host", ["sandbox"], time.time(), dead_after_s=60)
+
+    ended = [r["id"] for r in sweeps.sweep_stuck(services, max_idle_s=10**7)]
+
+    assert lost in ended and alive not in ended and queued not in ended
+    record = services.store.get(lost)
+    assert record["status"] == "error" and record["error"]["code"] == "worker_lost"
+    assert "gone@host" in record["error"]["message"]
+    assert services.store.get(alive)["status"] == "running"
+    assert lost not in [r["id"] for r in sweeps.sweep_stuck(services, max_idle_s=10**7)]  # ended once
+
+
+def test_reconcile_ends_what_a_dead_process_of_this_node_ran_and_nothing_else(services):
+    lost, fresh = new_job_id("lost"), new_job_id("fresh")
+    booted_at = time.time()
+    for job_id, started in ((lost, booted_at - 30), (fresh, booted_at + 1)):
+        services.store.create(new_record(job_id, JobStatus.RUNNING))
+        handle = services.runtime.create(spec_for(job_id), HOST)
+        services.store.update(job_id, lambda r, s=started, h=handle: r.update(
+            sandbox=h.to_dict(), stages={"execute": {"host": HOST, "started_at": s}}))
+
+    ended, destroyed = sweeps.reconcile(services, booted_at)
+
+    assert [r["id"] for r in ended] == [lost] and destroyed == [f"sbx-{lost}"]
+    assert services.store.get(lost)["status"] == "error"
     assert services.store.get(fresh)["status"] == "running"
-    assert stuck not in sweeps.sweep_stuck(services, max_idle_s=500)  # a terminal job stays as it is
+    assert [i.job_id for i in services.runtime.list_sandboxes()] == [fresh]
+
+
+def test_one_sweep_run_per_period_however_many_beats_send_it(redis_client):
+    name = new_job_id("sweep")
+    assert sweeps.sweep_lock(redis_client, name, period_s=30)
+    assert not sweeps.sweep_lock(redis_client, name, period_s=30)
 
 
 def test_a_failed_destroy_still_ends_the_job_and_the_sweep_destroys_later(services, monkeypatch):
@@ -80,7 +150,7 @@ def test_a_failed_destroy_still_ends_the_job_and_the_sweep_destroys_later(servic
     assert record["status"] == "error" and record["error"]["stage"] == "cleanup"
 
     monkeypatch.setattr(services.runtime, "destroy", real_destroy)
-    assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
+    assert sweeps.sweep_orphans(services) == [handle.sandbox_id]
     assert services.runtime.list_sandboxes() == []
 
 
@@ -97,3 +167,18 @@ def test_a_create_that_died_half_way_is_torn_down_by_the_sweep(services):
     assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
     assert not os.path.exists(d)
     assert not os.listdir(os.path.join(services.runtime.work_dir, ".uids"))  # its host uid is free again
+
+
+def test_a_queue_no_live_node_consumes_is_reported(redis_client):
+    from sandbox import nodes
+
+    node = new_job_id("reader")
+    orphan_queue = f"sandbox.node.{new_job_id('gone')}"
+    redis_client.lpush(orphan_queue, "m1", "m2")
+    nodes.beat(redis_client, node, ["sandbox", "celery", "sandbox.control"], time.time(), dead_after_s=60)
+    try:
+        report = nodes.unconsumed_queues(redis_client, dead_after_s=60)
+        assert report.get(orphan_queue) == 2
+        assert "sandbox" not in report
+    finally:
+        redis_client.delete(orphan_queue)

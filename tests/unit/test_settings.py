@@ -109,3 +109,18 @@ def test_the_fly_runtime_is_accepted_with_its_settings() -> None:
     s = load_settings({**FLY_ENV, "SANDBOX_FLY_REGIONS": "ams, fra"})
     assert s.runtime == "fly" and s.fly_regions == ("ams", "fra") and s.fly_cpu_kind == "shared"
     assert s.redacted()["SANDBOX_FLY_AGENT_SECRET"] == "***"
+
+
+def test_reliability_defaults_and_bad_values_name_their_variable() -> None:
+    s = load_settings({})
+    assert (s.max_deliveries, s.heartbeat_interval_s, s.node_dead_after_s, s.stuck_sweep_interval_s) == (3, 10, 60, 15)
+    assert s.require_durable_redis is False
+    assert s.tombstone_ttl_s == 30 * 86400  # the longest artifact retention
+    for env, variable in (({"SANDBOX_MAX_DELIVERIES": "0"}, "SANDBOX_MAX_DELIVERIES"),
+                          ({"SANDBOX_REQUIRE_DURABLE_REDIS": "maybe"}, "SANDBOX_REQUIRE_DURABLE_REDIS"),
+                          ({"SANDBOX_HEARTBEAT_INTERVAL": "-1"}, "SANDBOX_HEARTBEAT_INTERVAL"),
+                          ({"SANDBOX_NODE_DEAD_AFTER": "15"}, "SANDBOX_NODE_DEAD_AFTER"),  # < 2 heartbeats
+                          ({"SANDBOX_MAX_MESSAGE_BYTES": "big"}, "SANDBOX_MAX_MESSAGE_BYTES")):
+        with pytest.raises(ConfigError) as e:
+            load_settings(env)
+        assert e.value.variable == variable

@@ -3,6 +3,8 @@
 const { randomUUID } = require('node:crypto');
 const Redis = require('ioredis');
 const { buildTaskMessage, QUEUE } = require('./message');
+
+const CONTROL_QUEUE = 'sandbox.control';
 const { validateJob } = require('./schema');
 
 const TERMINAL = new Set(['succeeded', 'failed', 'timed_out', 'oom_killed', 'cancelled', 'rejected', 'error']);
@@ -26,6 +28,16 @@ class TaskFailed extends Error {
     this.name = 'TaskFailed';
     this.taskId = taskId;
     this.result = result;
+  }
+}
+
+/** The job can no longer end: Redis lost it (a restart without its data, or the last second of
+ * submissions before a crash with AOF everysec). Submit it again. */
+class JobVanished extends Error {
+  constructor(jobId, message) {
+    super(message);
+    this.name = 'JobVanished';
+    this.jobId = jobId;
   }
 }
 
@@ -57,6 +69,8 @@ function eventEntry(id, fields) {
   }
 }
 
+const isConnectionError = (e) => Boolean(e) && (e.name === 'MaxRetriesPerRequestError'
+  || /ECONNREFUSED|ECONNRESET|EPIPE|Connection is closed|Stream isn't writeable/.test(String(e.message)));
 const isTerminal = (event) => event.type === 'status' && TERMINAL.has(event.status);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -74,9 +88,9 @@ class SandboxClient {
     if (this.ownsRedis) await this.redis.quit();
   }
 
-  async enqueue(task, args) {
-    const { taskId, raw } = buildTaskMessage(task, args, { queue: this.queue });
-    await this.redis.lpush(this.queue, raw);
+  async enqueue(task, args, queue = this.queue) {
+    const { taskId, raw } = buildTaskMessage(task, args, { queue });
+    await this.redis.lpush(queue, raw);
     return taskId;
   }
 
@@ -111,7 +125,11 @@ class SandboxClient {
     const onAbort = () => controller.abort(signal.reason);
     if (signal) signal.addEventListener('abort', onAbort, { once: true });
     try {
-      const onIdle = taskId ? async () => this.#checkTask(taskId) : undefined;
+      const watch = { seen: false, runId: await this.#runId() };
+      const onIdle = async () => {
+        if (taskId) await this.#checkTask(taskId);
+        await this.#checkVanished(jobId, taskId, watch);
+      };
       for await (const item of this.follow(jobId, { signal: controller.signal, onIdle })) {
         if (item.kind === 'log' && onLog) onLog(item);
         if (item.kind === 'event' && onEvent) onEvent(item);
@@ -123,6 +141,29 @@ class SandboxClient {
     } finally {
       clearTimeout(timer);
       if (signal) signal.removeEventListener('abort', onAbort);
+    }
+  }
+
+  async #runId() {
+    const info = await this.redis.info('server');
+    const match = /^run_id:(\S+)/m.exec(info);
+    return match ? match[1] : null;
+  }
+
+  /** Throws JobVanished once the record that existed is gone, or Redis restarted without the job. */
+  async #checkVanished(jobId, taskId, watch) {
+    const record = await this.getRecord(jobId);
+    if (record) {
+      watch.seen = true;
+      return;
+    }
+    if (watch.seen) throw new JobVanished(jobId, `job ${jobId}'s record disappeared from Redis (data lost)`);
+    const runId = await this.#runId();
+    if (!taskId || runId === watch.runId) return;
+    const queued = await this.redis.lrange(this.queue, 0, -1);
+    const unacked = await this.redis.hvals('unacked');
+    if (![...queued, ...unacked].some((item) => item.includes(taskId))) {
+      throw new JobVanished(jobId, `Redis restarted and job ${jobId} was lost with it (never recorded, no longer queued): submit it again`);
     }
   }
 
@@ -156,14 +197,20 @@ class SandboxClient {
           rows = await conn.xread('COUNT', 500, ...block, 'STREAMS', logsKey(jobId), eventsKey(jobId), logId, eventId);
         } catch (e) {
           if (signal?.aborted) return;
-          throw e;
+          if (!isConnectionError(e)) throw e;
+          await sleep(500); // Redis restarting: with its AOF it comes back with the job; keep following
+          continue;
         }
         if (!rows) {
           if (finished) return;
-          if (onIdle) await onIdle();
-          // A follower arriving after the events stream expired would block forever otherwise.
-          const record = await this.getRecord(jobId);
-          if (record && TERMINAL.has(record.status)) finished = true;
+          try {
+            if (onIdle) await onIdle();
+            // A follower arriving after the events stream expired would block forever otherwise.
+            const record = await this.getRecord(jobId);
+            if (record && TERMINAL.has(record.status)) finished = true;
+          } catch (e) {
+            if (!isConnectionError(e)) throw e;
+          }
           continue;
         }
         for (const [key, entries] of rows) {
@@ -199,7 +246,8 @@ class SandboxClient {
 
   /** Enqueues `sandbox.cancel` and returns its answer {job_id, cancelled, status, message}. */
   async cancel(jobId, { timeoutMs = 60_000 } = {}) {
-    const taskId = await this.enqueue('sandbox.cancel', [checkJobId(jobId)]);
+    // sandbox.cancel goes to the control queue, which workers read even with every slot busy
+    const taskId = await this.enqueue('sandbox.cancel', [checkJobId(jobId)], CONTROL_QUEUE);
     return this.waitForTask(taskId, { timeoutMs });
   }
 
@@ -218,4 +266,4 @@ class SandboxClient {
   }
 }
 
-module.exports = { SandboxClient, TaskFailed, TimeoutError, TERMINAL };
+module.exports = { SandboxClient, TaskFailed, TimeoutError, JobVanished, TERMINAL };

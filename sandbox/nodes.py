@@ -1,0 +1,214 @@
+"""Worker nodes in Redis: heartbeats, the broker's durability, and a restarted node's reconcile.
+
+A node is one worker process (one host). It refreshes `sandbox:node:{node}:heartbeat` every
+SANDBOX_HEARTBEAT_INTERVAL; a node whose heartbeat is older than SANDBOX_NODE_DEAD_AFTER (or gone)
+is dead, and the stuck sweep ends its jobs. A node that comes back reconciles first: whatever of
+its jobs a stage was running in the dead process ends `error` ("worker lost"), never runs again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import redis
+
+from sandbox.errors import ConfigError
+from sandbox.state import JobRecord, JobStatus, JobStore
+
+log = logging.getLogger("sandbox.nodes")
+NODES_SET = "sandbox:nodes"
+_OUTCOME_STATUS = {s.value: s for s in JobStatus}
+
+
+def heartbeat_key(node: str) -> str:
+    return f"sandbox:node:{node}:heartbeat"
+
+
+def beat(client: redis.Redis, node: str, queues: list[str], started_at: float, dead_after_s: float) -> None:
+    """Write this node's heartbeat (expiring once it would count as dead anyway)."""
+    value = {"node": node, "pid": os.getpid(), "at": time.time(), "queues": queues, "started_at": started_at}
+    pipe = client.pipeline()
+    pipe.set(heartbeat_key(node), json.dumps(value), px=int(dead_after_s * 1000))
+    pipe.sadd(NODES_SET, node)
+    pipe.execute()
+
+
+def heartbeat(client: Any, node: str) -> dict[str, Any] | None:
+    """The node's last heartbeat, or None."""
+    raw = client.get(heartbeat_key(node))
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def is_dead(beat_value: dict[str, Any] | None, dead_after_s: float, now: float) -> bool:
+    """True when a node's heartbeat is missing or older than `dead_after_s`."""
+    return beat_value is None or now - float(beat_value.get("at", 0)) > dead_after_s
+
+
+# -- the broker must keep what it is given ------------------------------------------------------
+
+def durability_problems(client: redis.Redis) -> list[str]:
+    """What this Redis lacks to keep every job across a restart (empty when nothing)."""
+    problems = []
+    try:
+        config = {**client.config_get("appendonly"), **client.config_get("appendfsync"),
+                  **client.config_get("maxmemory-policy"), **client.config_get("save")}
+    except redis.ResponseError as e:  # CONFIG disabled (managed Redis): fall back to INFO
+        info = client.info("persistence")
+        if not info.get("aof_enabled"):
+            problems.append(f"AOF is off (and CONFIG GET is refused: {e})")
+        return problems
+    if config.get("appendonly") != "yes":
+        problems.append("appendonly is not 'yes': a restart loses every queued message and job record")
+    elif config.get("appendfsync") not in ("everysec", "always"):
+        problems.append(f"appendfsync is {config.get('appendfsync')!r}: use 'everysec' (lose at most 1 s)")
+    if config.get("maxmemory-policy") != "noeviction":
+        problems.append(f"maxmemory-policy is {config.get('maxmemory-policy')!r}: Redis may evict queued "
+                        "messages and job records under memory pressure; use 'noeviction'")
+    return problems
+
+
+def check_durability(client: redis.Redis, require: bool) -> list[str]:
+    """Warn loudly about a broker that can lose jobs; refuse to start if `require`."""
+    problems = durability_problems(client)
+    for problem in problems:
+        log.error("REDIS IS NOT DURABLE: %s (see docs/reliability.md)", problem)
+    if problems and require:
+        raise ConfigError("SANDBOX_REQUIRE_DURABLE_REDIS", "the broker is not durable: " + "; ".join(problems))
+    return problems
+
+
+# -- which jobs a dead process was running -------------------------------------------------------
+
+def running_stage(record: JobRecord) -> tuple[str, dict[str, Any]] | None:
+    """The stage that began and never finished (name, entry), if any."""
+    open_stages = [(name, e) for name, e in record.get("stages", {}).items()
+                   if e.get("started_at") is not None and e.get("finished_at") is None]
+    return max(open_stages, key=lambda item: item[1]["started_at"]) if open_stages else None
+
+
+def node_of(record: JobRecord) -> str | None:
+    """The node a job depends on now: the host of its running stage, else of its sandbox."""
+    stage = running_stage(record)
+    if stage is not None:
+        return stage[1].get("host")
+    return (record.get("sandbox") or {}).get("host")
+
+
+def lost_on(record: JobRecord, node: str, before: float) -> bool:
+    """True if a stage of this job was running on `node` in a process that started before `before`."""
+    stage = running_stage(record)
+    return stage is not None and stage[1].get("host") == node and stage[1]["started_at"] < before
+
+
+def lost_ending(record: JobRecord, reason: str) -> tuple[JobStatus, dict[str, Any] | None]:
+    """The one terminal status of a job whose worker was lost: its command's own ending if it had one."""
+    if record.get("cancel_requested"):
+        return JobStatus.CANCELLED, {"code": "cancelled", "message": "cancelled on request", "field": None}
+    outcome = (record.get("outcome") or {}).get("outcome")
+    if outcome and outcome != "error":
+        return _OUTCOME_STATUS[outcome], None  # it ran to its end; only collect or cleanup was lost
+    return JobStatus.ERROR, {"code": "worker_lost", "message": reason, "field": None}
+
+
+def end_if(store: JobStore, job_id: str, still: Any, reason: str,
+           watch: tuple[str, ...] = ()) -> JobRecord | None:
+    """End the job as lost if `still(record, read)` holds, in one atomic step; the ended record or None.
+
+    `read(key)` reads one of `watch` inside the same transaction, so a heartbeat that arrives
+    between the check and the write aborts the write (and the check runs again).
+    """
+    key = f"sandbox:job:{job_id}"
+    ended: dict[str, Any] = {}
+
+    def apply(pipe: Any) -> None:
+        ended.clear()
+        raw = pipe.get(key)
+        if raw is None:
+            return
+        record = json.loads(raw)
+        if JobStatus(record["status"]).terminal or not still(record, pipe.get):
+            return
+        status, error = lost_ending(record, reason)
+        now = time.time()
+        record.update(status=status.value, finished_at=now, updated_at=now)
+        record["timeline"].append({"status": status.value, "at": now})
+        if error:
+            record["error"] = error
+        pipe.multi()
+        pipe.set(key, json.dumps(record), keepttl=True)
+        pipe.zrem("sandbox:jobs:active", job_id)
+        ended["record"] = record
+
+    store.redis.transaction(apply, key, *watch)
+    record = ended.get("record")
+    if record is not None:
+        store._publish_status(record)  # noqa: SLF001 - the same status event a normal ending sends
+    return record
+
+
+# -- a waiter whose job Redis lost ---------------------------------------------------------------
+
+class SubmissionWatch:
+    """Tells a submitter waiting for a job when that job can no longer end (Redis lost it)."""
+
+    def __init__(self, client: redis.Redis, job_id: str, task_id: str, queue: str = "sandbox") -> None:
+        self.client, self.job_id, self.task_id, self.queue = client, job_id, task_id, queue
+        self.run_id = self._run_id()
+        self.seen = False
+
+    def _run_id(self) -> str | None:
+        try:
+            return str(self.client.info("server").get("run_id"))
+        except redis.RedisError:
+            return None
+
+    def check(self) -> tuple[str, Any] | None:
+        """("ended", record), ("vanished", reason), or None while the job may still end."""
+        try:
+            raw = self.client.get(f"sandbox:job:{self.job_id}")
+            run_id = self._run_id()
+            if raw is not None:
+                self.seen = True
+                record = json.loads(raw)
+                return ("ended", record) if JobStatus(record["status"]).terminal else None
+            if self.seen:
+                return "vanished", f"job {self.job_id}'s record disappeared from Redis (data lost)"
+            if run_id is not None and self.run_id is not None and run_id != self.run_id and not self._in_flight():
+                return "vanished", (f"Redis restarted and job {self.job_id} was lost with it (never recorded, "
+                                    "no longer queued): submit it again")
+            if self.run_id is None:
+                self.run_id = run_id
+        except redis.RedisError:
+            return None  # Redis is down: keep waiting, it may come back with everything
+        return None
+
+    def _in_flight(self) -> bool:
+        needle = self.task_id.encode()
+        return (any(needle in item for item in self.client.lrange(self.queue, 0, -1))
+                or any(needle in item for item in self.client.hvals("unacked")))
+
+
+# -- queues nobody reads ---------------------------------------------------------------------------
+
+SERVICE_QUEUES = ("sandbox", "celery", "sandbox.control")
+
+
+def unconsumed_queues(client: redis.Redis, dead_after_s: float, now: float | None = None) -> dict[str, int]:
+    """Queues holding messages that no live node consumes: {queue: messages waiting}."""
+    now = time.time() if now is None else now
+    consumed: set[str] = set()
+    for node in client.smembers(NODES_SET):
+        beat_value = heartbeat(client, node.decode() if isinstance(node, bytes) else node)
+        if not is_dead(beat_value, dead_after_s, now):
+            consumed.update(beat_value.get("queues", []))
+    names = set(SERVICE_QUEUES)
+    for key in client.scan_iter(match="sandbox.node.*", count=500, _type="list"):
+        names.add(key.decode() if isinstance(key, bytes) else key)
+    waiting = {name: int(client.llen(name)) for name in sorted(names - consumed)}
+    return {name: count for name, count in waiting.items() if count}

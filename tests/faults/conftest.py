@@ -1,0 +1,170 @@
+"""A stack of its own for fault injection: a Redis (AOF) the tests may stop and restart, a work dir,
+and real worker processes on Celery's threads pool with short heartbeats (the session's S3)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.conftest import E2E_COMMANDS, wait_for
+from tests.support.services import RedisServer, ServiceUnavailable, Worker, remove_work_dir, unavailable
+
+HEARTBEAT_S = "1"
+DEAD_AFTER_S = "3"
+# Worker logs outlive pytest's temporary dirs (kept for the last three runs of anyone on the host).
+LOG_DIR = Path(os.environ.get("SANDBOX_FAULT_LOGS", "/var/tmp/sandbox-fault-logs"))
+LOG_DIR.mkdir(parents=True, exist_ok=True)
+TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "rejected", "error"}
+
+
+@pytest.fixture(scope="module")
+def fault_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("fault-redis"))
+    try:
+        server.start()
+    except ServiceUnavailable as e:
+        unavailable(str(e))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fault_work_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sandbox-faults-", dir="/var/tmp"))
+    path.chmod(0o711)
+    yield path
+    _destroy_left_sandboxes(path)
+    remove_work_dir(str(path))
+
+
+def _destroy_left_sandboxes(path: Path) -> None:
+    """What a failed test left: destroyed as the runtime does (cgroups and uids too), not just deleted."""
+    from config import load_settings
+    from sandbox.runtimes.base import SandboxHandle
+    from sandbox.runtimes.local import LocalRuntime
+
+    try:
+        runtime = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": str(path)}))
+    except Exception:  # noqa: BLE001 - no runtime here: nothing could have been made either
+        return
+    for info in runtime.list_sandboxes():
+        runtime.destroy(SandboxHandle(info.sandbox_id, info.job_id, "local", info.host, 0, 0))
+    runtime.reap_incomplete(older_than=time.time() + 1)
+
+
+@pytest.fixture(scope="module")
+def fault_env(fault_redis: RedisServer, s3: Any, fault_work_dir: Path) -> dict[str, str]:
+    return {
+        "SANDBOX_REDIS_URL": fault_redis.url, **s3.env(), "SANDBOX_WORK_DIR": str(fault_work_dir),
+        "SANDBOX_ALLOWED_COMMANDS": E2E_COMMANDS, "SANDBOX_DEFAULT_TIMEOUT": "60", "SANDBOX_MAX_TIMEOUT": "600",
+        "SANDBOX_DEFAULT_MEMORY": "128Mi", "SANDBOX_DEFAULT_DISK": "16Mi",
+        "SANDBOX_HEARTBEAT_INTERVAL": HEARTBEAT_S, "SANDBOX_NODE_DEAD_AFTER": DEAD_AFTER_S,
+        "SANDBOX_STUCK_SWEEP_INTERVAL": "0.5", "SANDBOX_ORPHAN_SWEEP_INTERVAL": "0.5",
+        "SANDBOX_REQUIRE_DURABLE_REDIS": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def fault_client(fault_redis: RedisServer) -> Celery:
+    app = Celery("fault-client", broker=fault_redis.url, backend=fault_redis.url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    result_accept_content=["json"], task_default_queue="sandbox")
+    return app
+
+
+@pytest.fixture()
+def fault_redis_client(fault_redis: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(fault_redis.url)
+
+
+class FaultWorker(Worker):
+    """A worker node on the threads pool (what ships), killable by PID."""
+
+    def __init__(self, env: dict[str, str], node: str, log_path: Path, concurrency: int = 4,
+                 queue: str = "sandbox") -> None:
+        super().__init__(env, node, log_path, concurrency=concurrency, queue=queue)
+        self.extra_args = ["--pool=threads"]
+
+    def kill_by_pid(self) -> None:
+        """SIGKILL the worker process only (its sandboxes die with it through --die-with-parent)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture()
+def start_worker(fault_env: dict[str, str], fault_client: Celery, tmp_path: Path) -> Iterator[Callable[..., FaultWorker]]:
+    started: list[FaultWorker] = []
+
+    def start(node: str = "fw@host-f", concurrency: int = 4, queue: str = "sandbox", **env: str) -> FaultWorker:
+        worker = FaultWorker({**fault_env, **env}, node, LOG_DIR / f"{node}-{len(started)}.log",
+                             concurrency=concurrency, queue=queue)
+        started.append(worker)
+        worker.start(fault_client)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def record_of(client: redis.Redis, job_id: str) -> dict:
+    return json.loads(client.get(f"sandbox:job:{job_id}") or b"{}")
+
+
+def wait_terminal(client: redis.Redis, job_id: str, timeout_s: float = 90) -> dict:
+    return wait_for(lambda: (r := record_of(client, job_id)).get("status") in TERMINAL and r, timeout_s=timeout_s)
+
+
+def lines_of(client: redis.Redis, job_id: str, text: bytes) -> int:
+    """How many log lines of the job contain `text` (a command that ran twice prints twice)."""
+    return sum(text in e.get(b"line", b"") for _, e in client.xrange(f"sandbox:job:{job_id}:logs"))
+
+
+def assert_host_clean(work_dir: Path) -> None:
+    """Nothing of any sandbox is left: dirs, mounts, loop devices, cgroups, host uids, processes."""
+    work = os.path.realpath(work_dir)
+    assert not [p.name for p in work_dir.iterdir() if p.name.startswith("sbx-")], "sandbox dirs left"
+    uids = work_dir / ".uids"
+    assert not (uids.is_dir() and os.listdir(uids)), f"host uids still allocated: {os.listdir(uids)}"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        assert not [line for line in f if f" {work}/" in line], "mounts left under the work dir"
+    loops = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().startswith(work + "/"):
+                loops.append(backing.parent.parent.name)
+        except OSError:
+            continue
+    assert not loops, f"loop devices still attached: {loops}"
+    # groups are named after sandbox ids, and every job of these tests has an id starting "f-"
+    groups = [str(g) for g in Path("/sys/fs/cgroup").glob("*/sandbox/sbx-f-*")]
+    assert not groups, f"job cgroups left: {groups}"
+    procs = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if work.encode() in cmdline.read_bytes():
+                procs.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert not procs, f"processes of sandboxes still running: {procs}"
+
+
+def normal_job_succeeds(client: Celery, job_id: str, timeout_s: float = 90) -> dict:
+    """The worker still runs an ordinary job end to end."""
+    record = client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})]).get(
+        timeout=timeout_s)
+    assert record["status"] == "succeeded", record
+    return record
+
+
+def settle(seconds: float) -> None:
+    time.sleep(seconds)
