@@ -69,6 +69,9 @@ def fault_env(fault_redis: RedisServer, s3: Any, fault_work_dir: Path) -> dict[s
         "SANDBOX_HEARTBEAT_INTERVAL": HEARTBEAT_S, "SANDBOX_NODE_DEAD_AFTER": DEAD_AFTER_S,
         "SANDBOX_STUCK_SWEEP_INTERVAL": "0.5", "SANDBOX_ORPHAN_SWEEP_INTERVAL": "0.5",
         "SANDBOX_REQUIRE_DURABLE_REDIS": "true",
+        # 20 sleeping jobs at once on one node (the numbers): admission must not hold
+        # some back, whatever this test machine's cores and memory
+        "SANDBOX_NODE_CPU": "32", "SANDBOX_NODE_MEMORY": "32Gi", "SANDBOX_NODE_MAX_SANDBOXES": "64",
     }
 
 
