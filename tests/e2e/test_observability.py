@@ -163,7 +163,7 @@ def test_gauges_sampled_from_redis_at_scrape_time(obs_worker, redis_client):
         assert after[("sandbox_dead_letters", ())] >= 1
         assert ("sandbox_queue_messages", (("queue", QUEUE),)) in after
         assert ("sandbox_queue_messages", (("queue", "sandbox.node.obs@host-o"),)) in after
-        assert after[("sandbox_redis_aof_enabled", ())] == 0  # the test Redis runs without AOF
+        assert after[("sandbox_redis_aof_enabled", ())] == 1  # the test Redis runs with AOF, as production's must
         assert after[("sandbox_live_sandboxes", (("node", "obs@host-o"),))] == 0
     finally:
         redis_client.lrem("sandbox.dead", 1, json.dumps({"at": 1, "queue": "x", "reason": "test setup"}))
