@@ -126,7 +126,7 @@ class Consumer(CeleryConsumer):
             if self._over_delivered(task, task_id, payload, message):
                 return None
             if task == "sandbox.cancel":
-                return self._side(message, task_id, payload, cancel_now)
+                return self._side(message, task_id, payload, cancel_now, task)
             try:
                 celery_handler(message)
             except Exception as e:  # noqa: BLE001 - Celery's strategy raised: the worker would die
@@ -169,12 +169,16 @@ class Consumer(CeleryConsumer):
             self._side(message, task_id, [[job_id, reason], {}, {}], give_up_now)
         return True
 
-    def _side(self, message: Any, task_id: str, payload: list, work: Callable[..., Any]) -> None:
+    def _side(self, message: Any, task_id: str, payload: list, work: Callable[..., Any],
+              as_task: str | None = None) -> None:
         def run() -> None:
             try:
                 result = work(*payload[0], **payload[1])
                 self.app.backend.store_result(task_id, result, states.SUCCESS)
                 log.info("side task %s[%s] returned %r", work.__name__, task_id, result)
+                if as_task:  # what Celery's tracer would signal, so audit and metrics hooks see it
+                    task_postrun.send(sender=self.app.tasks[as_task], task_id=task_id, task=self.app.tasks[as_task],
+                                      args=payload[0], kwargs=payload[1], retval=result, state=states.SUCCESS)
             except Exception as e:  # noqa: BLE001 - the caller gets the failure as a task failure
                 log.exception("%s of task %s failed", work.__name__, task_id)
                 try:
@@ -211,7 +215,7 @@ class ControlConsumer(bootsteps.ConsumerStep):
         except Exception as e:  # noqa: BLE001
             return guard._dead(message, CONTROL_QUEUE, f"unreadable message: {type(e).__name__}: {e}")
         work = cancel_now if task == "sandbox.cancel" else guard.app.tasks[task].run
-        return guard._side(message, task_id, payload, work)
+        return guard._side(message, task_id, payload, work, task)
 
 
 def deliveries_key(task_id: str, retries: int) -> str:
