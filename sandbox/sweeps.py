@@ -24,6 +24,7 @@ from sandbox.state import JobRecord, JobStatus
 
 log = logging.getLogger("sandbox.sweeps")
 GRACE_S = 300.0  # a half-made sandbox (no meta.json yet) may be a create under way
+YOUNG_S = 30.0  # a sandbox this young without a record may be a create still under way (a Fly machine)
 
 
 def sweep_lock(client: Any, name: str, period_s: float) -> bool:
@@ -74,7 +75,7 @@ def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.
 def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, dead_after_s: float) -> str | None:
     record = svc.store.find(info.job_id)
     if record is None:
-        return "its job record is gone"
+        return None if now - info.created_at < YOUNG_S else "its job record is gone"
     if JobStatus(record["status"]).terminal:
         if nodes.running_stage(record) is not None:
             if _stage_alive(svc, record, booted_at, dead_after_s, now):

@@ -32,7 +32,7 @@ def test_orphan_sweep_destroys_sandboxes_of_ended_or_vanished_jobs_at_once(servi
         services.store.create(new_record(job_id, status))
     handles = {job_id: services.runtime.create(spec_for(job_id), HOST) for job_id in (ended, running, vanished)}
 
-    destroyed = sweeps.sweep_orphans(services)  # no grace for a missing or terminal record
+    destroyed = sweeps.sweep_orphans(services, now=time.time() + sweeps.YOUNG_S)  # no 5-minute grace
 
     assert sorted(destroyed) == sorted([handles[ended].sandbox_id, handles[vanished].sandbox_id])
     assert [info.job_id for info in services.runtime.list_sandboxes()] == [running]
@@ -43,7 +43,7 @@ def test_orphan_sweep_destroys_sandboxes_of_ended_or_vanished_jobs_at_once(servi
 def test_orphan_sweep_covers_every_sandbox_in_its_work_dir_whatever_node_it_names(services):
     job_id = new_job_id("elsewhere")
     services.runtime.create(spec_for(job_id), "another@host")  # e.g. the node's name before a rename
-    assert sweeps.sweep_orphans(services) != []
+    assert sweeps.sweep_orphans(services, now=time.time() + sweeps.YOUNG_S) != []
     assert services.runtime.list_sandboxes() == []
 
 
