@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -452,7 +453,8 @@ def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobReco
 
     def start(r: JobRecord) -> None:
         entry = r["stages"].setdefault(stage, {"attempts": 0})
-        entry.update(host=svc.host, started_at=now, attempts=entry["attempts"] + 1)
+        # pid: a restarted node tells a stage of its dead process from one of a live one (sandbox.nodes)
+        entry.update(host=svc.host, pid=os.getpid(), started_at=now, attempts=entry["attempts"] + 1)
 
     record = svc.store.transition(job_id, status, also=start)
     return None if JobStatus(record["status"]).terminal else record

@@ -101,9 +101,28 @@ def node_of(record: JobRecord) -> str | None:
 
 
 def lost_on(record: JobRecord, node: str, before: float) -> bool:
-    """True if a stage of this job was running on `node` in a process that started before `before`."""
+    """True if a stage of this job began on `node` (this host) before `before`, in a process that is
+    gone (another live process under the same node name keeps its own stages)."""
     stage = running_stage(record)
-    return stage is not None and stage[1].get("host") == node and stage[1]["started_at"] < before
+    if stage is None or stage[1].get("host") != node or stage[1]["started_at"] >= before:
+        return False
+    return not process_alive(stage[1].get("pid"), stage[1]["started_at"])
+
+
+def process_alive(pid: Any, since: float) -> bool:
+    """True if process `pid` of this host runs and was already running at `since` (a pid reused by a
+    later process, such as a restarted container's worker, is not the same process)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat", encoding="utf-8") as f:
+            boot_s = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    started_s = boot_s + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time
+    return started_s <= since + 1.0  # btime is whole seconds
 
 
 def lost_ending(record: JobRecord, reason: str) -> tuple[JobStatus, dict[str, Any] | None]:

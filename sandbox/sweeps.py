@@ -100,8 +100,8 @@ def _stage_alive(svc: Services, record: JobRecord, booted_at: float, dead_after_
     if stage is None:
         return False
     host, started = stage[1].get("host"), stage[1]["started_at"]
-    if host == svc.host:
-        return started >= booted_at  # begun by this process (booted_at 0: by any live one)
+    if host == svc.host:  # begun by this process, or by another live one under this node's name
+        return started >= booted_at or nodes.process_alive(stage[1].get("pid"), started)
     return not nodes.is_dead(nodes.heartbeat(svc.store.redis, host), dead_after_s, now)
 
 

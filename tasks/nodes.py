@@ -20,12 +20,18 @@ app.steps["consumer"].add(ControlConsumer)
 
 log = logging.getLogger("sandbox.nodes")
 _stop = threading.Event()
+_booted: dict[str, float] = {}
+
+
+def booted_at() -> float:
+    """When this worker process started (0 before its start-up ran)."""
+    return _booted.get("at", 0.0)
 QUEUE_CHECK_EVERY = 6  # heartbeats between two checks for queues nobody consumes
 
 
 @celeryd_after_setup.connect
 def _start_node(sender: str, instance: Any, **_: object) -> None:
-    booted_at = time.time()
+    booted_at = _booted["at"] = time.time()
     settings = load_settings()
     # (tasks.app has chosen the queues by now, Celery's default `celery` among them: stock producers)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)

@@ -24,7 +24,10 @@ def sweep_orphans() -> list[str] | None:
 
 @app.task(name="sandbox.sweep_node", ignore_result=True)
 def sweep_node() -> list[str]:
-    destroyed = sweeps.sweep_orphans(services())
+    from tasks.nodes import booted_at
+
+    # a stage of this node begun before this process started is judged by its own process's life
+    destroyed = sweeps.sweep_orphans(services(), booted_at=booted_at())
     lifecycle.reconcile_admission(services())  # what the sweep destroyed (or a lost worker held) comes back
     return destroyed
 

@@ -79,7 +79,11 @@ def test_reconcile_keeps_live_and_young_entries_and_releases_the_rest(redis_clie
     assert sorted(ledger.admitted()) == ["live", "young"]
 
 
-def test_impossible_requests_are_rejected_at_submit_naming_the_field(redis_client, tmp_path):
+def test_impossible_requests_are_rejected_at_submit_naming_the_field(redis_url, tmp_path):
+    # a database of its own: live workers of this session publish their (real) capacities in db 0
+    # with their heartbeats, and a node big enough makes these requests possible
+    redis_client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/15")
+    redis_client.flushdb()
     settings = load_settings({"SANDBOX_WORK_DIR": str(tmp_path), "SANDBOX_ALLOWED_COMMANDS": "ls",
                               "SANDBOX_NODE_CPU": "1", "SANDBOX_NODE_MEMORY": "256Mi", "SANDBOX_NODE_DISK": "512Mi"})
     store = JobStore(redis_client)
