@@ -19,6 +19,7 @@ import redis
 from config.settings import Settings, free_disk_bytes
 from config.units import format_size
 from sandbox.errors import JobRejected
+from sandbox.nodes import NODES_SET  # written by the heartbeat; read for submit-time checks
 from sandbox.spec import ResourceLimits
 
 log = logging.getLogger("sandbox.admission")
@@ -37,7 +38,6 @@ def capacity_key(node: str) -> str:
     return f"sandbox:node:{node}:capacity"
 
 
-NODES_SET = "sandbox:nodes"  # written by the heartbeat (reliability); read for submit-time checks
 
 # KEYS: admitted hash. ARGV: job id, entry JSON, cpu, memory, disk, cap cpu, cap memory, cap disk,
 # max sandboxes, free disk now. Answers "ok" or the name of the resource that is short.

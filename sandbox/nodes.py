@@ -23,6 +23,16 @@ NODES_SET = "sandbox:nodes"
 _OUTCOME_STATUS = {s.value: s for s in JobStatus}
 
 
+def node_queue(node: str) -> str:
+    """The queue only `node` consumes: every stage after create runs where the sandbox is."""
+    return f"sandbox.node.{node}"
+
+
+def sweep_last_key(name: str) -> str:
+    """When the sweep `name` last ran, and what it did (read by health and the metrics)."""
+    return f"sandbox:sweep:{name}:last"
+
+
 def heartbeat_key(node: str) -> str:
     return f"sandbox:node:{node}:heartbeat"
 

@@ -35,7 +35,7 @@ def sweep_lock(client: Any, name: str, period_s: float) -> bool:
 
 def sweep_done(client: Any, name: str, count: int, node: str) -> None:
     """Record when the sweep last ran, how much it did and where."""
-    client.set(f"sandbox:sweep:{name}:last", json.dumps({"at": time.time(), "count": count, "node": node}))
+    client.set(nodes.sweep_last_key(name), json.dumps({"at": time.time(), "count": count, "node": node}))
 
 
 def reconcile(svc: Services, booted_at: float) -> tuple[list[JobRecord], list[str]]:

@@ -12,6 +12,7 @@ from celery.signals import celeryd_after_setup, worker_ready
 from config.wiring import build_services
 from sandbox import lifecycle
 from sandbox.lifecycle import Services
+from sandbox.nodes import node_queue
 
 # The task class only swaps in the Request that tells Flower which job a task is for (tasks.monitoring).
 app = Celery("sandbox", task_cls="tasks.monitoring:SandboxTask")
@@ -47,11 +48,6 @@ _node = {"name": os.environ.get("SANDBOX_NODE_NAME", "")}
 _services: dict[int, Services] = {}
 _services_lock = threading.Lock()
 CREATE_SUFFIX = ".create"
-
-
-def node_queue(node: str) -> str:
-    """The queue only `node` consumes: every stage after create runs where the sandbox is."""
-    return f"sandbox.node.{node}"
 
 
 def create_queue(intake: str) -> str:

@@ -13,36 +13,17 @@ from typing import Any
 
 import redis
 
+from sandbox.admission import admitted_key, capacity_key
+from sandbox.deadletters import DEAD_LIST as DEAD_LETTERS
+from sandbox.nodes import NODES_SET, SERVICE_QUEUES, heartbeat_key, node_queue, sweep_last_key
 from sandbox.state import ACTIVE_SET
 
-NODES_SET = "sandbox:nodes"
-DEAD_LETTERS = "sandbox.dead"
 SWEEPS = ("orphans", "stuck", "artifacts")
-BASE_QUEUES = ("sandbox", "celery")
+BASE_QUEUES = (*SERVICE_QUEUES, "sandbox.create")  # the intakes, Celery's default, control, creates
 SENT_AT_HEADER = "sandbox_sent_at"  # unix seconds, set by every producer we ship (see docs/operations.md)
 _KOMBU_BINDINGS = "_kombu.binding.*"
 _KOMBU_SEP = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis transport: a list per step, "queue\x06\x16<step>"
-
-
-def heartbeat_key(node: str) -> str:
-    return f"sandbox:node:{node}:heartbeat"
-
-
-def admitted_key(node: str) -> str:
-    return f"sandbox:node:{node}:admitted"
-
-
-def capacity_key(node: str) -> str:
-    return f"sandbox:node:{node}:capacity"
-
-
-def sweep_last_key(name: str) -> str:
-    return f"sandbox:sweep:{name}:last"
-
-
-def node_queue(node: str) -> str:
-    return f"sandbox.node.{node}"
 
 
 def _text(value: Any) -> str:
