@@ -19,8 +19,9 @@ from tests.support.services import RedisServer, ServiceUnavailable, Worker, remo
 
 HEARTBEAT_S = "1"
 DEAD_AFTER_S = "3"
-# Worker logs outlive pytest's temporary dirs (kept for the last three runs of anyone on the host).
-LOG_DIR = Path(os.environ.get("SANDBOX_FAULT_LOGS", "/var/tmp/sandbox-fault-logs"))
+# A directory of this run's own (kept afterwards for reading): tests read these logs back, so a log
+# appended to by an earlier run, or by another suite running at the same time, would be miscounted.
+LOG_DIR = Path(os.environ.get("SANDBOX_FAULT_LOGS") or tempfile.mkdtemp(prefix="sandbox-fault-logs-", dir="/var/tmp"))
 LOG_DIR.mkdir(parents=True, exist_ok=True)
 TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "rejected", "error"}
 
@@ -149,7 +150,10 @@ def assert_host_clean(work_dir: Path) -> None:
             continue
     assert not loops, f"loop devices still attached: {loops}"
     # groups are named after sandbox ids, and every job of these tests has an id starting "f-"
-    groups = [str(g) for g in Path("/sys/fs/cgroup").glob("*/sandbox/sbx-f-*")]
+    # (a teardown still under way, in another controller's hierarchy, gets a few seconds to finish)
+    deadline = time.monotonic() + 10
+    while (groups := [str(g) for g in Path("/sys/fs/cgroup").glob("*/sandbox/sbx-f-*")]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not groups, f"job cgroups left: {groups}"
     procs = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
