@@ -52,10 +52,11 @@ def run_all(calls: Sequence[Callable[[], Any]], max_parallel: int) -> list[Any]:
                 done.notify_all()
 
     helpers = min(max_parallel, n) - 1
-    if helpers > 0:
-        pool = _pool()
-        for _ in range(helpers):
-            pool.submit(drain)
+    try:
+        for _ in range(max(helpers, 0)):
+            _pool().submit(drain)
+    except RuntimeError:  # the interpreter is shutting down: the caller does the rest alone
+        pass
     drain()
     with lock:
         done.wait_for(lambda: state["finished"] == n)

@@ -75,3 +75,12 @@ def test_no_thread_started_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_and_single() -> None:
     assert parallel.run_all([], 4) == []
     assert parallel.run_all([lambda: "x"], 4) == ["x"]
+
+
+def test_a_pool_that_refuses_work_leaves_it_to_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    class ShutDown:
+        def submit(self, *_: object) -> None:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(parallel, "_pool", ShutDown)
+    assert parallel.run_all([lambda i=i: i * 2 for i in range(4)], 4) == [0, 2, 4, 6]
