@@ -85,7 +85,7 @@ class AgentClient:
         A stream that breaks before its end raises AgentUnavailable; calling execute again then
         never re-runs the command: it waits (up to `max_wait_s`, default forever) for the result.
         """
-        resp = self._request("POST", "/exec", ok=(200, 409))
+        resp = self._request("POST", "/exec", ok=(200, 409), json={"events": True})
         with resp:
             if resp.status_code == 409:
                 body = _json_of(resp)
@@ -191,6 +191,15 @@ class AgentClient:
                         try:
                             sink(stream, chunk)
                         except Exception:  # noqa: BLE001 - as locally: a broken log feed never stops the job
+                            sink_ok = False
+                elif kind == "event":
+                    entry, deliver = event.get("event"), getattr(sink, "event", None)
+                    if not isinstance(entry, dict):
+                        raise SandboxFailure("agent sent a malformed connection event")
+                    if sink_ok and deliver is not None:
+                        try:
+                            deliver(entry)
+                        except Exception:  # noqa: BLE001 - as locally: a broken event feed never stops the job
                             sink_ok = False
                 elif kind == "end":
                     return _exec_result(event.get("result"))

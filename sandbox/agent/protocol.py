@@ -6,7 +6,7 @@ import hmac
 
 from config.settings import Settings
 
-PROTOCOL = 1  # in GET /health: a worker can tell an agent image built from other code
+PROTOCOL = 2  # 2: event lines on /exec when asked ({"events": true}); in GET /health: a worker can tell an agent image built from other code
 CHUNK = 64 * 1024  # every body moves in pieces of this size: memory stays flat whatever the size
 STREAMS = ("stdout", "stderr")
 NDJSON = "application/x-ndjson"

@@ -224,8 +224,9 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, {"written": written})
 
     def _exec(self) -> int:
-        self._json_body()  # nothing to read, but a keep-alive connection needs it consumed
-        run = self.agent.start()
+        body = self._json_body()  # a keep-alive connection needs it consumed whatever it holds
+        # only a follower that asks gets event lines: an older client refuses unknown line types
+        run = self.agent.start(want_events=isinstance(body, dict) and body.get("events") is True)
         self.send_response(200)
         self.send_header("Content-Type", NDJSON)
         self.send_header("Transfer-Encoding", "chunked")
@@ -242,6 +243,8 @@ class Handler(BaseHTTPRequestHandler):
                 if kind == "data":
                     stream, data = value
                     self._chunk({"type": "data", "stream": stream, "data": base64.b64encode(data).decode()})
+                elif kind == "event":
+                    self._chunk({"type": "event", "event": value})
                 else:
                     self._chunk({"type": "end", "result": value.to_dict()})
                     self.wfile.write(b"0\r\n\r\n")

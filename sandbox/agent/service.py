@@ -39,11 +39,19 @@ class ExecRun:
         self.done = threading.Event()
         self.delivered = threading.Event()  # the follower got the end event, or left
         self.result: ExecResult | None = None
+        self.want_events = False  # set by a follower that understands event lines (protocol 2)
 
     def sink(self, stream: str, data: bytes) -> None:
         """The runtime's OutputSink; never blocks, so the runtime's timer is never held up."""
         if self.followed:
             self.events.put(("data", (stream, data)))
+
+    __call__ = sink  # the run is the runtime's sink: output by call, connection events by .event
+
+    def event(self, entry: dict[str, Any]) -> None:
+        """A live egress connection event (LogSink.event's shape); never blocks, as sink."""
+        if self.followed and self.want_events:
+            self.events.put(("event", entry))
 
     def detach(self) -> None:
         """The follower went away: stop queueing output and free what was queued."""
@@ -122,7 +130,7 @@ class Agent:
             raise Conflict("already_started", "files cannot change once the command has started")
         return self.runtime.put_file(handle, relpath, src, mode)
 
-    def start(self) -> ExecRun:
+    def start(self, want_events: bool = False) -> ExecRun:
         """Start the command in a thread of its own; a second start is a Conflict carrying the result."""
         with self.lock:
             handle = self._handle()
@@ -130,13 +138,14 @@ class Agent:
                 result = self.run.result.to_dict() if self.run.result else None
                 raise Conflict("already_started", "the command runs at most once per machine", result)
             run = self.run = ExecRun()
+            run.want_events = want_events
         assert self.spec is not None
         threading.Thread(target=self._execute, args=(handle, self.spec, run), name="exec", daemon=True).start()
         return run
 
     def _execute(self, handle: SandboxHandle, spec: JobSpec, run: ExecRun) -> None:
         try:
-            result = self.runtime.execute(handle, spec, run.sink)
+            result = self.runtime.execute(handle, spec, run)
         except Exception as e:  # noqa: BLE001 - the run must end with a result whatever happened
             log.exception("execute failed")
             result = ExecResult("error", None, None, 0.0, reason=f"agent: {type(e).__name__}: {e}"[:2000])

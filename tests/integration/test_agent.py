@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import uuid
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -15,7 +16,7 @@ import requests
 from config.settings import Settings
 from sandbox.agent.client import AgentClient, RemoteFile
 from sandbox.errors import AgentUnavailable, JobRejected, SandboxFailure
-from sandbox.spec import JobSpec, ResourceLimits
+from sandbox.spec import JobSpec, NetworkPolicy, ResourceLimits
 from tests.support.agent import AgentProcess
 
 MiB = 1 << 20
@@ -71,7 +72,7 @@ def test_every_route_needs_the_token(start_agent) -> None:  # type: ignore[no-un
     with pytest.raises(SandboxFailure) as refused:
         client(agent, "wrong-token").health()
     assert "wrong-token" not in str(refused.value)
-    assert client(agent).health() == {"ok": True, "job_id": None, "state": "idle", "protocol": 1}  # nothing made
+    assert client(agent).health() == {"ok": True, "job_id": None, "state": "idle", "protocol": 2}  # nothing made
     assert "wrong-token" not in agent.log()
 
 
@@ -335,3 +336,41 @@ def test_stopping_the_machine_mid_command_leaves_nothing(start_agent, runtime) -
     assert len(endings) == 1 and not isinstance(endings[0], AgentUnavailable), endings
     assert (endings[0].outcome, endings[0].reason) == ("error", "the machine stopped while the command ran: signal SIGTERM")
     assert runtime.list_sandboxes() == []
+
+
+class _EventSink:
+    """An OutputSink with LogSink's event method: what a worker's sink looks like."""
+
+    def __init__(self) -> None:
+        self.out: list[tuple[str, bytes]] = []
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, stream: str, data: bytes) -> None:
+        self.out.append((stream, data))
+
+    def event(self, entry: dict[str, Any]) -> None:
+        self.events.append(entry)
+
+
+def test_egress_connection_events_cross_the_exec_stream_live(start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(SANDBOX_ALLOWED_HOSTS="api.test")
+    c = client(agent)
+    spec = replace(sh("curl -sS https://evil.test/ ; echo done"),
+                   network=NetworkPolicy(outbound=True, allowed_hosts=("api.test",)))
+    c.create(spec)
+    sink = _EventSink()
+    result = c.execute(sink)
+    assert result.outcome == "succeeded", result
+    assert [(e["host"], e["verdict"], e["reason"]) for e in sink.events] == [("evil.test", "refused", "host_not_allowed")]
+    c.destroy()
+
+
+def test_an_older_client_gets_no_event_lines(start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(SANDBOX_ALLOWED_HOSTS="api.test")
+    c = client(agent)
+    c.create(replace(sh("curl -sS https://evil.test/ ; echo done"),
+                     network=NetworkPolicy(outbound=True, allowed_hosts=("api.test",))))
+    resp = requests.post(agent.url + "/exec", headers={"Authorization": f"Bearer {TOKEN}"}, data=b"", timeout=20)
+    kinds = [json.loads(line)["type"] for line in resp.text.splitlines()]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "event" not in kinds, kinds
+    c.destroy()
