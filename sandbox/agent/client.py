@@ -96,6 +96,19 @@ class AgentClient:
                 return self.wait_result(max_wait_s)
             return self._follow(resp, sink)
 
+    def setup(self, sink: OutputSink) -> ExecResult:
+        """Run the job's setup command (at most once per machine), feeding live output to `sink`."""
+        resp = self._request("POST", "/setup", ok=(200, 409), json={"events": True})
+        with resp:
+            if resp.status_code == 409:
+                body = _json_of(resp)
+                if body.get("error") != "already_started":
+                    raise SandboxFailure(f"agent refused setup: {_describe(body)}")
+                if body.get("result"):
+                    return _exec_result(body["result"])
+                raise AgentUnavailable("the setup is still running on the machine")  # a retry finds its end
+            return self._follow(resp, sink)
+
     def result(self, wait_s: float = 0.0) -> ExecResult | None:
         """The command's result if it has ended, waiting up to `wait_s` (at most 60) for it."""
         return self._result(wait_s)[0]

@@ -226,7 +226,8 @@ class Handler(BaseHTTPRequestHandler):
     def _exec(self) -> int:
         body = self._json_body()  # a keep-alive connection needs it consumed whatever it holds
         # only a follower that asks gets event lines: an older client refuses unknown line types
-        run = self.agent.start(want_events=isinstance(body, dict) and body.get("events") is True)
+        wants = isinstance(body, dict) and body.get("events") is True
+        run = self.agent.start_setup(wants) if urlsplit(self.path).path == "/setup" else self.agent.start(wants)
         self.send_response(200)
         self.send_header("Content-Type", NDJSON)
         self.send_header("Transfer-Encoding", "chunked")
@@ -301,6 +302,7 @@ ROUTES: dict[tuple[str, str], Callable[[Handler], int]] = {
     ("DELETE", "/sandbox"): Handler._destroy,
     ("PUT", "/files"): Handler._put_file,
     ("POST", "/exec"): Handler._exec,
+    ("POST", "/setup"): Handler._exec,  # the same stream, for the setup command (protocol 2)
     ("GET", "/result"): Handler._result,
     ("GET", "/logs/stdout"): Handler._logs,
     ("GET", "/logs/stderr"): Handler._logs,

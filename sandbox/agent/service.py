@@ -83,6 +83,7 @@ class Agent:
         self.spec: JobSpec | None = None
         self.handle: SandboxHandle | None = None
         self.run: ExecRun | None = None
+        self.setup_run: ExecRun | None = None  # the job's setup command (prepare), at most once too
         self.destroyed = False
         self.stopping = ""  # why the agent is going away, when it is (a signal, an expiry)
         self.outputs: dict[str, OutputFile] = {}
@@ -143,9 +144,26 @@ class Agent:
         threading.Thread(target=self._execute, args=(handle, self.spec, run), name="exec", daemon=True).start()
         return run
 
-    def _execute(self, handle: SandboxHandle, spec: JobSpec, run: ExecRun) -> None:
+    def start_setup(self, want_events: bool = False) -> ExecRun:
+        """Start the job's setup command (LocalRuntime.setup: its own network policy), at most once."""
+        with self.lock:
+            handle = self._handle()
+            if self.run is not None:
+                raise Conflict("command_started", "setup runs before the command, never after")
+            if self.setup_run is not None:
+                result = self.setup_run.result.to_dict() if self.setup_run.result else None
+                raise Conflict("already_started", "the setup runs at most once per machine", result)
+            run = self.setup_run = ExecRun()
+            run.want_events = want_events
+        assert self.spec is not None
+        threading.Thread(target=self._execute, args=(handle, self.spec, run, "setup"), name="setup",
+                         daemon=True).start()
+        return run
+
+    def _execute(self, handle: SandboxHandle, spec: JobSpec, run: ExecRun, kind: str = "execute") -> None:
         try:
-            result = self.runtime.execute(handle, spec, run)
+            step = self.runtime.setup if kind == "setup" else self.runtime.execute  # type: ignore[attr-defined]
+            result = step(handle, spec, run)
         except Exception as e:  # noqa: BLE001 - the run must end with a result whatever happened
             log.exception("execute failed")
             result = ExecResult("error", None, None, 0.0, reason=f"agent: {type(e).__name__}: {e}"[:2000])

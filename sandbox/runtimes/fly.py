@@ -189,6 +189,11 @@ class FlyRuntime:
         with self._unless_gone(handle):
             return self._agent(handle).put_file(relpath, src, mode)
 
+    def setup(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
+        """Run the job's setup command through the agent, which runs LocalRuntime.setup."""
+        with self._unless_gone(handle):
+            return self._agent(handle).setup(sink)
+
     def execute(self, handle: SandboxHandle, spec: JobSpec, sink: OutputSink) -> ExecResult:
         """Run the command through the agent; past the job's timeout the worker kills, then destroys."""
         agent = self._agent(handle)

@@ -16,7 +16,7 @@ import requests
 from config.settings import Settings
 from sandbox.agent.client import AgentClient, RemoteFile
 from sandbox.errors import AgentUnavailable, JobRejected, SandboxFailure
-from sandbox.spec import JobSpec, NetworkPolicy, ResourceLimits
+from sandbox.spec import JobSpec, NetworkPolicy, ResourceLimits, SetupSpec
 from tests.support.agent import AgentProcess
 
 MiB = 1 << 20
@@ -373,4 +373,26 @@ def test_an_older_client_gets_no_event_lines(start_agent) -> None:  # type: igno
     resp = requests.post(agent.url + "/exec", headers={"Authorization": f"Bearer {TOKEN}"}, data=b"", timeout=20)
     kinds = [json.loads(line)["type"] for line in resp.text.splitlines()]
     assert kinds[0] == "start" and kinds[-1] == "end" and "event" not in kinds, kinds
+    c.destroy()
+
+
+def test_setup_runs_once_under_its_own_policy_with_its_events_then_the_command(start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(SANDBOX_ALLOWED_HOSTS="api.test")
+    c = client(agent)
+    net = NetworkPolicy(outbound=True, allowed_hosts=("api.test",))
+    setup = SetupSpec(command="sh", argv=("/bin/sh", "-c", "curl -sS https://evil.test/ ; echo set > dep.txt"),
+                      timeout_s=20, network=net)
+    c.create(replace(sh("cat dep.txt; env | grep -ci https_proxy || true"), setup=setup))
+    sink = _EventSink()
+    first = c.setup(sink)
+    assert first.outcome == "succeeded", first
+    assert [(e["host"], e["reason"]) for e in sink.events] == [("evil.test", "host_not_allowed")]
+    assert c.setup(_EventSink()).to_dict() == first.to_dict()  # once only: a second call gets the first's result
+    out = _EventSink()
+    result = c.execute(out)
+    assert result.outcome == "succeeded", result
+    # the command has the job's own policy (no outbound): no proxy in its environment
+    assert b"".join(d for s, d in out.out if s == "stdout").split() == [b"set", b"0"]
+    with pytest.raises(SandboxFailure, match="never after"):
+        c.setup(_EventSink())
     c.destroy()
