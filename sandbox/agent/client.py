@@ -133,9 +133,10 @@ class AgentClient:
         raw = self._json("GET", f"/result?wait={float(wait_s)}", read_extra_s=wait_s)
         return (_exec_result(raw["result"]) if raw.get("result") else None), raw.get("state")
 
-    def logs(self) -> dict[str, IO[bytes]]:
-        """The captured (capped) stdout and stderr; each is fetched when first read."""
-        return {stream: RemoteFile(self, f"/logs/{stream}") for stream in STREAMS}
+    def logs(self, setup: bool = False) -> dict[str, IO[bytes]]:
+        """The captured (capped) stdout and stderr (and the setup's); each is fetched when first read."""
+        streams = STREAMS + (("setup-stdout", "setup-stderr") if setup else ())
+        return {stream: RemoteFile(self, f"/logs/{stream}") for stream in streams}
 
     def outputs(self, dirs: tuple[str, ...] | list[str]) -> OutputList:
         """The regular files under `dirs` (after killing what is left); each .open() streams it."""

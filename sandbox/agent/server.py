@@ -276,6 +276,8 @@ class Handler(BaseHTTPRequestHandler):
         for name, fh in files.items():
             if name != stream:
                 fh.close()
+        if stream not in files:  # setup logs exist only for a job whose setup ran
+            return self._error(404, "not_found", "no such log")
         return self._stream_file(files[stream])
 
     def _outputs(self) -> int:
@@ -306,6 +308,8 @@ ROUTES: dict[tuple[str, str], Callable[[Handler], int]] = {
     ("GET", "/result"): Handler._result,
     ("GET", "/logs/stdout"): Handler._logs,
     ("GET", "/logs/stderr"): Handler._logs,
+    ("GET", "/logs/setup-stdout"): Handler._logs,  # protocol 2
+    ("GET", "/logs/setup-stderr"): Handler._logs,
     ("GET", "/outputs"): Handler._outputs,
     ("GET", "/outputs/file"): Handler._output_file,
     ("POST", "/kill"): Handler._kill,

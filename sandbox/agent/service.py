@@ -102,7 +102,7 @@ class Agent:
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "job_id": self.spec.id if self.spec else (self.bound_job_id or None),
-                "state": self.state, "protocol": PROTOCOL}
+                "state": self.state, "protocol": PROTOCOL, "setup": self.setup_run is not None}
 
     def create(self, spec: JobSpec) -> SandboxHandle:
         """Make the inner sandbox; the same job again gets the same handle, another job a Conflict."""

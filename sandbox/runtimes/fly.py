@@ -228,8 +228,8 @@ class FlyRuntime:
         """The captured, capped stdout and stderr, streamed from the agent."""
         agent = self._agent(handle)
         with self._unless_gone(handle):
-            agent.health()  # the logs are read lazily: find out now whether the machine is still there
-            return agent.logs()
+            # the logs are read lazily: find out now whether the machine is still there (and ran a setup)
+            return agent.logs(setup=agent.health().get("setup") is True)
 
     def collect(self, handle: SandboxHandle, dirs: tuple[str, ...]) -> Iterator[OutputFile]:
         """The agent's output files (each opened as a stream), after killing anything left, as locally."""

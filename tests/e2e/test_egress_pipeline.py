@@ -16,8 +16,6 @@ from tests.support.netns import HOSTS, Upstream
 from tests.support.services import Worker
 
 QUEUE = "sandbox.egress-e2e"  # a queue of its own: the session's worker has no egress settings
-# Not yet through the agent: the setup command and the live per-connection events (docs/network.md)
-pytestmark = pytest.mark.runtimes("local")
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_every_route_needs_the_token(start_agent) -> None:  # type: ignore[no-un
     with pytest.raises(SandboxFailure) as refused:
         client(agent, "wrong-token").health()
     assert "wrong-token" not in str(refused.value)
-    assert client(agent).health() == {"ok": True, "job_id": None, "state": "idle", "protocol": 2}  # nothing made
+    assert client(agent).health() == {"ok": True, "job_id": None, "state": "idle", "protocol": 2, "setup": False}  # nothing made
     assert "wrong-token" not in agent.log()
 
 
