@@ -209,18 +209,19 @@ class Agent:
         """The agent is going away (signal, expiry): end the command as an error, destroy the sandbox."""
         self.stopping = reason
         self.destroy()
-        if self.run is not None:  # let a follower read how it ended before the process exits
-            self.run.delivered.wait(2.0)
+        for run in (self.setup_run, self.run):  # let a follower read how it ended before the process exits
+            if run is not None:
+                run.delivered.wait(2.0)
 
     def destroy(self, wait_s: float = 10.0) -> None:
         """Kill, let the exec thread record its ending, then remove the sandbox; idempotent."""
         with self.lock:
-            handle, run = self.handle, self.run
+            handle, runs = self.handle, [r for r in (self.setup_run, self.run) if r is not None]
             if handle is None or self.destroyed:
                 self.destroyed = self.destroyed or handle is not None
                 return
         self.runtime.kill(handle)
-        if run is not None and not run.done.wait(wait_s):
+        if not all(run.done.wait(wait_s) for run in runs):  # a setup still running is killed the same way
             raise SandboxFailure("the command did not end after its cgroup was killed")
         self.runtime.destroy(handle)
         with self.lock:
