@@ -32,7 +32,7 @@ IMG = ROOT / "docs" / "img"
 ALLOC = "b = []\nfor _ in range(400):\n    b.append(bytearray(1 << 20))\n"
 NOTE = ("Grafana is not packaged in Debian, so these are deploy/grafana/sandbox.json's own panels and queries, "
         "drawn as static SVG from a real Prometheus that scraped a real worker during `make dashboard` "
-        "(a mixed workload of every job ending). Admission and heartbeat panels fill in once those keys exist.")
+        "(a mixed workload of every job ending).")
 
 
 def say(text: str) -> None:
