@@ -24,15 +24,20 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
 
 
-@pytest.fixture(scope="session")
-def redis_server(session_dir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(session_dir)
+def running_redis(data_dir: Path) -> Iterator[RedisServer]:
+    """A real Redis (AOF on) in `data_dir` for a fixture to yield from; fails under CI if missing."""
+    server = RedisServer(data_dir)
     try:
         server.start()
     except ServiceUnavailable as e:
         unavailable(str(e))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir: Path) -> Iterator[RedisServer]:
+    yield from running_redis(session_dir)
 
 
 @pytest.fixture(scope="session")

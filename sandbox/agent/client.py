@@ -85,28 +85,23 @@ class AgentClient:
         A stream that breaks before its end raises AgentUnavailable; calling execute again then
         never re-runs the command: it waits (up to `max_wait_s`, default forever) for the result.
         """
-        resp = self._request("POST", "/exec", ok=(200, 409), json={"events": True})
-        with resp:
-            if resp.status_code == 409:
-                body = _json_of(resp)
-                if body.get("error") != "already_started":
-                    raise SandboxFailure(f"agent refused exec: {_describe(body)}")
-                if body.get("result"):
-                    return _exec_result(body["result"])
-                return self.wait_result(max_wait_s)
-            return self._follow(resp, sink)
+        return self._run_once("exec", sink, lambda: self.wait_result(max_wait_s))
 
     def setup(self, sink: OutputSink) -> ExecResult:
         """Run the job's setup command (at most once per machine), feeding live output to `sink`."""
-        resp = self._request("POST", "/setup", ok=(200, 409), json={"events": True})
+        return self._run_once("setup", sink, _setup_still_running)
+
+    def _run_once(self, what: str, sink: OutputSink, still_running: Callable[[], ExecResult]) -> ExecResult:
+        """POST /exec or /setup: follow the stream, or on 409 take the earlier run's result."""
+        resp = self._request("POST", f"/{what}", ok=(200, 409), json={"events": True})
         with resp:
             if resp.status_code == 409:
                 body = _json_of(resp)
                 if body.get("error") != "already_started":
-                    raise SandboxFailure(f"agent refused setup: {_describe(body)}")
+                    raise SandboxFailure(f"agent refused {what}: {_describe(body)}")
                 if body.get("result"):
                     return _exec_result(body["result"])
-                raise AgentUnavailable("the setup is still running on the machine")  # a retry finds its end
+                return still_running()
             return self._follow(resp, sink)
 
     def result(self, wait_s: float = 0.0) -> ExecResult | None:
@@ -326,3 +321,7 @@ def _route(path: str) -> str:
 
 def _q(text: str) -> str:
     return quote(text.encode("utf-8", "surrogateescape"), safe="")
+
+
+def _setup_still_running() -> ExecResult:
+    raise AgentUnavailable("the setup is still running on the machine")  # a retry finds its end

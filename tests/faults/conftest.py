@@ -14,8 +14,8 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import E2E_COMMANDS, wait_for
-from tests.support.services import RedisServer, ServiceUnavailable, Worker, remove_work_dir, unavailable
+from tests.conftest import E2E_COMMANDS, running_redis, wait_for
+from tests.support.services import RedisServer, Worker, remove_work_dir
 
 HEARTBEAT_S = "1"
 DEAD_AFTER_S = "3"
@@ -28,13 +28,7 @@ TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "reje
 
 @pytest.fixture(scope="module")
 def fault_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("fault-redis"))
-    try:
-        server.start()
-    except ServiceUnavailable as e:
-        unavailable(str(e))
-    yield server
-    server.stop()
+    yield from running_redis(tmp_path_factory.mktemp("fault-redis"))
 
 
 @pytest.fixture(scope="module")
