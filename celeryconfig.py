@@ -1,6 +1,7 @@
 """Celery's own settings, built from Settings (the SANDBOX_* variables)."""
 from config import load_settings
 from config.settings import LONGEST_OTHER_STAGE_S
+from sandbox.nodes import ARTIFACTS_SWEEP_PERIOD_S
 
 _settings = load_settings()
 
@@ -85,5 +86,5 @@ task_annotations = {
 beat_schedule = {
     "sweep-orphaned-sandboxes": {"task": "sandbox.sweep_orphans", "schedule": _settings.orphan_sweep_interval_s},
     "sweep-stuck-jobs": {"task": "sandbox.sweep_stuck", "schedule": _settings.stuck_sweep_interval_s},
-    "sweep-expired-artifacts": {"task": "sandbox.sweep_artifacts", "schedule": 3600.0},
+    "sweep-expired-artifacts": {"task": "sandbox.sweep_artifacts", "schedule": ARTIFACTS_SWEEP_PERIOD_S},
 }

@@ -75,7 +75,20 @@ class Stack:
         env_file.touch(mode=0o600)
         env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items() if k.startswith("SANDBOX_")))
         say(f"worker metrics: {metrics}/metrics  liveness: {metrics}/healthz")
-        say("health: (set -a; . var/devstack.env; .venv/bin/python -m sandbox health)")
+        self._show_health(env)
+        say("health again: (set -a; . var/devstack.env; .venv/bin/python -m sandbox health)")
+
+    def _show_health(self, env: dict[str, str]) -> None:
+        """`python -m sandbox health` once beat has recorded its start (until then its sweeps look missed)."""
+        from sandbox.nodes import BEAT_STARTED_KEY
+
+        client, deadline = redis.Redis.from_url(env["SANDBOX_REDIS_URL"]), time.monotonic() + 30
+        while client.get(BEAT_STARTED_KEY) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = subprocess.run([sys.executable, "-m", "sandbox", "health"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        for line in (done.stdout or done.stderr).splitlines():
+            say(f"health: {line}")
 
     def _wait_for_worker(self, env: dict[str, str]) -> None:
         from celery import Celery

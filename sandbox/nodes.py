@@ -33,6 +33,23 @@ def sweep_last_key(name: str) -> str:
     return f"sandbox:sweep:{name}:last"
 
 
+BEAT_STARTED_KEY = "sandbox:beat:started"
+ARTIFACTS_SWEEP_PERIOD_S = 3600.0  # retention is counted in days: once an hour is plenty
+
+
+def sweep_periods(settings: Any) -> dict[str, float]:
+    """Every sweep beat sends, and how often (seconds), as celeryconfig's beat_schedule sets them."""
+    return {"orphans": float(settings.orphan_sweep_interval_s), "stuck": float(settings.stuck_sweep_interval_s),
+            "artifacts": ARTIFACTS_SWEEP_PERIOD_S}
+
+
+def beat_started(client: Any, periods_s: dict[str, float], host: str) -> None:
+    """Record that a beat started now, and its sweep periods: health tells a sweep not due yet from
+    one that was missed by counting from here (an hourly sweep has not run on a 5-minute-old stack)."""
+    client.set(BEAT_STARTED_KEY, json.dumps({"at": time.time(), "host": host, "pid": os.getpid(),
+                                             "periods_s": periods_s}))
+
+
 def heartbeat_key(node: str) -> str:
     return f"sandbox:node:{node}:heartbeat"
 

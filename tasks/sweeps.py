@@ -2,11 +2,38 @@
 the orphan sweep fans out per node."""
 from __future__ import annotations
 
-from sandbox import lifecycle, sweeps
+import datetime
+import logging
+import socket
+from typing import Any
+
+import redis
+from celery.signals import beat_init
+
+from config import load_settings
+from sandbox import lifecycle, nodes, sweeps
 from tasks.app import app, node_queue, services
 
+log = logging.getLogger("sandbox.sweeps")
 STUCK_MARGIN_S = 600
-ARTIFACTS_PERIOD_S = 3600.0
+_SWEEP_OF_TASK = {"sandbox.sweep_orphans": "orphans", "sandbox.sweep_stuck": "stuck",
+                  "sandbox.sweep_artifacts": "artifacts"}
+
+
+@beat_init.connect
+def _announce_beat(sender: Any = None, **_: object) -> None:
+    """Publish when this beat started and the periods it sends each sweep with (health reads both)."""
+    settings = load_settings()
+    periods = nodes.sweep_periods(settings)
+    for entry in (app.conf.beat_schedule or {}).values():  # what this beat really runs
+        every = entry.get("schedule")
+        every = every.total_seconds() if isinstance(every, datetime.timedelta) else every
+        if entry.get("task") in _SWEEP_OF_TASK and isinstance(every, (int, float)):
+            periods[_SWEEP_OF_TASK[entry["task"]]] = float(every)
+    try:
+        nodes.beat_started(redis.Redis.from_url(settings.redis_url, socket_timeout=5), periods, socket.gethostname())
+    except redis.RedisError as e:  # health then judges by the sweeps' own marks only
+        log.warning("could not record beat's start in Redis: %s", e)
 
 
 @app.task(name="sandbox.sweep_orphans")
@@ -51,7 +78,7 @@ def sweep_stuck() -> list[str] | None:
 def sweep_artifacts() -> int | None:
     """Re-assert the bucket's lifecycle rules, then delete what is past retention anyway."""
     svc = services()
-    if not sweeps.sweep_lock(svc.store.redis, "artifacts", ARTIFACTS_PERIOD_S):
+    if not sweeps.sweep_lock(svc.store.redis, "artifacts", nodes.ARTIFACTS_SWEEP_PERIOD_S):
         return None
     svc.artifacts.apply_lifecycle(svc.settings.retention_days)
     count = svc.artifacts.sweep_expired(svc.settings.retention_days)

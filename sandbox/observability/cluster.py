@@ -15,7 +15,7 @@ import redis
 
 from sandbox.admission import admitted_key, capacity_key
 from sandbox.deadletters import DEAD_LIST as DEAD_LETTERS
-from sandbox.nodes import NODES_SET, SERVICE_QUEUES, heartbeat_key, node_queue, sweep_last_key
+from sandbox.nodes import BEAT_STARTED_KEY, NODES_SET, SERVICE_QUEUES, heartbeat_key, node_queue, sweep_last_key
 from sandbox.state import ACTIVE_SET
 
 SWEEPS = ("orphans", "stuck", "artifacts")
@@ -161,6 +161,11 @@ class Cluster:
     def last_sweeps(self) -> dict[str, dict[str, Any] | None]:
         raws = self.redis.mget([sweep_last_key(n) for n in SWEEPS])
         return {name: (v if isinstance(v := _json(raw), dict) else None) for name, raw in zip(SWEEPS, raws)}
+
+    def beat_started(self) -> dict[str, Any] | None:
+        """When the last beat to start did, and the sweep periods it sends (None: no beat recorded one)."""
+        value = _json(self.redis.get(BEAT_STARTED_KEY))
+        return value if isinstance(value, dict) and isinstance(value.get("at"), (int, float)) else None
 
     def redis_facts(self) -> dict[str, Any]:
         """Persistence, eviction policy and memory, from INFO (CONFIG may be disabled on managed Redis)."""

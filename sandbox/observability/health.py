@@ -8,11 +8,14 @@ from typing import Any, Callable
 import redis
 
 from config.settings import Settings
+from sandbox.nodes import sweep_periods
 from sandbox.observability.cluster import Cluster, node_queue
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
 EXIT_CODES = {OK: 0, DEGRADED: 1, DOWN: 2}
-SWEEP_PERIODS_S = {"orphans": 60.0, "stuck": 120.0, "artifacts": 3600.0}  # celeryconfig.beat_schedule
+# A sweep is due one period after its last run (or after beat started, if later); it counts as missed
+# once a second period and this slack passed too (a beat tick, a queue hop, the sweep's own run time).
+SWEEP_SLACK_S = 10.0
 MEMORY_HEADROOM = 0.9  # used/maxmemory above this is degraded: writes fail at maxmemory under noeviction
 
 
@@ -45,7 +48,7 @@ def run(settings: Settings, artifacts: Callable[[], Any], now: float | None = No
     fresh_s = 3 * float(getattr(settings, "heartbeat_interval_s", 10.0))
     checks[:0] = [_guard("redis", lambda: check_redis(cluster))]
     checks += [_guard("workers", lambda: check_workers(cluster, fresh_s, now)),
-               _guard("beat", lambda: check_beat(cluster, now)),
+               _guard("beat", lambda: check_beat(cluster, now, sweep_periods(settings))),
                _guard("queues", lambda: check_queues(cluster, fresh_s, settings.queue_age_max_s, now))]
     return checks
 
@@ -99,17 +102,33 @@ def check_workers(cluster: Cluster, fresh_s: float, now: float) -> Check:
     return Check("workers", DEGRADED if problems else OK, "; ".join(problems) or detail)
 
 
-def check_beat(cluster: Cluster, now: float) -> Check:
+def check_beat(cluster: Cluster, now: float, periods_s: dict[str, float]) -> Check:
+    """Each sweep ran within two periods (+ slack) of its last run or of beat's start, whichever is later:
+    on a stack whose beat started minutes ago the hourly artifact sweep is not due yet, not missed.
+    `periods_s` (from the settings) stands in for the periods a beat publishes when it starts."""
+    started = cluster.beat_started()
+    started_at = float(started["at"]) if started else None
+    published = (started or {}).get("periods_s")
+    periods = {**periods_s, **{k: float(v) for k, v in (published if isinstance(published, dict) else {}).items()
+                               if isinstance(v, (int, float)) and v > 0}}
     problems, seen = [], []
     for name, entry in cluster.last_sweeps().items():
         at = entry.get("at") if entry else None
-        if not isinstance(at, (int, float)):
-            problems.append(f"sweep {name} never ran")
-        elif now - at > 3 * SWEEP_PERIODS_S[name]:
-            problems.append(f"sweep {name} last ran {now - at:.0f} s ago (every {SWEEP_PERIODS_S[name]:.0f} s)")
+        ran = isinstance(at, (int, float))
+        period = periods.get(name, 3600.0)
+        since = max(at if ran else 0.0, started_at or 0.0)
+        if not since:
+            problems.append(f"sweep {name} never ran and no beat start is recorded: is beat running?")
+        elif now - since <= 2 * period + SWEEP_SLACK_S:
+            seen.append(f"{name} {now - at:.0f} s ago" if ran else f"{name} not due yet")
+        elif ran and at >= since:
+            problems.append(f"sweep {name} last ran {now - at:.0f} s ago (every {period:.0f} s)")
         else:
-            seen.append(f"{name} {now - at:.0f} s ago")
-    return Check("beat", DEGRADED if problems else OK, "; ".join(problems) or "sweeps ran: " + ", ".join(seen))
+            problems.append(f"sweep {name} has not run since beat started {now - since:.0f} s ago "
+                            f"(every {period:.0f} s{f'; last ran {now - at:.0f} s ago' if ran else ''})")
+    if started_at is not None:
+        seen.append(f"beat started {now - started_at:.0f} s ago")
+    return Check("beat", DEGRADED if problems else OK, "; ".join(problems) or "sweeps: " + ", ".join(seen))
 
 
 def check_queues(cluster: Cluster, fresh_s: float, max_age_s: float, now: float) -> Check:

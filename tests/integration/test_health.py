@@ -18,8 +18,9 @@ import pytest
 import redis
 from celery import Celery
 
+from sandbox.nodes import BEAT_STARTED_KEY
 from sandbox.observability.cluster import NODES_SET, SENT_AT_HEADER, heartbeat_key, sweep_last_key
-from tests.support.services import ROOT, RedisServer, ServiceUnavailable, unavailable
+from tests.support.services import ROOT, RedisServer, ServiceUnavailable, stop_process, unavailable
 
 NODE = "w1@health"
 
@@ -105,6 +106,50 @@ def test_stale_beat_is_degraded(healthy):
     client.set(sweep_last_key("stuck"), json.dumps({"at": time.time() - 3600, "count": 0, "node": NODE}))
     code, checks = health(healthy)
     assert code == 1 and "sweep stuck last ran" in checks["beat"]["detail"]
+
+
+@pytest.fixture()
+def start_beat(healthy: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """Start a real `celery beat` on the health stack (no worker consumes what it sends)."""
+    procs: list[subprocess.Popen] = []
+
+    def start(**env: str) -> subprocess.Popen:
+        client = redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"])
+        client.delete(BEAT_STARTED_KEY, *(sweep_last_key(n) for n in ("orphans", "stuck", "artifacts")))
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", "beat", "-s", str(tmp_path / "beat"),
+                                 "--loglevel", "INFO"], cwd=ROOT, env={**os.environ, **healthy, **env},
+                                stdout=open(tmp_path / "beat.log", "wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 60
+        while client.get(BEAT_STARTED_KEY) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "beat.log").read_text()
+            time.sleep(0.2)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+def test_a_freshly_started_beat_is_green_before_its_sweeps_are_due(healthy, start_beat):
+    # Given a stack whose beat just started: no sweep has run yet (the artifact sweep's first is 1 h away)
+    start_beat()
+    # Then health calls beat ok: nothing is due yet
+    code, checks = health(healthy)
+    assert checks["beat"]["status"] == "ok" and code == 0, checks["beat"]
+    assert "artifacts not due yet" in checks["beat"]["detail"] and "beat started" in checks["beat"]["detail"]
+
+
+def test_a_beat_whose_sweep_is_overdue_is_degraded(healthy, start_beat):
+    # Given a beat that sends the stuck and orphan sweeps every second, and no worker to run them
+    start_beat(SANDBOX_STUCK_SWEEP_INTERVAL="1", SANDBOX_ORPHAN_SWEEP_INTERVAL="1")
+    time.sleep(2 * 1 + 10 + 1)  # two periods and the slack (health.SWEEP_SLACK_S) passed: missed
+    code, checks = health(healthy)
+    # Then health names the sweeps that never ran since beat started, by the periods beat published
+    assert code == 1 and checks["beat"]["status"] == "degraded", checks["beat"]
+    assert "sweep stuck has not run since beat started" in checks["beat"]["detail"]
+    assert "(every 1 s)" in checks["beat"]["detail"] and "artifacts" not in checks["beat"]["detail"]
 
 
 def _client(url: str) -> Celery:

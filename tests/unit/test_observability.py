@@ -99,3 +99,37 @@ def _restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+class _Sweeps:
+    """The two things check_beat reads from Redis, as a cluster would return them."""
+
+    def __init__(self, started: dict | None, last: dict) -> None:
+        self.started, self.last = started, last
+
+    def beat_started(self) -> dict | None:
+        return self.started
+
+    def last_sweeps(self) -> dict:
+        return {name: self.last.get(name) for name in ("orphans", "stuck", "artifacts")}
+
+
+PERIODS = {"orphans": 60.0, "stuck": 15.0, "artifacts": 3600.0}
+
+
+@pytest.mark.parametrize("started_ago_s, last_ago_s, status, words", [
+    (300, {"orphans": 30, "stuck": 5}, "ok", "artifacts not due yet"),  # a 5-minute-old stack
+    (3 * 3600, {"orphans": 30, "stuck": 5}, "degraded", "sweep artifacts has not run since beat started"),
+    (60, {"orphans": 30, "stuck": 5, "artifacts": 5 * 3600}, "ok", "artifacts 18000 s ago"),  # beat restarted
+    (None, {"orphans": 30, "stuck": 5}, "degraded", "no beat start is recorded"),
+    (None, {"orphans": 30, "stuck": 5, "artifacts": 600}, "ok", "stuck 5 s ago"),  # a beat older than the key
+    (10 * 3600, {"orphans": 30, "stuck": 200, "artifacts": 600}, "degraded", "sweep stuck last ran 200 s ago"),
+])
+def test_beat_counts_a_sweep_missed_only_a_period_and_grace_after_it_was_due(started_ago_s, last_ago_s, status, words):
+    from sandbox.observability.health import check_beat
+
+    now = 10**9
+    started = None if started_ago_s is None else {"at": now - started_ago_s, "periods_s": {"stuck": 15}}
+    last = {name: {"at": now - ago} for name, ago in last_ago_s.items()}
+    check = check_beat(_Sweeps(started, last), now, PERIODS)
+    assert check.status == status and words in check.detail, check
