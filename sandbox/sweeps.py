@@ -25,6 +25,10 @@ from sandbox.state import JobRecord, JobStatus
 log = logging.getLogger("sandbox.sweeps")
 GRACE_S = 300.0  # a half-made sandbox (no meta.json yet) may be a create under way
 YOUNG_S = 30.0  # a sandbox this young without a record may be a create still under way (a Fly machine)
+# A job cgroup without its sandbox directory is removed only this long after it was made: a leftover
+# costs the kernel a few KiB, and the wait keeps away from an empty group another work dir's live
+# sandbox on this host still has (between create and execute, or after it).
+CGROUP_GRACE_S = 3600.0
 
 
 def sweep_lock(client: Any, name: str, period_s: float) -> bool:
@@ -69,7 +73,19 @@ def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.
     for sandbox_id in svc.runtime.reap_incomplete(older_than=now - GRACE_S):
         destroyed.append(sandbox_id)
         log.warning("tore down half-created sandbox %s", sandbox_id)
+    reap_cgroups = getattr(svc.runtime, "reap_cgroups", None)  # local runtime only
+    if reap_cgroups is not None:
+        # measured against the real clock: a caller's later `now` must not age other hosts' groups
+        for sandbox_id in reap_cgroups(older_than=min(now, time.time()) - CGROUP_GRACE_S,
+                                       keep=lambda sandbox_id: _job_live(svc, sandbox_id)):
+            log.warning("removed cgroup %s: no process, no sandbox directory, no live job", sandbox_id)
     return destroyed
+
+
+def _job_live(svc: Services, sandbox_id: str) -> bool:
+    """True while the job a sandbox id names has a record that has not ended (it may be created now)."""
+    record = svc.store.find(sandbox_id.removeprefix("sbx-"))
+    return record is not None and not JobStatus(record["status"]).terminal
 
 
 def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, dead_after_s: float) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -346,3 +347,36 @@ def _delegate_v2(parent: str, controllers: tuple[str, ...] = V2_CONTROLLERS) -> 
         # worker: run the worker in a leaf of a delegated cgroup (systemd Delegate=yes, worker in
         # <unit>/worker) and pass v2_parent=<unit>/sandbox.
         raise SandboxFailure(f"cannot delegate cgroup controllers to {parent}: {e}") from e
+
+
+def idle_groups(groups: Cgroups, prefix: str) -> dict[str, float]:
+    """Groups under the parent named `prefix`... with no process in any hierarchy: name -> when made.
+
+    When made is the directory's mtime: the kernel sets it at mkdir, and neither a process joining
+    nor a limit written changes it (checked on v1). A group only some hierarchies hold still counts.
+    """
+    if isinstance(groups, CgroupV1):
+        parents = sorted(set(groups.parents.values()))
+    elif isinstance(groups, CgroupV2):
+        parents = [groups.parent]
+    else:
+        return {}
+    made: dict[str, float] = {}
+    busy: set[str] = set()
+    for parent in parents:
+        try:
+            names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+        except FileNotFoundError:
+            continue
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISDIR(st.st_mode):
+                    continue
+                if _pids_in(os.path.join(path, "cgroup.procs")):
+                    busy.add(name)
+            except (FileNotFoundError, ValueError):
+                continue  # removed meanwhile
+            made[name] = max(made.get(name, 0.0), st.st_mtime)
+    return {name: at for name, at in made.items() if name not in busy}

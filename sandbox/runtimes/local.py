@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 import time
-from typing import IO
+from typing import IO, Callable
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
@@ -265,6 +265,24 @@ class LocalRuntime:
             self._teardown(name)
             reaped.append(name)
         return reaped
+
+    def reap_cgroups(self, older_than: float, keep: Callable[[str], bool]) -> list[str]:
+        """Remove job cgroups (`sbx-<safe id>`) made before `older_than` that hold no process and
+        whose sandbox directory this work dir does not have, unless `keep(sandbox_id)`. A work dir
+        deleted under live sandboxes leaves them, and no directory walk can find them. Never kills:
+        a group with a process belongs to a running sandbox, maybe of another work dir on this host."""
+        removed = []
+        for name, made_at in sorted(cgroups.idle_groups(self.cgroups, "sbx-").items()):
+            if made_at >= older_than or not _SAFE_ID.fullmatch(name):
+                continue
+            if os.path.lexists(os.path.join(self.work_dir, name)) or keep(name):
+                continue
+            try:
+                self.cgroups.remove(name)  # rmdir: the kernel refuses a group a process joined meanwhile
+            except OSError:
+                continue
+            removed.append(name)
+        return removed
 
     def list_sandboxes(self) -> list[SandboxInfo]:
         """Every sandbox with a meta file under work_dir."""

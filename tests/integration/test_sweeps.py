@@ -182,3 +182,76 @@ def test_a_queue_no_live_node_consumes_is_reported(redis_client):
         assert "sandbox" not in report
     finally:
         redis_client.delete(orphan_queue)
+
+
+# -- job cgroups left without their sandbox directory (real cgroups) ------------------------------
+
+def _group_dirs(groups, name: str) -> list[str]:
+    import os
+
+    parents = sorted(set(groups.parents.values())) if groups.version == 1 else [groups.parent]
+    return [os.path.join(p, name) for p in parents]
+
+
+def _plant(groups, name: str, age_s: float) -> None:
+    """An empty job cgroup made `age_s` ago (the sweep reads its age from the directory's mtime)."""
+    import os
+
+    from sandbox.runtimes.cgroups import CgroupLimits
+
+    groups.create(name, CgroupLimits(0.5, 64 << 20, 32))
+    for d in _group_dirs(groups, name):
+        os.utime(d, (time.time() - age_s, time.time() - age_s))
+
+
+def test_an_old_empty_cgroup_without_its_sandbox_directory_is_removed_and_nothing_in_use_is(services):
+    import os
+    import subprocess
+
+    groups, old_s = services.runtime.cgroups, sweeps.CGROUP_GRACE_S + 60
+    names = {kind: f"sbx-{new_job_id(kind)}" for kind in ("left", "ended", "young", "withdir", "busy", "livejob")}
+    services.store.create(new_record(names["ended"][4:], JobStatus.SUCCEEDED))
+    services.store.create(new_record(names["livejob"][4:], JobStatus.RUNNING))  # e.g. its create is under way
+    services.runtime.create(spec_for(names["withdir"][4:]), HOST)  # a live sandbox (no record: young)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for kind, name in names.items():
+            _plant(groups, name, 5 if kind == "young" else old_s)
+        for procs in groups.procs_files(names["busy"]):
+            with open(procs, "w", encoding="ascii") as f:
+                f.write(str(sleeper.pid))  # a process of some other work dir's sandbox
+
+        sweeps.sweep_orphans(services)
+
+        def exists(name: str) -> bool:
+            return any(os.path.isdir(d) for d in _group_dirs(groups, name))
+
+        assert not exists(names["left"]) and not exists(names["ended"])
+        assert all(exists(names[k]) for k in ("young", "withdir", "busy", "livejob"))
+        assert sleeper.poll() is None  # never killed: the sweep only removes empty groups
+        assert [i.sandbox_id for i in services.runtime.list_sandboxes()] == [names["withdir"]]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for name in names.values():
+            groups.kill(name)
+            groups.remove(name)
+
+
+def test_removing_a_test_work_dir_also_removes_its_sandboxes_cgroups(runtime):  # runtime: root, bwrap, cgroups
+    # The leak the sweep above cleans: a work dir deleted with a sandbox still in it kept its cgroup.
+    import os
+    import tempfile
+
+    from config.settings import load_settings
+    from sandbox.runtimes.local import LocalRuntime
+    from tests.support.services import remove_work_dir
+
+    work = tempfile.mkdtemp(prefix="sbx-test-", dir="/tmp")
+    os.chmod(work, 0o711)
+    runtime = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": work}))
+    handle = runtime.create(spec_for(new_job_id("leftover")), HOST)
+    assert all(os.path.isdir(d) for d in _group_dirs(runtime.cgroups, handle.sandbox_id))
+    remove_work_dir(work)
+    assert not os.path.exists(work)
+    assert not any(os.path.exists(d) for d in _group_dirs(runtime.cgroups, handle.sandbox_id))

@@ -35,9 +35,33 @@ def remove_work_dir(work: str) -> None:
     """
     from sandbox.runtimes import diskimage
 
+    _remove_job_cgroups(work)
     prefix = os.path.realpath(work) + "/"
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         targets = [line.split()[4].encode().decode("unicode_escape") for line in f]
     for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
         diskimage.unmount(target)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_job_cgroups(work: str) -> None:
+    """Kill and remove the cgroup of every sandbox still in `work` (a failed test, a worker stopped
+    mid-job). Deleting the directory alone left the group behind, where only the orphan sweep's
+    hour-long grace finds it (the `sbx-hold-*` groups of test_admission's holders came from here)."""
+    from sandbox.errors import SandboxFailure
+    from sandbox.runtimes import cgroups
+
+    names = []
+    for top, dirs, _ in os.walk(work):  # the work dir itself, or one level down (bench/capacity.py's base/work)
+        names += [d for d in dirs if d.startswith("sbx-")]
+        dirs[:] = [d for d in dirs if not d.startswith(("sbx-", ".")) and top == work]
+    try:
+        groups = cgroups.detect() if names else None
+    except (OSError, SandboxFailure):
+        return  # no cgroups here (not root): nothing of ours to remove
+    for name in names:
+        try:
+            groups.kill(name)
+            groups.remove(name)
+        except (OSError, SandboxFailure):
+            pass  # busy or gone: the orphan sweep takes it later
