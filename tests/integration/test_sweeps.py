@@ -166,6 +166,7 @@ def test_a_create_that_died_half_way_is_torn_down_by_the_sweep(services):
     assert sweeps.sweep_orphans(services) == []  # young: a create may still be under way
     assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
     assert not os.path.exists(d)
+    assert not any(os.path.exists(g) for g in _group_dirs(services.runtime.cgroups, handle.sandbox_id))
     assert not os.listdir(os.path.join(services.runtime.work_dir, ".uids"))  # its host uid is free again
 
 
