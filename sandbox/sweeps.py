@@ -75,7 +75,7 @@ def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.
         log.warning("tore down half-created sandbox %s", sandbox_id)
     reap_cgroups = getattr(svc.runtime, "reap_cgroups", None)  # local runtime only
     if reap_cgroups is not None:
-        # measured against the real clock: a caller's later `now` must not age other hosts' groups
+        # against the real clock: a caller's later `now` must not age other work dirs' live groups
         for sandbox_id in reap_cgroups(older_than=min(now, time.time()) - CGROUP_GRACE_S,
                                        keep=lambda sandbox_id: _job_live(svc, sandbox_id)):
             log.warning("removed cgroup %s: no process, no sandbox directory, no live job", sandbox_id)
