@@ -149,16 +149,29 @@ class Consumer(CeleryConsumer):
         _ack(message)
 
     def _over_delivered(self, task: str, task_id: str, payload: list, message: Any) -> bool:
-        """Count this delivery; past SANDBOX_MAX_DELIVERIES the task is given up, not run again."""
-        key = deliveries_key(task_id, message.headers.get("retries", 0))
+        """Count this delivery if it is a redelivery; past SANDBOX_MAX_DELIVERIES the task is given up.
+
+        A first delivery costs no Redis write: it has nothing to count yet, and one that dies with
+        its worker comes back through kombu's restore (visibility timeout, a closing channel, a
+        Reject with requeue), which flags the message `redelivered`. A redelivery finding no count
+        counts the first delivery too (SET NX 1, then INCR): the only first delivery that ran to an
+        end and still came back is a requeued Reject, and its task_postrun leaves a 0 behind."""
+        if not _redelivered(message):
+            return False
+        retries = message.headers.get("retries", 0)
+        key = deliveries_key(task_id, retries)
         try:
-            pipe = self.guard_redis.pipeline()
+            pipe = self.guard_redis.pipeline(transaction=True)
+            pipe.set(key, 1, nx=True, ex=self.settings.record_ttl_s)
             pipe.incr(key)
             pipe.expire(key, self.settings.record_ttl_s)
-            count = int(pipe.execute()[0])
+            count = int(pipe.execute()[1])
         except redis.RedisError:
             return False  # the broker connection has its own recovery; do not drop work over a count
         if count <= self.settings.max_deliveries:
+            if len(_counted) > _COUNTED_MAX:
+                _counted.clear()
+            _counted.add((task_id, retries))
             return False
         reason = (f"{task} was delivered {count} times (SANDBOX_MAX_DELIVERIES={self.settings.max_deliveries}) "
                   "and its worker died before it ended each time")
@@ -223,15 +236,37 @@ def deliveries_key(task_id: str, retries: int) -> str:
     return f"sandbox:deliveries:{task_id}:{retries}"
 
 
+# (task id, retries) of redeliveries counted in Redis whose run has not ended yet in this process.
+_counted: set[tuple[str, Any]] = set()
+_COUNTED_MAX = 10_000  # a revoked redelivery never reaches task_postrun: never grow without bound
+
+
+def _redelivered(message: Any) -> bool:
+    """kombu's restore marks both (Channel._do_restore_message); either one is enough."""
+    info = message.delivery_info if isinstance(message.delivery_info, dict) else {}
+    return bool(info.get("redelivered") or message.headers.get("redelivered"))
+
+
 @task_postrun.connect
-def _delivery_ran_to_its_end(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    # Whatever the outcome (a Reject that requeues a create waiting for capacity included), this
-    # delivery did not kill its worker: only deliveries that never got here count.
+def _delivery_ran_to_its_end(task_id: str | None = None, task: Any = None, state: str | None = None,
+                             **_: Any) -> None:
+    # Whatever the outcome, this delivery did not kill its worker: only deliveries that never got
+    # here count. A first delivery left no count behind unless it goes back to the queue (a create
+    # requeued while it waits for capacity): then 0 says its redelivery is the first that counts.
+    retries = getattr(getattr(task, "request", None), "retries", 0) or 0
+    counted = (str(task_id), retries) in _counted
+    if not counted and state != states.REJECTED:
+        return
     from tasks.app import services
 
-    retries = getattr(getattr(task, "request", None), "retries", 0) or 0
+    _counted.discard((str(task_id), retries))
+    key = deliveries_key(str(task_id), int(retries))
     try:
-        services().store.redis.delete(deliveries_key(str(task_id), int(retries)))
+        client = services().store.redis
+        if state == states.REJECTED:
+            client.set(key, 0, ex=services().settings.record_ttl_s)
+        else:
+            client.delete(key)
     except Exception:  # noqa: BLE001 - a count left behind only matters after more crashes
         log.warning("could not clear the delivery count of task %s", task_id)
 
