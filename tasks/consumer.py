@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Callable
@@ -36,6 +38,9 @@ _OPTIONAL_STR = ("root_id", "parent_id", "group", "shadow", "origin", "argsrepr"
 # Cancels (and giving up on over-delivered jobs) run here: never in a pool slot, never in the
 # consumer's own thread (a remote kill waits for replies).
 side_work = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sandbox-side")
+# Task events (received, started, succeeded) wait this long in the dispatcher's buffer, so that one
+# PUBLISH carries those of many tasks: Celery flushed on the next loop tick, ~2.5 PUBLISH per task.
+EVENT_BATCH_S = 0.05
 
 
 class Poison(Exception):
@@ -105,6 +110,39 @@ class Consumer(CeleryConsumer):
         super().__init__(*args, **kwargs)
         self.settings = load_settings()
         self.guard_redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5)
+        self._events_due = threading.Event()
+        threading.Thread(target=self._flush_events_in_batches, name="sandbox-events", daemon=True).start()
+        # The task-sent events of the chain links this worker publishes join the same batches.
+        self.app.amqp._event_dispatcher = _SentEventsInBatches(self, self.app.amqp._event_dispatcher)
+
+    def on_send_event_buffered(self) -> None:
+        # (Celery's own: hub.call_soon(flush) for every buffered event.) The dispatcher's mutex
+        # serialises this thread's flushes with the worker heartbeat's publishes.
+        self._events_due.set()
+
+    def _flush_events_in_batches(self) -> None:
+        while True:
+            self._events_due.wait()
+            time.sleep(EVENT_BATCH_S)
+            self._events_due.clear()  # before the flush: an event buffered during it sets it again
+            try:
+                self._flush_events()
+            except Exception:  # noqa: BLE001 - a lost connection: Events.start re-buffers and flushes
+                log.exception("could not publish task events")
+
+    def _flush_events_now(self) -> None:
+        try:  # what the last batch holds, before the dispatcher closes
+            self._flush_events()
+        except Exception:  # noqa: BLE001 - stopping goes on
+            log.exception("could not publish the last task events")
+
+    def stop(self) -> None:
+        self._flush_events_now()
+        super().stop()
+
+    def shutdown(self) -> None:
+        self._flush_events_now()
+        super().shutdown()
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
         celery_handler = super().create_task_handler(*args, **kwargs)
@@ -203,6 +241,25 @@ class Consumer(CeleryConsumer):
                 self.call_soon_ack(_ack, message)
 
         side_work.submit(run)
+
+
+class _SentEventsInBatches:
+    """Stands in for Celery's task-sent publisher (AMQP._event_dispatcher, whose `publish` sent one
+    PUBLISH per task sent): the worker's own dispatcher buffers it with its other task events. Its
+    `hostname` (Flower's "client" of the task) is then the worker's node name."""
+
+    def __init__(self, consumer: Consumer, fallback: Any) -> None:
+        self.consumer, self.fallback = consumer, fallback
+
+    def publish(self, type: str, fields: dict, producer: Any, **kwargs: Any) -> Any:  # noqa: A002 - Celery's name
+        dispatcher = self.consumer.event_dispatcher
+        if (type != "task-sent" or dispatcher is None or not dispatcher.enabled
+                or "task" not in (dispatcher.groups or ("task",)) or not dispatcher.on_send_buffered):
+            return self.fallback.publish(type, fields, producer, **kwargs)
+        return dispatcher.send(type, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fallback, name)
 
 
 class ControlConsumer(bootsteps.ConsumerStep):
