@@ -35,6 +35,7 @@ _UNSAFE = re.compile(r"[^\w .,:;=/()+@%-]")
 _settings = load_settings()
 _running: dict[str, tuple[Any, float]] = {}
 _summaries: dict[str, str] = {}
+_handed_on: set[str] = set()
 _endpoint: dict[str, Any] = {}
 _lock = threading.Lock()
 
@@ -233,6 +234,15 @@ def _remember_summary(task_id: str, text: str) -> None:
         _summaries[task_id] = text
 
 
+def handed_on(task_id: str) -> None:
+    """sandbox.submit handed its id on to the job's cleanup: its own success is no event (Flower's row
+    for the id is the job's, and cleanup's success ends it)."""
+    with _lock:
+        if len(_handed_on) > 1000:
+            _handed_on.clear()
+        _handed_on.add(task_id)
+
+
 class JobRequest(Request):
     """Flower's args column says which job a task is for, its result column how the job ended."""
 
@@ -246,6 +256,9 @@ class JobRequest(Request):
     def send_event(self, type: str, **fields: Any) -> None:  # noqa: A002 - Celery's name
         if type == "task-succeeded":
             with _lock:
+                if self.name == "sandbox.submit" and self.id in _handed_on:
+                    _handed_on.discard(self.id)
+                    return
                 text = _summaries.pop(self.id, None)
             if text is not None:
                 fields["result"] = text

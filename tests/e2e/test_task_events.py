@@ -62,5 +62,9 @@ def test_each_stage_sends_all_four_task_events_in_batches(redis_url: str, submit
     for stage in STAGES:  # (cleanup's id is the submit task's: its received and started are there too)
         assert {t for t, s in mine if s == stage} == {"task-sent", "task-received", "task-started",
                                                       "task-succeeded"}, stage
+    # submit hands its id on to cleanup: the id's one success is cleanup's, with the job's summary
+    ends = [e for batch in messages for e in batch
+            if e.get("type") == "task-succeeded" and ids.get(e.get("uuid")) == "sandbox.cleanup"]
+    assert [e["result"] for e in ends] == [f"job={job_id} status=succeeded exit=0"]
     carrying = [batch for batch in messages if any(event.get("uuid") in ids for event in batch)]
     assert len(carrying) < len(mine)  # batched: fewer PUBLISH than events
