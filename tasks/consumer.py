@@ -165,6 +165,10 @@ class Consumer(CeleryConsumer):
                 return None
             if task == "sandbox.cancel":
                 return self._side(message, task_id, payload, cancel_now, task)
+            if not getattr(message, "_decoded_cache", True):
+                # Celery's strategy decodes the body only to tell protocol 1 from 2 (`'args' in
+                # message.payload`): the guard's parse answers that just as well.
+                message._decoded_cache = payload
             try:
                 celery_handler(message)
             except Exception as e:  # noqa: BLE001 - Celery's strategy raised: the worker would die
