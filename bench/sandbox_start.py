@@ -22,7 +22,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config.settings import load_settings  # noqa: E402
-from sandbox.runtimes import cgroups  # noqa: E402
+from sandbox.runtimes import cgroups, dynmods  # noqa: E402
 from sandbox.runtimes.local import LocalRuntime  # noqa: E402
 from sandbox.spec import JobSpec, ResourceLimits  # noqa: E402
 
@@ -113,7 +113,8 @@ def main() -> None:
 
     base = statistics.median(variants["bare bwrap + cgroup"])
     low = min(variants["bare bwrap + cgroup"])
-    print(f"work dir {work}; {n} interleaved rounds")
+    print(f"work dir {work}; {n} interleaved rounds; cgroup favordynmods: {dynmods.state()} "
+          f"(start-up: {rt.favordynmods}; off costs each job's cgroup join 5-17 ms)")
     print(f"{'variant':40} {'p50 ms':>8} {'p95 ms':>8} {'min ms':>8} {'x bwrap+cg':>11} {'min x':>6}")
     for name, times in variants.items():
         times.sort()

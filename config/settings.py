@@ -241,6 +241,8 @@ class Settings:
     sandbox_uid: int = _setting("SANDBOX_UID", "1000000", _positive_int)
     sandbox_uid_count: int = _setting("SANDBOX_UID_COUNT", "1024", _positive_int)  # one uid per live sandbox
     cgroup_parent: str = _setting("SANDBOX_CGROUP_PARENT", "", _absolute_path)
+    # cgroup2 favordynmods at start-up (sandbox/runtimes/dynmods.py): ~0.1 ms cgroup joins instead of 5-17 ms
+    cgroup_favor_dynmods: bool = _setting("SANDBOX_CGROUP_FAVOR_DYNMODS", "true", _bool)
     max_open_files: int = _setting("SANDBOX_MAX_OPEN_FILES", "1024", _positive_int)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")

@@ -16,7 +16,7 @@ from typing import IO, Callable
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, diskimage, fsutil, uids
+from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.egress import EgressService, proxy_env
 from sandbox.runtimes import executor
@@ -82,6 +82,8 @@ class LocalRuntime:
             if not os.access(binary, os.X_OK):
                 raise SandboxFailure(f"{binary} is missing: install {package}")
         self.cgroups = cgroups.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
+        # before the first job: its launcher's cgroup join is what favordynmods makes cheap
+        self.favordynmods = dynmods.ensure(settings.cgroup_favor_dynmods)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
         _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.uids = uids.UidPool(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
