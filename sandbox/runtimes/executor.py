@@ -23,39 +23,42 @@ CHUNK = 64 * 1024  # fixed read size: worker memory stays flat whatever the job 
 SH = "/bin/sh"
 SETPRIV = "/usr/bin/setpriv"
 # Writes its own pid into each cgroup.procs file given before "--" (so it, and everything it
-# becomes, is in the job's cgroups), then execs the rest. No job-controlled text is in this
+# becomes, is in the job's cgroups), says so with one byte on the pipe it got as stdin and puts
+# /dev/null there instead (the job must not inherit the pipe; stdin because dash redirects only fds
+# 0-9, and it is the one fd we choose), then execs the rest. No job-controlled text is in this
 # script: the files are ours and the command is passed as arguments, never interpolated.
 # `ulimit` sets hard limits too, whatever the worker's own were. -c 0: no core dumps, which a pipe
 # core_pattern (systemd-coredump, apport) would hand to a root helper on the host. -n: the file table
 # (fs.file-max) is one per host and no cgroup limits it; 20000 per process let one job of 128
 # processes hold half of this host's handles; SANDBOX_MAX_OPEN_FILES (1024) bounds it by pids.max.
 _JOIN_THEN_EXEC = ('ulimit -c 0; ulimit -n "$1"; shift; '
-                   'for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; exec "$@"')
+                   'for f do [ "$f" = -- ] && break; echo $$ > "$f"; shift; done; shift; '
+                   'echo >&0; exec 0</dev/null; exec "$@"')
 
 
 def launcher(procs_files: list[str], uid: int, max_open_files: int) -> list[str]:
-    """argv prefix: join the job's cgroups as root, drop to `uid` for good (setpriv), then exec bwrap.
+    """argv prefix: join the job's cgroups as root, write a byte to stdin (the write end of a pipe)
+    and replace it with /dev/null, drop to `uid` for good (setpriv), then exec bwrap.
 
     A chain of execs rather than a preexec_fn so that subprocess can vfork: forking a ~100 MB
     worker process to run a Python hook cost 15-30 ms per job, spawning this costs about 1 ms.
     """
-    return [SH, "-ec", _JOIN_THEN_EXEC, "sandbox-launch", str(int(max_open_files)), *procs_files, "--",
-            SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
+    return [SH, "-ec", _JOIN_THEN_EXEC, "sandbox-launch", str(int(max_open_files)),
+            *procs_files, "--", SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
 
 
-def _wait_until_joined(proc: subprocess.Popen, last_procs_file: str, timeout_s: float = 5.0) -> None:
-    """Block until the launcher has joined every cgroup (it writes `last_procs_file` last).
+def _wait_until_joined(proc: subprocess.Popen, joined_r: int, timeout_s: float = 5.0) -> None:
+    """Block until the launcher has joined every cgroup: its byte on `joined_r`, or EOF if it died.
 
     Popen returns once the launcher has started, before it joined: a cancel that killed the
     cgroup in between would find it empty. After this, a kill of the cgroup reaches the job.
+    A pipe rather than polling cgroup.procs: no sleep loop burning the worker's CPU, and we wake
+    the moment the launcher writes.
     """
-    pid = str(proc.pid)
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None and time.monotonic() < deadline:
-        with open(last_procs_file) as f:
-            if pid in f.read().split():
-                return
-        time.sleep(0.0002)
+    with selectors.DefaultSelector() as sel:
+        sel.register(joined_r, selectors.EVENT_READ)
+        if sel.select(timeout=timeout_s):
+            os.read(joined_r, 1)
 
 
 def _event(kind: str, detail: str) -> dict[str, Any]:
@@ -115,22 +118,29 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
     # proxy inside the child's network namespace; the job starts only once the listener is there
     gate = _EgressGate() if spec.network.outbound else None
+    joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
     try:
         procs_files = rt.cgroups.procs_files(sid)
         argv = (launcher(procs_files, rt.host_uid(meta), rt.settings.max_open_files)
                 + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate.bwrap_args() if gate else ()))
-        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        # stdin is the launcher's "joined" pipe; the job itself gets /dev/null (see _JOIN_THEN_EXEC)
+        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True,
                                 pass_fds=(seccomp_fd, *(gate.child_fds() if gate else ())))
     except BaseException:
+        os.close(joined_r)
         if gate:
             gate.release()  # closes our ends too: nothing leaks when the spawn itself failed
         raise
     finally:
         os.close(seccomp_fd)
+        os.close(joined_w)  # only the launcher holds it now: its exit shows as EOF
         if gate:
             gate.spawned()
-    _wait_until_joined(proc, procs_files[-1])
+    try:
+        _wait_until_joined(proc, joined_r)
+    finally:
+        os.close(joined_r)
     egress, egress_error = None, ""
     if gate:
         try:
