@@ -27,7 +27,11 @@ MAX_TEMPLATES = 32  # distinct disk sizes kept; older ones are re-made on demand
 MKFS = ["/usr/sbin/mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard,lazy_itable_init=1"]
 # noinit_itable: the copy is sparse, so its inode tables already read as zeros; without it every
 # mount starts a kernel thread that zero-fills them, allocating host disk for nothing.
-MOUNT_DATA = b"noinit_itable"
+# nobarrier: no cache flushes to the loop device, which turns each one (the superblock write at
+# mount and at umount, the sync at umount) into an fsync of the image file on the host's disk.
+# The image is thrown away after one job, so crash consistency buys nothing: measured −0.4 to
+# −0.7 ms per destroy and −0.4 ms per create (A/B, interleaved).
+MOUNT_DATA = b"noinit_itable,nobarrier"
 
 LOOP_SET_FD, LOOP_CLR_FD, LOOP_SET_STATUS64, LOOP_CONFIGURE = 0x4C00, 0x4C01, 0x4C04, 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
