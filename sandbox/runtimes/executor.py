@@ -47,7 +47,7 @@ def launcher(procs_files: list[str], uid: int, max_open_files: int) -> list[str]
             *procs_files, "--", SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
 
 
-def _wait_until_joined(proc: subprocess.Popen, joined_r: int, timeout_s: float = 5.0) -> None:
+def _wait_until_joined(joined_r: int, timeout_s: float = 5.0) -> None:
     """Block until the launcher has joined every cgroup: its byte on `joined_r`, or EOF if it died.
 
     Popen returns once the launcher has started, before it joined: a cancel that killed the
@@ -138,7 +138,7 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
         if gate:
             gate.spawned()
     try:
-        _wait_until_joined(proc, joined_r)
+        _wait_until_joined(joined_r)
     finally:
         os.close(joined_r)
     egress, egress_error = None, ""
