@@ -104,7 +104,9 @@ def remount(m: Cgroup2Mount, on: bool) -> None:
 
 def _temporary_mount() -> bool:
     """Pure v1 (no cgroup2 mounted here): mount one privately with the option, read it, unmount.
-    A cgroup2 mount applies its options to the one cgroup2 root; none was mounted, so none is lost."""
+    A cgroup2 mount applies its options to the one cgroup2 root; none was mounted, so none is lost.
+    Side effect: from the first cgroup2 mount on, the kernel lists a "0::/..." line in every
+    /proc/<pid>/cgroup (detect() and tools that read v1 lines by controller name ignore it)."""
     point = tempfile.mkdtemp(prefix="sandbox-cgroup2-")
     try:
         _mount(b"none", point, b"cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, OPTION)
