@@ -73,16 +73,29 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return added
 """
 
-# KEYS: stream, seq counter. ARGV: the event JSON without seq (starts with '{'), channel,
-# ttl_s, maxlen. Seq is spliced in here so seq order and stream order agree.
-_PUBLISH = """
-local seq = redis.call('INCR', KEYS[2])
-local event = '{"seq":' .. seq .. ',' .. string.sub(ARGV[1], 2)
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
-redis.call('PUBLISH', ARGV[2], event)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return seq
+# The one place an event gets its seq, shared by the scripts that append events (here, and the
+# record update in sandbox.state that writes a status change and its event in one step). Seq is
+# spliced in here so seq order and stream order agree. The TTLs are set when the stream starts
+# (seq 1) and refreshed by a terminal status event (`refresh` = '1'): EXPIRE on every event kept
+# nothing longer, since the record's own TTL is fixed at creation.
+PUBLISH_LUA_FUNCTION = """
+local function publish_event(stream, seq_key, event_without_seq, ttl, maxlen, refresh)
+  local seq = redis.call('INCR', seq_key)
+  local event = '{"seq":' .. seq .. ',' .. string.sub(event_without_seq, 2)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'event', event)
+  redis.call('PUBLISH', stream, event)
+  if seq == 1 or refresh == '1' then
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', seq_key, ttl)
+  end
+  return seq
+end
+"""
+
+# KEYS: stream, seq counter. ARGV: the event JSON without seq (starts with '{'), ttl_s, maxlen,
+# '1' to refresh the TTLs.
+_PUBLISH = PUBLISH_LUA_FUNCTION + """
+return publish_event(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
 
@@ -238,6 +251,12 @@ class EventBus:
 
     def publish(self, job_id: str, event: dict[str, Any]) -> int:
         """Add seq/at/job_id to a status or security event, XADD and PUBLISH it; returns seq."""
+        keys, args = self.encode(job_id, event)
+        return int(self._publish_script(keys=keys, args=args))
+
+    def encode(self, job_id: str, event: dict[str, Any]) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of `publish_event` (PUBLISH_LUA_FUNCTION) for this event: a script that
+        changes a record can append the record's event in the same atomic step."""
         kind = event.get("type")
         if not isinstance(kind, str) or not kind:
             raise ValueError("an event needs a type")
@@ -250,8 +269,8 @@ class EventBus:
         body.update(at=time.time(), job_id=check_job_id(job_id))
         text = json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
         key = events_key(job_id)
-        return int(self._publish_script(
-            keys=[key, f"{key}:seq"], args=[text, key, self.ttl_s, self.max_events]))
+        refresh = "1" if _is_terminal(body) else "0"
+        return [key, f"{key}:seq"], [text, self.ttl_s, self.max_events, refresh]
 
     def read_logs(self, job_id: str, page: int = 500) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every log entry written so far, in order, without blocking (for persisting at collect)."""

@@ -63,10 +63,11 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     record["callback_events"] = spec.callback_events
     record["transitions_notified"] = 0
     try:
-        if svc.store.create(record, spec.to_dict()):
-            if svc.store.precancelled(spec.id):  # cancelled while its submit waited in the queue
-                return svc.store.transition(spec.id, JobStatus.CANCELLED, cancel_requested=True, error={
-                    "code": "cancelled", "message": "cancelled before it was accepted", "field": None}), False
+        created = svc.store.create_job(record, spec.to_dict())
+        if created == "precancelled":  # cancelled while its submit waited in the queue
+            return svc.store.transition(spec.id, JobStatus.CANCELLED, cancel_requested=True, error={
+                "code": "cancelled", "message": "cancelled before it was accepted", "field": None}), False
+        if created == "created":
             return record, True
     except JobRejected as rejection:  # the id of an earlier job (tombstone): never reuse its objects
         return _reject(svc, raw, rejection), False

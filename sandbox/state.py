@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 import redis
 
 from sandbox.errors import JobNotFound, JobRejected
+from sandbox.events import PUBLISH_LUA_FUNCTION
 
 
 class JobStatus(str, Enum):
@@ -95,17 +96,34 @@ def tombstone_key(job_id: str) -> str:
 
 ACTIVE_SET = "sandbox:jobs:active"
 SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES = 1024, 64 << 10  # at most 64 MiB of specs in a worker
-# KEYS: record, active set. ARGV: the value read, the new value, 1 if terminal, job id.
-_COMPARE_AND_SET = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# The last record value this process read or wrote, per job: an update starts from it instead of
+# reading the record first. Only a guess; the compare-and-set checks it against Redis.
+RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES = 1024, 64 << 10
+
+# One round trip per record change: compare-and-set, and when the status changed, its event, in
+# one atomic step (so event seq order is the order of the record's changes, and a write that lost
+# the race appends nothing). On a miss it answers the current value (nil: no record), which the
+# caller applies its change to again without another read.
+# KEYS: record, active set, events stream, events seq. ARGV: the value read, the new value,
+# 1 if terminal, job id, then (only when there is an event) publish_event's ARGV.
+_UPDATE_LUA = PUBLISH_LUA_FUNCTION + """
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[1] then return current end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
-return 1
+if #ARGV < 8 then return 0 end
+return publish_event(KEYS[3], KEYS[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
 
 # record, spec, tombstone and active-set entry in one step: a worker that dies in between can no
-# longer leave a record without its spec (a redelivered submit would then fail every stage).
-_CREATE_LUA = """
+# longer leave a record without its spec (a redelivered submit would then fail every stage). The
+# same step appends the first status event and looks for a cancel that came before the record
+# (precancel): the cancel sets its key before looking for the record again, so either it finds
+# this record or this step finds its key. Answers 0 (exists), -1 (tombstone), 1 (created),
+# 2 (created, and a cancel is waiting for it).
+# KEYS: record, spec, tombstone, active set, precancel, events stream, events seq.
+# ARGV: record, spec, ttl, tombstone ttl, job id, created at, 1 if active, then publish_event's ARGV.
+_CREATE_LUA = PUBLISH_LUA_FUNCTION + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 and ARGV[7] == '1' then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -114,6 +132,8 @@ if ARGV[7] == '1' then
   redis.call('SET', KEYS[3], '1', 'EX', ARGV[4])
   redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
 end
+if #ARGV >= 11 then publish_event(KEYS[6], KEYS[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]) end
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then return 2 end
 return 1
 """
 
@@ -126,9 +146,10 @@ class JobStore:
         self.redis = client
         self.events = events or NullPublisher()
         self.ttl_s = ttl_s
-        self._cas = client.register_script(_COMPARE_AND_SET)
-        self._specs: OrderedDict[str, bytes] = OrderedDict()  # job id -> spec JSON, oldest first
-        self._spec_lock = threading.Lock()
+        self._update_script = client.register_script(_UPDATE_LUA)
+        self._specs: OrderedDict[str, bytes | str] = OrderedDict()  # job id -> spec JSON, oldest first
+        self._records: OrderedDict[str, bytes | str] = OrderedDict()  # job id -> last record value seen
+        self._cache_lock = threading.Lock()
         self.tombstone_ttl_s = tombstone_ttl_s  # the longest artifact retention
         self._create_script = client.register_script(_CREATE_LUA)
 
@@ -136,19 +157,30 @@ class JobStore:
         """Store a new record (with its spec and active-set entry, in one atomic step); False if one
         already exists for the id (idempotent submit). JobRejected if the id belonged to a job
         whose objects may still be in storage (its tombstone)."""
+        return self.create_job(record, spec) != "exists"
+
+    def create_job(self, record: JobRecord, spec: dict[str, Any] | None = None) -> str:
+        """As `create`, answering "created", "exists", or "precancelled" (created, and a cancel
+        that came before it waits: see `precancel`), with its first status event, in one round trip."""
         job_id = record["id"]
         active = not JobStatus(record["status"]).terminal
-        created = self._create_script(
-            keys=[record_key(job_id), spec_key(job_id), tombstone_key(job_id), ACTIVE_SET],
-            args=[json.dumps(record), "" if spec is None else json.dumps(spec), self.ttl_s,
-                  self.ttl_s + self.tombstone_ttl_s if active else 0, job_id, record["created_at"], int(active)])
+        raw, raw_spec = json.dumps(record), "" if spec is None else json.dumps(spec)
+        keys = [record_key(job_id), spec_key(job_id), tombstone_key(job_id), ACTIVE_SET, precancel_key(job_id)]
+        args: list[Any] = [raw, raw_spec, self.ttl_s, self.ttl_s + self.tombstone_ttl_s if active else 0, job_id,
+                           record["created_at"], int(active)]
+        event_keys, event_args = self._status_event(record)
+        created = self._create_script(keys=keys + event_keys, args=args + event_args)
         if created == -1:
             raise JobRejected("/id", "reused", f"job id {job_id!r} belonged to an earlier job whose objects may "
                               "still be kept; choose another id")
         if not created:
-            return False
-        self._publish_status(record)
-        return True
+            return "exists"
+        if not event_keys:
+            self._publish_status(record)
+        self._remember(self._records, job_id, raw, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
+        if raw_spec:
+            self._remember(self._specs, job_id, raw_spec, SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES)
+        return "precancelled" if created == 2 else "created"
 
     def precancel(self, job_id: str) -> None:
         """Remember a cancel for a job not recorded yet; its submit then ends it `cancelled`."""
@@ -158,9 +190,12 @@ class JobStore:
         return bool(self.redis.exists(precancel_key(job_id)))
 
     def get(self, job_id: str) -> JobRecord:
+        """The record as it is in Redis now (never from this process's memory)."""
         raw = self.redis.get(record_key(job_id))
         if raw is None:
+            self._forget(job_id)
             raise JobNotFound(f"no job {job_id!r}")
+        self._remember(self._records, job_id, raw, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
         return json.loads(raw)
 
     def find(self, job_id: str) -> JobRecord | None:
@@ -172,35 +207,44 @@ class JobStore:
     def spec(self, job_id: str) -> dict[str, Any]:
         """The job's validated spec; it never changes after submit, so small ones are kept in memory
         (four stages of one job read it, all in this process on a pinned runtime)."""
-        with self._spec_lock:
+        with self._cache_lock:
             raw = self._specs.get(job_id)
         if raw is None:
             raw = self.redis.get(spec_key(job_id))
             if raw is None:
                 raise JobNotFound(f"no stored spec for job {job_id!r}")
-            if len(raw) <= SPEC_CACHE_MAX_BYTES:
-                with self._spec_lock:
-                    self._specs[job_id] = raw
-                    while len(self._specs) > SPEC_CACHE_ENTRIES:
-                        self._specs.popitem(last=False)
+            self._remember(self._specs, job_id, raw, SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES)
         return json.loads(raw)
 
     def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
-        """Apply `change` to the record atomically (optimistic: compare-and-set, retried on conflict)."""
+        """Apply `change` to the record atomically (optimistic: compare-and-set, retried on conflict).
+
+        The change starts from the value this process last saw, without reading it first; when that
+        is not the current value any more the compare-and-set fails, answers the current value, and
+        the change is applied again to it. A status change appends its event in the same step."""
         key = record_key(job_id)
-        while True:
+        with self._cache_lock:
+            raw = self._records.get(job_id)
+        if raw is None:
             raw = self.redis.get(key)
+        while True:
             if raw is None:
+                self._forget(job_id)
                 raise JobNotFound(f"no job {job_id!r}")
             record = json.loads(raw)
             before = record["status"]
             change(record)
             record["updated_at"] = time.time()
             terminal = JobStatus(record["status"]).terminal
-            # One round trip for the write where WATCH/MULTI/EXEC took two (every stage writes twice).
-            if self._cas(keys=[key, ACTIVE_SET], args=[raw, json.dumps(record), int(terminal), job_id]):
+            new = json.dumps(record)
+            event_keys, event_args = self._status_event(record) if record["status"] != before else ([], [])
+            reply = self._update_script(keys=[key, ACTIVE_SET, *event_keys],
+                                        args=[raw, new, int(terminal), job_id, *event_args])
+            if isinstance(reply, int):
                 break
-        if record["status"] != before:
+            raw = reply  # lost the race (or the guess was stale): the current value, or None
+        self._remember(self._records, job_id, new, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
+        if record["status"] != before and not event_keys:
             self._publish_status(record)
         return record
 
@@ -237,5 +281,31 @@ class JobStore:
         return [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrangebyscore(ACTIVE_SET, "-inf", upper)]
 
     def _publish_status(self, record: JobRecord) -> None:
-        self.events.publish(record["id"], {"type": "status", "status": record["status"],
-                                           "detail": (record.get("error") or {}).get("message")})
+        self.events.publish(record["id"], _status_of(record))
+
+    def _status_event(self, record: JobRecord) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV that make a record script append the record's status event; empty when
+        the publisher is not an EventBus (it is then called after the write)."""
+        encode = getattr(self.events, "encode", None)
+        if encode is None:
+            return [], []
+        return encode(record["id"], _status_of(record))
+
+    def _remember(self, cache: "OrderedDict[str, bytes | str]", job_id: str, raw: bytes | str, entries: int,
+                  max_bytes: int) -> None:
+        with self._cache_lock:
+            if len(raw) > max_bytes:
+                cache.pop(job_id, None)
+                return
+            cache[job_id] = raw
+            cache.move_to_end(job_id)
+            while len(cache) > entries:
+                cache.popitem(last=False)
+
+    def _forget(self, job_id: str) -> None:
+        with self._cache_lock:
+            self._records.pop(job_id, None)
+
+
+def _status_of(record: JobRecord) -> dict[str, Any]:
+    return {"type": "status", "status": record["status"], "detail": (record.get("error") or {}).get("message")}
