@@ -19,6 +19,7 @@ from config.settings import Settings
 from sandbox import parallel, webhooks
 from sandbox.admission import Admission, Request, check_possible, published_capacities
 from sandbox.events import check_job_id, escape_line
+from sandbox.observability import audit as audit_trail
 from sandbox.errors import JobNotFound, JobRejected, PlacementError, SandboxError, SandboxFailure, StorageError
 from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
 from sandbox.spec import JobSpec, job_id_of, parse_job
@@ -462,6 +463,8 @@ def _finish_stage(svc: Services, job_id: str, stage: str,
                   also: Callable[[JobRecord], None] | None = None) -> JobRecord:
     """Record the stage's end (and the stage's own result, `also`) in one atomic write."""
     end = _stage_end(svc, stage)
+    # the stage's audit lines (its uploads) are in Redis before any later stage, in any process, runs
+    audit_trail.flush(job_id)
 
     def change(r: JobRecord) -> None:
         if also:

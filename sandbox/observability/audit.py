@@ -1,8 +1,11 @@
 """The per-job audit trail: every audit line about a job, kept in Redis, uploaded beside its logs."""
 from __future__ import annotations
 
+import atexit
 import io
 import logging
+import threading
+import time
 from typing import Any
 
 import redis
@@ -19,15 +22,34 @@ def audit_list_key(job_id: str) -> str:
     return f"sandbox:job:{job_id}:audit"
 
 
-class AuditTrail(logging.Handler):
-    """A handler on the sandbox.audit logger: each line about a job goes to that job's Redis list."""
+FLUSH_DELAY_S = 0.05  # a line waits at most about this long in memory before it is in Redis
+MAX_PENDING_LINES = 100_000  # lines kept in memory while Redis is unreachable; later ones only in the log
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+
+class AuditTrail(logging.Handler):
+    """A handler on the sandbox.audit logger: each line about a job goes to that job's Redis list.
+
+    Lines are kept in memory and written in batches (one pipelined round trip for all the lines
+    waiting, where each line took one): by a background thread after FLUSH_DELAY_S, and at once
+    by `flush(job_id)`, which a stage calls before it records its end and `upload` calls before
+    it reads the trail, so a later stage in any process, and the upload, see every line."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, flush_delay_s: float = FLUSH_DELAY_S) -> None:
         super().__init__()
         self.redis = client
         self.ttl_s = ttl_s
+        self.flush_delay_s = flush_delay_s
         self.setFormatter(SandboxJsonFormatter())
         self.addFilter(ContextFilter())
+        self._pending: dict[str, list[str]] = {}  # job id -> lines not yet written, in order
+        self._count = 0
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one batch at a time: a job's lines land in order
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         event = _json_object(record.getMessage()) or {}
@@ -35,29 +57,93 @@ class AuditTrail(logging.Handler):
         if not isinstance(job_id, str) or not job_id:
             return
         try:
-            key = audit_list_key(job_id)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.rpush(key, self.format(record))
-            pipe.ltrim(key, 0, MAX_LINES_PER_JOB - 1)
-            pipe.expire(key, self.ttl_s)
-            pipe.execute()
+            line = self.format(record)
+            with self._pending_lock:
+                if self._count >= MAX_PENDING_LINES:
+                    return  # Redis has been away for long: the line is in the process log
+                self._pending.setdefault(job_id, []).append(line)
+                self._count += 1
+            self._wake.set()
         except Exception:  # noqa: BLE001 - the line is in the process log anyway; never break the caller
             self.handleError(record)
+
+    def flush(self, job_id: str | None = None) -> None:
+        """Write the waiting lines (of `job_id` only, when given) in one round trip."""
+        with self._write_lock:
+            with self._pending_lock:
+                if job_id is None:
+                    batch, self._pending = self._pending, {}
+                else:
+                    lines = self._pending.pop(job_id, None)
+                    batch = {job_id: lines} if lines else {}
+                self._count -= sum(len(lines) for lines in batch.values())
+            if not batch:
+                return
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for jid, lines in batch.items():
+                    key = audit_list_key(jid)
+                    pipe.rpush(key, *lines)
+                    pipe.ltrim(key, 0, MAX_LINES_PER_JOB - 1)
+                    pipe.expire(key, self.ttl_s)
+                pipe.execute()
+            except Exception as e:  # noqa: BLE001 - kept for the next batch; never break the caller
+                with self._pending_lock:
+                    for jid, lines in batch.items():
+                        self._pending[jid] = lines + self._pending.get(jid, [])
+                    self._count += sum(len(lines) for lines in batch.values())
+                log.warning("could not write %d audit lines to Redis (kept for later): %s: %s",
+                            sum(len(v) for v in batch.values()), type(e).__name__, e)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        try:
+            self.flush()
+        finally:
+            super().close()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            time.sleep(self.flush_delay_s)  # more lines come in bursts (a stage's uploads): one batch
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure
+                log.exception("audit trail flush failed")
+            if self._pending:
+                time.sleep(self.flush_delay_s)  # Redis away: do not spin
+                self._wake.set()
+
+
+_installed: AuditTrail | None = None
 
 
 def install(client: redis.Redis, ttl_s: int) -> AuditTrail:
     """Attach the trail to the audit logger (once per process)."""
+    global _installed
     logger = logging.getLogger(AUDIT_LOGGER)
     for old in [h for h in logger.handlers if isinstance(h, AuditTrail)]:
         logger.removeHandler(old)
+        old.close()
     trail = AuditTrail(client, ttl_s)
     logger.addHandler(trail)
+    _installed = trail
     return trail
+
+
+def flush(job_id: str) -> None:
+    """Write this process's waiting audit lines of the job to Redis now (no round trip if none)."""
+    trail = _installed
+    if trail is not None:
+        trail.flush(job_id)
 
 
 def upload(client: redis.Redis, artifacts: Any, job_id: str) -> int | None:
     """Write the job's whole trail to jobs/{id}/logs/audit.jsonl (S3 has no append: the object is
     rewritten each time the trail grows); None when there is nothing or the upload failed."""
+    flush(job_id)
     lines = client.lrange(audit_list_key(job_id), 0, -1)
     if not lines:
         return None
