@@ -91,15 +91,20 @@ class Capacity:
                    settings.node_disk_bytes, min(settings.node_max_sandboxes, settings.sandbox_uid_count))
 
 
-def check_possible(resources: ResourceLimits, settings: Settings, published: Iterable[dict] = ()) -> None:
+def check_possible(resources: ResourceLimits, settings: Settings,
+                   published: Iterable[dict] | Callable[[], Iterable[dict]] = ()) -> None:
     """JobRejected naming the field when no node (this one, or any that published its capacity)
-    could ever admit the request: more cores than a node has, more memory or disk than it admits."""
+    could ever admit the request: more cores than a node has, more memory or disk than it admits.
+    `published` may be a function: it is called (a Redis read) only when this node alone is too small."""
     req = Request.of(resources)
-    nodes = [{"cpu": settings.node_cpu, "memory_bytes": settings.node_memory_bytes,
-              "disk_bytes": settings.node_disk_bytes}, *published]
-    for field, name, need, unit in (("/resources/cpu", "cpu", req.cpu, "cores"),
-                                    ("/resources/memory", "memory_bytes", req.memory_bytes, "bytes"),
-                                    ("/resources/disk", "disk_bytes", req.disk_bytes, "bytes")):
+    local = {"cpu": settings.node_cpu, "memory_bytes": settings.node_memory_bytes, "disk_bytes": settings.node_disk_bytes}
+    needs = (("/resources/cpu", "cpu", req.cpu, "cores"),
+             ("/resources/memory", "memory_bytes", req.memory_bytes, "bytes"),
+             ("/resources/disk", "disk_bytes", req.disk_bytes, "bytes"))
+    if all(need <= float(local[name]) for _, name, need, _ in needs):
+        return  # the common case: this node could admit it, whatever the others have
+    nodes = [local, *(published() if callable(published) else published)]
+    for field, name, need, unit in needs:
         largest = max(float(n.get(name, 0)) for n in nodes)
         if need > largest:
             shown = f"{need:g} cores" if unit == "cores" else format_size(int(need))

@@ -55,7 +55,7 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     try:
         spec = validate(raw, svc.settings)
         if svc.admission is not None:
-            check_possible(spec.resources, svc.settings, published_capacities(svc.store.redis))
+            check_possible(spec.resources, svc.settings, lambda: published_capacities(svc.store.redis))
     except JobRejected as rejection:
         return _reject(svc, raw, rejection), False
     record = new_record(spec.id, JobStatus.QUEUED)
@@ -315,9 +315,9 @@ def _upload(svc: Services, job_id: str, key: str, opener: Callable[[], Any], siz
 
 def cleanup(svc: Services, job_id: str) -> JobRecord:
     """Destroy the sandbox (always) and write the job's one terminal status."""
-    record = svc.store.get(job_id)
-    if not JobStatus(record["status"]).terminal:
-        _begin(svc, job_id, "cleanup", JobStatus.CLEANING)
+    # One round trip: the stage's start (nothing is written to a job that already ended), and the
+    # current record to decide from.
+    record = svc.store.transition(job_id, JobStatus.CLEANING, also=_stage_start(svc, "cleanup"))
     _destroy(svc, record)
     outcome = (record.get("outcome") or {}).get("outcome")
     # a command that ended before a cancel's kill landed is recorded as it ended
@@ -448,6 +448,11 @@ def _destroy(svc: Services, record: JobRecord) -> None:
 
 def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobRecord | None:
     """Mark a stage started; None when the job already ended (cancelled) and the stage should skip."""
+    record = svc.store.transition(job_id, status, also=_stage_start(svc, stage))
+    return None if JobStatus(record["status"]).terminal else record
+
+
+def _stage_start(svc: Services, stage: str) -> Callable[[JobRecord], None]:
     now = time.time()
 
     def start(r: JobRecord) -> None:
@@ -455,8 +460,7 @@ def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobReco
         # pid: a restarted node tells a stage of its dead process from one of a live one (sandbox.nodes)
         entry.update(host=svc.host, pid=os.getpid(), started_at=now, attempts=entry["attempts"] + 1)
 
-    record = svc.store.transition(job_id, status, also=start)
-    return None if JobStatus(record["status"]).terminal else record
+    return start
 
 
 def _finish_stage(svc: Services, job_id: str, stage: str,

@@ -104,11 +104,13 @@ RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES = 1024, 64 << 10
 # one atomic step (so event seq order is the order of the record's changes, and a write that lost
 # the race appends nothing). On a miss it answers the current value (nil: no record), which the
 # caller applies its change to again without another read.
-# KEYS: record, active set, events stream, events seq. ARGV: the value read, the new value,
-# 1 if terminal, job id, then (only when there is an event) publish_event's ARGV.
+# KEYS: record, active set, events stream, events seq. ARGV: the value read, the new value ('':
+# nothing changed, only confirm the value read is current), 1 if terminal, job id, then (only when
+# there is an event) publish_event's ARGV.
 _UPDATE_LUA = PUBLISH_LUA_FUNCTION + """
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then return current end
+if ARGV[2] == '' then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 if #ARGV < 8 then return 0 end
@@ -216,12 +218,14 @@ class JobStore:
             self._remember(self._specs, job_id, raw, SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES)
         return json.loads(raw)
 
-    def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
+    def update(self, job_id: str, change: Callable[[JobRecord], bool | None]) -> JobRecord:
         """Apply `change` to the record atomically (optimistic: compare-and-set, retried on conflict).
 
         The change starts from the value this process last saw, without reading it first; when that
         is not the current value any more the compare-and-set fails, answers the current value, and
-        the change is applied again to it. A status change appends its event in the same step."""
+        the change is applied again to it. A status change appends its event in the same step.
+        A change that returns False changed nothing: the record is not written (nor its
+        updated_at), the round trip only confirms that what is returned is current."""
         key = record_key(job_id)
         with self._cache_lock:
             raw = self._records.get(job_id)
@@ -233,17 +237,19 @@ class JobStore:
                 raise JobNotFound(f"no job {job_id!r}")
             record = json.loads(raw)
             before = record["status"]
-            change(record)
-            record["updated_at"] = time.time()
-            terminal = JobStatus(record["status"]).terminal
-            new = json.dumps(record)
+            if change(record) is False:
+                new, terminal = "", False
+            else:
+                record["updated_at"] = time.time()
+                terminal = JobStatus(record["status"]).terminal
+                new = json.dumps(record)
             event_keys, event_args = self._status_event(record) if record["status"] != before else ([], [])
             reply = self._update_script(keys=[key, ACTIVE_SET, *event_keys],
                                         args=[raw, new, int(terminal), job_id, *event_args])
             if isinstance(reply, int):
                 break
             raw = reply  # lost the race (or the guess was stale): the current value, or None
-        self._remember(self._records, job_id, new, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
+        self._remember(self._records, job_id, new or raw, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
         if record["status"] != before and not event_keys:
             self._publish_status(record)
         return record
@@ -253,10 +259,10 @@ class JobStore:
         """Move a non-terminal job forward to `status` (applying `also` and `fields` in the same
         atomic write); a terminal record never changes again."""
 
-        def change(record: JobRecord) -> None:
+        def change(record: JobRecord) -> bool | None:
             current = JobStatus(record["status"])
             if current.terminal:
-                return
+                return False  # not even updated_at: the round trip only confirms it is terminal
             if not status.terminal and _ORDER.index(status) < _ORDER.index(current):
                 return
             if status != current:
