@@ -192,11 +192,13 @@ def _run_setup(svc: Services, job_id: str, handle: SandboxHandle, spec: JobSpec)
 
 def execute(svc: Services, job_id: str, token: str) -> None:
     """Run the command exactly once; its ending is recorded as the job's outcome."""
-    record = _begin(svc, job_id, "execute", JobStatus.RUNNING)
-    if record is None or record.get("outcome"):
+    # the stage's start and the never-twice claim (taken only while the job is still to run) in one step
+    record, claimed = svc.store.transition_and_claim(job_id, JobStatus.RUNNING, token,
+                                                     also=_stage_start(svc, "execute"))
+    if JobStatus(record["status"]).terminal or record.get("outcome"):
         return
     handle = _owned_handle(svc, record)
-    if not svc.store.claim_execution(job_id, token):
+    if not claimed:
         # A redelivered execute: the earlier attempt's worker died while the command ran.
         result = ExecResult(outcome="error", exit_code=None, signal=None, duration_s=0.0,
                             reason="the worker was lost while the command ran; it is never run twice")

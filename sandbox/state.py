@@ -104,17 +104,21 @@ RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES = 1024, 64 << 10
 # one atomic step (so event seq order is the order of the record's changes, and a write that lost
 # the race appends nothing). On a miss it answers the current value (nil: no record), which the
 # caller applies its change to again without another read.
-# KEYS: record, active set, events stream, events seq. ARGV: the value read, the new value ('':
-# nothing changed, only confirm the value read is current), 1 if terminal, job id, then (only when
-# there is an event) publish_event's ARGV.
+# KEYS: record, active set, execution claim, then (only with an event) events stream, events seq.
+# ARGV: the value read, the new value ('': nothing changed, only confirm the value read is
+# current), 1 if terminal, job id, the claim's token ('': no claim) and ttl, then (only with an
+# event) publish_event's ARGV. Answers {seq or 0, 1 if the claim was taken} on success.
 _UPDATE_LUA = PUBLISH_LUA_FUNCTION + """
 local current = redis.call('GET', KEYS[1])
 if current ~= ARGV[1] then return current end
-if ARGV[2] == '' then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
-if #ARGV < 8 then return 0 end
-return publish_event(KEYS[3], KEYS[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+local seq, claimed = 0, 0
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  if ARGV[3] == '1' then redis.call('ZREM', KEYS[2], ARGV[4]) end
+  if #ARGV >= 10 then seq = publish_event(KEYS[4], KEYS[5], ARGV[7], ARGV[8], ARGV[9], ARGV[10]) end
+end
+if ARGV[5] ~= '' and redis.call('SET', KEYS[3], ARGV[5], 'NX', 'EX', ARGV[6]) then claimed = 1 end
+return {seq, claimed}
 """
 
 # record, spec, tombstone and active-set entry in one step: a worker that dies in between can no
@@ -226,6 +230,12 @@ class JobStore:
         the change is applied again to it. A status change appends its event in the same step.
         A change that returns False changed nothing: the record is not written (nor its
         updated_at), the round trip only confirms that what is returned is current."""
+        return self._update(job_id, change)[0]
+
+    def _update(self, job_id: str, change: Callable[[JobRecord], bool | None],
+                claim: Callable[[JobRecord], str | None] | None = None) -> tuple[JobRecord, bool]:
+        """`update`, and in the same atomic step the execution claim with the token `claim` gives
+        for the changed record (None: no claim); True when that claim was taken (see claim_execution)."""
         key = record_key(job_id)
         with self._cache_lock:
             raw = self._records.get(job_id)
@@ -243,22 +253,27 @@ class JobStore:
                 record["updated_at"] = time.time()
                 terminal = JobStatus(record["status"]).terminal
                 new = json.dumps(record)
+            token = (claim(record) if claim else None) or ""
             event_keys, event_args = self._status_event(record) if record["status"] != before else ([], [])
-            reply = self._update_script(keys=[key, ACTIVE_SET, *event_keys],
-                                        args=[raw, new, int(terminal), job_id, *event_args])
-            if isinstance(reply, int):
+            reply = self._update_script(keys=[key, ACTIVE_SET, claim_key(job_id), *event_keys],
+                                        args=[raw, new, int(terminal), job_id, token, self.ttl_s, *event_args])
+            if isinstance(reply, list):
                 break
             raw = reply  # lost the race (or the guess was stale): the current value, or None
         self._remember(self._records, job_id, new or raw, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
         if record["status"] != before and not event_keys:
             self._publish_status(record)
-        return record
+        return record, bool(reply[1])
 
     def transition(self, job_id: str, status: JobStatus, also: Callable[[JobRecord], None] | None = None,
                    **fields: Any) -> JobRecord:
         """Move a non-terminal job forward to `status` (applying `also` and `fields` in the same
         atomic write); a terminal record never changes again."""
+        return self.update(job_id, self._transition_change(status, also, fields))
 
+    @staticmethod
+    def _transition_change(status: JobStatus, also: Callable[[JobRecord], None] | None,
+                           fields: dict[str, Any]) -> Callable[[JobRecord], bool | None]:
         def change(record: JobRecord) -> bool | None:
             current = JobStatus(record["status"])
             if current.terminal:
@@ -274,8 +289,20 @@ class JobStore:
             record.update(fields)
             if also:
                 also(record)
+            return None
 
-        return self.update(job_id, change)
+        return change
+
+    def transition_and_claim(self, job_id: str, status: JobStatus, token: str,
+                             also: Callable[[JobRecord], None] | None = None) -> tuple[JobRecord, bool]:
+        """`transition`, and in the same atomic step `claim_execution(job_id, token)` when the job
+        is still to run (not terminal, no outcome yet); (record, True) only when the claim was
+        taken by this call. The claim is as exclusive as claim_execution's: one SET NX per job."""
+
+        def wants(record: JobRecord) -> str | None:
+            return None if JobStatus(record["status"]).terminal or record.get("outcome") else token
+
+        return self._update(job_id, self._transition_change(status, also, {}), claim=wants)
 
     def claim_execution(self, job_id: str, token: str) -> bool:
         """True exactly once per job: the command is never started twice."""
