@@ -43,6 +43,7 @@ class AuditTrail(logging.Handler):
         self.addFilter(ContextFilter())
         self._pending: dict[str, list[str]] = {}  # job id -> lines not yet written, in order
         self._count = 0
+        self._writing: set[str] = set()  # job ids of the batch being written (under _write_lock)
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()  # one batch at a time: a job's lines land in order
         self._wake = threading.Event()
@@ -69,6 +70,10 @@ class AuditTrail(logging.Handler):
 
     def flush(self, job_id: str | None = None) -> None:
         """Write the waiting lines (of `job_id` only, when given) in one round trip."""
+        if job_id is not None:
+            with self._pending_lock:
+                if job_id not in self._pending and job_id not in self._writing:
+                    return  # the common case: nothing of this job waits, and no batch is on its way
         with self._write_lock:
             with self._pending_lock:
                 if job_id is None:
@@ -77,6 +82,7 @@ class AuditTrail(logging.Handler):
                     lines = self._pending.pop(job_id, None)
                     batch = {job_id: lines} if lines else {}
                 self._count -= sum(len(lines) for lines in batch.values())
+                self._writing = set(batch)
             if not batch:
                 return
             try:
@@ -94,6 +100,9 @@ class AuditTrail(logging.Handler):
                     self._count += sum(len(lines) for lines in batch.values())
                 log.warning("could not write %d audit lines to Redis (kept for later): %s: %s",
                             sum(len(v) for v in batch.values()), type(e).__name__, e)
+            finally:
+                with self._pending_lock:
+                    self._writing = set()
 
     def close(self) -> None:
         self._closed = True
