@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -237,9 +238,18 @@ def collect(svc: Services, job_id: str) -> None:
     if not JobStatus(record["status"]).terminal:
         record = _begin(svc, job_id, "collect", JobStatus.COLLECTING) or svc.store.get(job_id)
     handle = _owned_handle(svc, record)
-    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = [
-        (log_key(job_id, f"{name}.log"), (lambda fh=fh: fh), None, None)
-        for name, fh in svc.runtime.logs(handle).items()]
+    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
+    empty_logs: dict[int, dict] = {}  # place in the record's `logs` -> the entry of an empty log
+    unknown_sizes: set[str] = set()  # streams (a remote agent's): an empty one is found out by reading it
+    for name, fh in svc.runtime.logs(handle).items():
+        key, size = log_key(job_id, f"{name}.log"), _file_size(fh)
+        if size == 0:  # nothing to store: the entry says so, without a request
+            fh.close()
+            empty_logs[len(uploads) + len(empty_logs)] = empty_entry(key)
+            continue
+        if size is None:
+            unknown_sizes.add(key)
+        uploads.append((key, (lambda fh=fh: fh), None, None))
     events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
     uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
     n_logs = len(uploads)
@@ -263,7 +273,9 @@ def collect(svc: Services, job_id: str) -> None:
         if close:
             close()  # the walk's directory handles pin the workspace mount: released on every path
     # Logs first, on their own: an output S3 refuses must never cost the job its logs.
-    logs = _upload_all(svc, job_id, uploads[:n_logs])
+    logs = _upload_all(svc, job_id, uploads[:n_logs], skip_empty=unknown_sizes)
+    for place in sorted(empty_logs):
+        logs.insert(place, empty_logs[place])
     artifacts = []
     for upload, entry in zip(uploads[n_logs:], _upload_all(svc, job_id, uploads[n_logs:], tolerate=True)):
         if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
@@ -284,14 +296,31 @@ def shown_path(relpath: str) -> str:
 UPLOAD_THREADS = 4  # per collect: S3 PUTs are round trips, not CPU; a few at once cut collect's wall time
 
 
+def empty_entry(key: str) -> dict:
+    """The record's entry of an empty log: no object is stored, so there is no URL to fetch."""
+    return {"key": key, "size": 0, "url": None}
+
+
+def _file_size(fh: Any) -> int | None:
+    """Bytes left to read in an open regular file (a log the runtime kept on disk); None for a stream."""
+    try:
+        st = os.fstat(fh.fileno())
+        return max(st.st_size - fh.tell(), 0) if stat.S_ISREG(st.st_mode) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[], Any], int | None, str | None]],
-                tolerate: bool = False) -> list[Any]:
+                tolerate: bool = False, skip_empty: set[str] = frozenset()) -> list[Any]:  # type: ignore[assignment]
     """Upload every (key, opener, size, path) concurrently; entries in the same order. The first error
     raises, except with `tolerate`, where a refused or unreadable object is its entry's exception
-    (a backend outage still raises: the stage is retried)."""
+    (a backend outage still raises: the stage is retried). A key in `skip_empty` whose source is
+    empty is not stored: its entry is `empty_entry`."""
 
     def one(upload: tuple[str, Callable[[], Any], int | None, str | None]) -> Any:
         try:
+            if upload[0] in skip_empty:
+                return _upload(svc, job_id, *upload, skip_empty=True)
             return _upload(svc, job_id, *upload)
         except (StorageError, OSError) as e:  # (a TransientError is neither: it always raises)
             if not tolerate:
@@ -303,12 +332,16 @@ def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[]
 
 
 def _upload(svc: Services, job_id: str, key: str, opener: Callable[[], Any], size: int | None,
-            path: str | None = None) -> dict:
+            path: str | None = None, skip_empty: bool = False) -> dict:
     fh = opener()
     try:
-        written = svc.artifacts.upload(key, fh, job_id, size=size)
+        # (the keyword only where it matters: test doubles of the store predate it)
+        written = (svc.artifacts.upload(key, fh, job_id, size=size, skip_empty=True) if skip_empty
+                   else svc.artifacts.upload(key, fh, job_id, size=size))
     finally:
         fh.close()
+    if skip_empty and written == 0:
+        return empty_entry(key)
     entry = {"key": key, "size": written, "url": svc.artifacts.presign_get(key, job_id)}
     if path is not None:
         entry["path"] = path

@@ -144,11 +144,13 @@ class ArtifactStore:
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
             s3={"addressing_style": "path"}, tcp_keepalive=True,
         )
-        return boto3.session.Session().client(
+        client = boto3.session.Session().client(
             "s3", endpoint_url=self._endpoint, config=config,
             aws_access_key_id=self._settings.cloudflare_access_key,
             aws_secret_access_key=self._settings.cloudflare_secret_key,
         )
+        _send_small_puts_whole(client)
+        return client
 
     def _sse(self) -> dict[str, Any]:
         if self._sse_key is None:
@@ -234,8 +236,12 @@ class ArtifactStore:
         self._emit("get", job_id, key, size, "ok")
         return io.BufferedReader(_Body(resp["Body"], self, key), buffer_size=1 * MIB)
 
-    def upload(self, key: str, fileobj: IO[bytes], job_id: str, size: int | None = None) -> int:
-        """Stream fileobj to key; returns the bytes stored. Never leaves a partial object behind."""
+    def upload(self, key: str, fileobj: IO[bytes], job_id: str, size: int | None = None,
+               skip_empty: bool = False) -> int:
+        """Stream fileobj to key; returns the bytes stored. Never leaves a partial object behind.
+
+        `skip_empty`: an empty source stores nothing (returns 0, no request, no audit event: no
+        object was touched); the caller records that it was empty."""
         check_key(key)
         start = _tell(fileobj)
         attempts = self._upload_attempts if start is not None else 1
@@ -251,18 +257,21 @@ class ArtifactStore:
                     if attempt.retry_state.attempt_number > 1:
                         log.warning("retrying upload of %s (attempt %d)", key, attempt.retry_state.attempt_number)
                         fileobj.seek(start)  # type: ignore[arg-type]
-                    stored = self._upload_once(key, fileobj, size)
+                    stored = self._upload_once(key, fileobj, size, skip_empty)
         except (StorageError, StorageUnavailable) as e:
             self._emit("put", job_id, key, size, self._outcome(e))
             raise
-        self._emit("put", job_id, key, stored, "ok")
+        if stored or not skip_empty:
+            self._emit("put", job_id, key, stored, "ok")
         return stored
 
-    def _upload_once(self, key: str, fileobj: IO[bytes], size: int | None) -> int:
+    def _upload_once(self, key: str, fileobj: IO[bytes], size: int | None, skip_empty: bool = False) -> int:
         part_bytes = PART_BYTES if size is None else max(PART_BYTES, -(-size // MAX_PARTS // MIB) * MIB)
         first = _read_exactly(fileobj, part_bytes)
         if len(first) < part_bytes:
             _check_size(key, size, len(first))
+            if not first and skip_empty:
+                return 0
             self._call(f"put {key}", "put_object", Bucket=self.bucket, Key=key, Body=first, **self._sse())
             return len(first)
         return self._multipart(key, fileobj, first, part_bytes, size)
@@ -436,6 +445,19 @@ class _Body(io.RawIOBase):
         if not self.closed:
             self._body.close()
         super().close()
+
+
+def _send_small_puts_whole(client: Any) -> None:
+    """A single-request PUT (at most one part's bytes, already in memory) goes out as one send.
+
+    botocore wraps a bytes Body in a file object, and any file object gets `Expect: 100-continue`:
+    the headers go alone, the client waits a round trip for the server's `100`, reading it byte
+    by byte, then sends the body: two sends, two wake-ups and a round trip per small object. Left
+    as bytes, the body is sent with the headers (http.client joins them). Multipart parts keep
+    botocore's default (8 MiB and more, where asking first is worth a round trip)."""
+    from botocore.handlers import convert_body_to_file_like_object
+
+    client.meta.events.unregister("before-parameter-build.s3.PutObject", convert_body_to_file_like_object)
 
 
 def _read_exactly(fileobj: IO[bytes], n: int) -> bytes:
