@@ -143,6 +143,9 @@ class ArtifactStore:
             connect_timeout=min(self._timeout_s, 10.0), read_timeout=self._timeout_s,
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
             s3={"addressing_style": "path"}, tcp_keepalive=True,
+            # every parameter is built here, never by a caller: botocore re-checking them against
+            # the service model costs CPU per request (keys are checked by check_key first)
+            parameter_validation=False,
         )
         client = boto3.session.Session().client(
             "s3", endpoint_url=self._endpoint, config=config,

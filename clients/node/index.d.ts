@@ -34,7 +34,8 @@ export interface Job {
 }
 
 export interface JobError { code: string; message: string; field?: string | null; rule?: string }
-export interface StoredObject { key: string; size: number; url: string }
+/** A stored log or artifact; an empty log is never stored: size 0 and url null (fetchObject reads it as empty). */
+export interface StoredObject { key: string; size: number; url: string | null }
 
 export interface JobRecord {
   id: string;
@@ -169,3 +170,7 @@ export function verifyWebhook(options: {
   now?: number;
 }): { timestamp: number; envelope: { delivery_id: string; event: string; data: unknown } };
 export class WebhookVerificationError extends Error {}
+
+/** The bytes behind a record's log or artifact entry: an empty log (size 0, url null) is an empty Buffer. */
+export function fetchObject(entry: StoredObject,
+                            options?: { headers?: Record<string, string>; signal?: AbortSignal }): Promise<Buffer>;

@@ -4,6 +4,7 @@ const { SandboxClient, TaskFailed, TimeoutError, JobVanished, TERMINAL } = requi
 const { buildTaskMessage, QUEUE } = require('./lib/message');
 const { validateJob, JobRejected, schemaPath } = require('./lib/schema');
 const { signWebhook, verifyWebhook, WebhookVerificationError } = require('./lib/webhook');
+const { fetchObject } = require('./lib/objects');
 
 module.exports = {
   SandboxClient,
@@ -19,4 +20,5 @@ module.exports = {
   signWebhook,
   verifyWebhook,
   WebhookVerificationError,
+  fetchObject,
 };

@@ -99,6 +99,22 @@ def test_r2_input_is_streamed_into_the_workspace(submit, s3, stack_env, redis_cl
     assert requests.get(stdout["url"], timeout=10).content == b"from r2\n"
 
 
+def test_an_empty_log_is_in_the_record_as_empty_and_never_stored(submit, s3, stack_env, redis_client):
+    # Given a job that writes stdout and nothing on stderr (both runtimes: on fly the logs are streams)
+    record = submit({"id": new_job_id("quiet"), "command": "python3 -c 'print(1)'"})
+    assert record["status"] == "succeeded", record
+    logs = {entry["key"].rsplit("/", 1)[1]: entry for entry in record["logs"]}
+    assert list(logs) == ["stdout.log", "stderr.log", "events.json"]  # every log named, in order
+    # Then stderr says it is empty, with no URL to fetch, and no object was written for it
+    assert logs["stderr.log"] == {"key": f"jobs/{record['id']}/logs/stderr.log", "size": 0, "url": None}
+    stored = {o["Key"] for o in s3.client().list_objects_v2(
+        Bucket=s3.bucket, Prefix=f"jobs/{record['id']}/logs/").get("Contents", [])}
+    assert f"jobs/{record['id']}/logs/stderr.log" not in stored
+    assert f"jobs/{record['id']}/logs/stdout.log" in stored
+    assert requests.get(logs["stdout.log"]["url"], timeout=10).content == b"1\n"
+    assert logs["stdout.log"]["size"] == 2
+
+
 def test_same_job_id_submitted_twice_runs_once(submit, celery_client, redis_client):
     job = {"id": new_job_id("twice"), "command": "python3 -c 'print(1)'"}
     first = submit(job)

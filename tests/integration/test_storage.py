@@ -269,3 +269,31 @@ def test_a_forked_worker_builds_its_own_client(store: ArtifactStore) -> None:
     assert os.read(read_end, 1) == b"1"
     assert store.client is parent
     assert store.client.get_object(Bucket=store.bucket, Key="jobs/f1/output/x")["Body"].read() == b"child"
+
+
+def test_an_empty_source_with_skip_empty_stores_nothing_and_audits_nothing(store: ArtifactStore,
+                                                                          events: list[dict]) -> None:
+    # Given empty sources, seekable and pipe-like, that the caller allows to be skipped
+    assert store.upload("jobs/j12/logs/stderr.log", io.BytesIO(b""), "j12", skip_empty=True) == 0
+    assert store.upload("jobs/j12/logs/setup-stderr.log", io.BufferedReader(_ShortReads(b"")), "j12",
+                        skip_empty=True) == 0
+    # Then no object and no audit line (no object was touched); the caller records the emptiness
+    assert list(store.list_keys("jobs/j12/")) == [] and events == []
+    # Without the flag an empty object is stored as before, and a non-empty one with the flag too
+    assert store.upload("jobs/j12/output/empty.txt", io.BytesIO(b""), "j12") == 0
+    assert store.upload("jobs/j12/logs/stdout.log", io.BytesIO(b"x"), "j12", skip_empty=True) == 1
+    assert {o["key"]: o["size"] for o in store.list_keys("jobs/j12/")} == {
+        "jobs/j12/output/empty.txt": 0, "jobs/j12/logs/stdout.log": 1}
+    assert [(e["op"], e["key"]) for e in events] == [("put", "jobs/j12/output/empty.txt"),
+                                                     ("put", "jobs/j12/logs/stdout.log")]
+
+
+def test_a_small_put_goes_in_one_request_without_waiting_for_100_continue(store: ArtifactStore) -> None:
+    # botocore asks `Expect: 100-continue` for any file-like body: a round trip more per small object
+    sent: list[tuple] = []
+    store.client.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append((request.headers.get("Expect"), request.body)))
+    store.upload("jobs/j13/logs/stdout.log", io.BytesIO(b"one send"), "j13")
+    assert sent == [(None, b"one send")]  # the body in memory goes with the headers, unasked
+    body = store.client.get_object(Bucket=store.bucket, Key="jobs/j13/logs/stdout.log")["Body"].read()
+    assert body == b"one send"

@@ -105,3 +105,22 @@ for (const [name, header, body, now] of REFUSED) {
     assert.throws(() => verifyWebhook({ secret: SECRET, header, body, now }), WebhookVerificationError);
   });
 }
+
+test('fetchObject: an empty log (size 0, url null) reads as empty; a stored one is fetched; a failed GET throws', async () => {
+  const http = require('node:http');
+  const { fetchObject } = require('..');
+  assert.deepEqual(await fetchObject({ key: 'jobs/j/logs/stderr.log', size: 0, url: null }), Buffer.alloc(0));
+  await assert.rejects(fetchObject({ key: 'jobs/j/output/a', size: 3, url: null }), /no URL/);
+  const server = http.createServer((req, res) => {
+    if (req.url.startsWith('/ok')) res.end('out\n');
+    else { res.statusCode = 403; res.end('expired'); }
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const base = `http://127.0.0.1:${server.address().port}`;
+  try {
+    assert.equal((await fetchObject({ key: 'k', size: 4, url: `${base}/ok?sig` })).toString(), 'out\n');
+    await assert.rejects(fetchObject({ key: 'k', size: 4, url: `${base}/no` }), /HTTP 403/);
+  } finally {
+    server.close();
+  }
+});
