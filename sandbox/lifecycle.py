@@ -238,23 +238,10 @@ def collect(svc: Services, job_id: str) -> None:
     if not JobStatus(record["status"]).terminal:
         record = _begin(svc, job_id, "collect", JobStatus.COLLECTING) or svc.store.get(job_id)
     handle = _owned_handle(svc, record)
-    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
-    empty_logs: dict[int, dict] = {}  # place in the record's `logs` -> the entry of an empty log
-    unknown_sizes: set[str] = set()  # streams (a remote agent's): an empty one is found out by reading it
-    for name, fh in svc.runtime.logs(handle).items():
-        key, size = log_key(job_id, f"{name}.log"), _file_size(fh)
-        if size == 0:  # nothing to store: the entry says so, without a request
-            fh.close()
-            empty_logs[len(uploads) + len(empty_logs)] = empty_entry(key)
-            continue
-        if size is None:
-            unknown_sizes.add(key)
-        uploads.append((key, (lambda fh=fh: fh), None, None))
-    events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
-    uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
-    n_logs = len(uploads)
+    opened_logs = svc.runtime.logs(handle)
     spec = _spec(svc, job_id)
-    collected = svc.runtime.collect(handle, spec.collect)
+    collected = svc.runtime.collect(handle, spec.collect)  # (kills what is left of the job first)
+    outputs: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
     refused: list[dict[str, str]] = []
     try:
         for f in collected:
@@ -267,17 +254,31 @@ def collect(svc: Services, job_id: str) -> None:
             except StorageError as e:
                 refused.append({"path": shown, "reason": str(e)})
                 continue
-            uploads.append((key, f.open, f.size, f.relpath))
+            outputs.append((key, f.open, f.size, f.relpath))
     finally:
         close = getattr(collected, "close", None)
         if close:
             close()  # the walk's directory handles pin the workspace mount: released on every path
+    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
+    empty_logs: dict[int, dict] = {}  # place in the record's `logs` -> the entry of an empty log
+    unknown_sizes: set[str] = set()  # streams (a remote agent's): an empty one is found out by reading it
+    for name, fh in opened_logs.items():
+        key, size = log_key(job_id, f"{name}.log"), _file_size(fh)
+        if size == 0:  # nothing to store: the entry says so, without a request
+            fh.close()
+            empty_logs[len(uploads) + len(empty_logs)] = empty_entry(key)
+            continue
+        if size is None:
+            unknown_sizes.add(key)
+        uploads.append((key, (lambda fh=fh: fh), None, None))
+    events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
+    uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
     # Logs first, on their own: an output S3 refuses must never cost the job its logs.
-    logs = _upload_all(svc, job_id, uploads[:n_logs], skip_empty=unknown_sizes)
+    logs = _upload_all(svc, job_id, uploads, skip_empty=unknown_sizes)
     for place in sorted(empty_logs):
         logs.insert(place, empty_logs[place])
     artifacts = []
-    for upload, entry in zip(uploads[n_logs:], _upload_all(svc, job_id, uploads[n_logs:], tolerate=True)):
+    for upload, entry in zip(outputs, _upload_all(svc, job_id, outputs, tolerate=True)):
         if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
             refused.append({"path": shown_path(upload[3]), "reason": str(entry)[:500]})
         else:
