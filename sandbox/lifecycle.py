@@ -1,49 +1,33 @@
-"""The five stages (create, prepare, execute, collect, cleanup) as plain functions over services.
+"""The stages (create, prepare, execute, cleanup) as plain functions over services.
 
+The collect stage lives in sandbox.collecting, the bookkeeping the stages share in sandbox.services.
 Every stage is idempotent: Celery may deliver it twice. A stage on a job that already ended does
 nothing, except cleanup, which always destroys whatever sandbox the record names.
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
-import os
-import stat
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from config.settings import Settings
-from sandbox import parallel, webhooks
-from sandbox.admission import Admission, Request, check_possible, published_capacities
-from sandbox.events import check_job_id, escape_line
-from sandbox.observability import audit as audit_trail
-from sandbox.errors import JobNotFound, JobRejected, PlacementError, SandboxError, SandboxFailure, StorageError
-from sandbox.runtimes.base import ExecResult, Runtime, SandboxHandle
+from sandbox import webhooks
+from sandbox.admission import Request, check_possible, published_capacities
+from sandbox.events import check_job_id
+from sandbox.errors import JobNotFound, JobRejected, SandboxError, SandboxFailure
+from sandbox.runtimes.base import ExecResult, SandboxHandle
+from sandbox.services import (
+    Services, begin, finish_stage, job_spec, owned_handle, pinned, stage_end, stage_start)
 from sandbox.spec import JobSpec, job_id_of, parse_job
-from sandbox.layout import check_key, log_key, output_key
-from sandbox.state import JobRecord, JobStatus, JobStore, new_record
+from sandbox.state import JobRecord, JobStatus, new_record
 
 log = logging.getLogger("sandbox.lifecycle")
 audit = logging.getLogger("sandbox.audit")
 
 _OUTCOME_STATUS = {s.value: s for s in JobStatus}
-
-
-@dataclass
-class Services:
-    """What the stages work with; built once per worker process by config.wiring."""
-
-    settings: Settings
-    store: JobStore
-    runtime: Runtime
-    artifacts: Any  # sandbox.storage.ArtifactStore
-    events: Any  # sandbox.events.EventBus
-    host: str
-    admission: Admission | None = None  # None where sandboxes do not use this node (unpinned runtimes)
 
 
 def validate(raw: Any, settings: Settings) -> JobSpec:
@@ -108,14 +92,14 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0) -> bool:
     False when the node could not admit it within `admit_wait_s`: nothing was built, the job is
     still `queued`, and the caller puts it back in the queue.
     """
-    spec = _spec(svc, job_id)
+    spec = job_spec(svc, job_id)
     if svc.admission is not None:
         def still_wanted() -> bool:
             return not JobStatus(svc.store.get(job_id)["status"]).terminal
 
         if not svc.admission.admit(job_id, Request.of(spec.resources), admit_wait_s, still_wanted):
             return not still_wanted()
-    record = _begin(svc, job_id, "create", JobStatus.CREATING)
+    record = begin(svc, job_id, "create", JobStatus.CREATING)
     if record is None:
         if svc.admission is not None and not svc.store.get(job_id).get("sandbox"):
             svc.admission.release(job_id)  # cancelled between admission and start: nothing to hold
@@ -126,7 +110,7 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0) -> bool:
         if svc.admission is not None:
             svc.admission.release(job_id)  # the runtime tore down what it began; a retry admits again
         raise
-    _finish_stage(svc, job_id, "create", also=lambda r: r.update(sandbox=handle.to_dict()))
+    finish_stage(svc, job_id, "create", also=lambda r: r.update(sandbox=handle.to_dict()))
     return True
 
 
@@ -145,11 +129,11 @@ def reconcile_admission(svc: Services) -> list[str]:
 
 def prepare(svc: Services, job_id: str) -> None:
     """Write every input file (inline or streamed from R2) into the sandbox's workspace."""
-    record = _begin(svc, job_id, "prepare", JobStatus.PREPARING)
+    record = begin(svc, job_id, "prepare", JobStatus.PREPARING)
     if record is None:
         return
-    handle = _owned_handle(svc, record)
-    spec = _spec(svc, job_id)
+    handle = owned_handle(svc, record)
+    spec = job_spec(svc, job_id)
     for f in spec.files:
         if f.content is not None:
             svc.runtime.put_file(handle, f.path, io.BytesIO(f.content), f.mode)
@@ -161,7 +145,7 @@ def prepare(svc: Services, job_id: str) -> None:
                 body.close()
     if spec.setup is not None:
         _run_setup(svc, job_id, handle, spec)
-    _finish_stage(svc, job_id, "prepare")
+    finish_stage(svc, job_id, "prepare")
 
 
 def _run_setup(svc: Services, job_id: str, handle: SandboxHandle, spec: JobSpec) -> None:
@@ -195,10 +179,10 @@ def execute(svc: Services, job_id: str, token: str) -> None:
     """Run the command exactly once; its ending is recorded as the job's outcome."""
     # the stage's start and the never-twice claim (taken only while the job is still to run) in one step
     record, claimed = svc.store.transition_and_claim(job_id, JobStatus.RUNNING, token,
-                                                     also=_stage_start(svc, "execute"))
+                                                     also=stage_start(svc, "execute"))
     if JobStatus(record["status"]).terminal or record.get("outcome"):
         return
-    handle = _owned_handle(svc, record)
+    handle = owned_handle(svc, record)
     if not claimed:
         # A redelivered execute: the earlier attempt's worker died while the command ran.
         result = ExecResult(outcome="error", exit_code=None, signal=None, duration_s=0.0,
@@ -206,10 +190,10 @@ def execute(svc: Services, job_id: str, token: str) -> None:
     else:
         sink = svc.events.log_sink(job_id)
         try:
-            result = svc.runtime.execute(handle, _spec(svc, job_id), sink)
+            result = svc.runtime.execute(handle, job_spec(svc, job_id), sink)
         finally:
             sink.close()
-    _finish_stage(svc, job_id, "execute", also=lambda r: _record_outcome(r, result))
+    finish_stage(svc, job_id, "execute", also=lambda r: _record_outcome(r, result))
     for event in result.security_events:
         svc.events.publish(job_id, {**event, "kind": event.get("type"), "type": "security"})
 
@@ -226,143 +210,20 @@ def _record_outcome(r: JobRecord, result: ExecResult) -> None:
         r["error"] = {"code": "execute", "message": result.reason, "field": None}
 
 
-def collect(svc: Services, job_id: str) -> None:
-    """Upload logs, then every collected file to R2, each with a presigned download URL.
-
-    Logs go first; a name or an object S3 refuses is skipped with its reason, never the whole stage;
-    every handle of the workspace is closed before the stage ends, so destroy can unmount it.
-    """
-    record = svc.store.get(job_id)
-    if record.get("outcome") is None:
-        return
-    if not JobStatus(record["status"]).terminal:
-        record = _begin(svc, job_id, "collect", JobStatus.COLLECTING) or svc.store.get(job_id)
-    handle = _owned_handle(svc, record)
-    opened_logs = svc.runtime.logs(handle)
-    spec = _spec(svc, job_id)
-    collected = svc.runtime.collect(handle, spec.collect)  # (kills what is left of the job first)
-    outputs: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
-    refused: list[dict[str, str]] = []
-    try:
-        for f in collected:
-            key = output_key(job_id, f.relpath)
-            shown = shown_path(f.relpath)
-            try:
-                if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
-                    raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
-                check_key(key)  # a job-chosen name: control characters or '..' never reach S3
-            except StorageError as e:
-                refused.append({"path": shown, "reason": str(e)})
-                continue
-            outputs.append((key, f.open, f.size, f.relpath))
-    finally:
-        close = getattr(collected, "close", None)
-        if close:
-            close()  # the walk's directory handles pin the workspace mount: released on every path
-    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
-    empty_logs: dict[int, dict] = {}  # place in the record's `logs` -> the entry of an empty log
-    unknown_sizes: set[str] = set()  # streams (a remote agent's): an empty one is found out by reading it
-    for name, fh in opened_logs.items():
-        key, size = log_key(job_id, f"{name}.log"), _file_size(fh)
-        if size == 0:  # nothing to store: the entry says so, without a request
-            fh.close()
-            empty_logs[len(uploads) + len(empty_logs)] = empty_entry(key)
-            continue
-        if size is None:
-            unknown_sizes.add(key)
-        uploads.append((key, (lambda fh=fh: fh), None, None))
-    events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
-    uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
-    # Logs first, on their own: an output S3 refuses must never cost the job its logs.
-    logs = _upload_all(svc, job_id, uploads, skip_empty=unknown_sizes)
-    for place in sorted(empty_logs):
-        logs.insert(place, empty_logs[place])
-    artifacts = []
-    for upload, entry in zip(outputs, _upload_all(svc, job_id, outputs, tolerate=True)):
-        if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
-            refused.append({"path": shown_path(upload[3]), "reason": str(entry)[:500]})
-        else:
-            artifacts.append(entry)
-    # over a cap, links, devices, bad names: every job-chosen path in the record is shown escaped
-    skipped = [{**s, "path": shown_path(s["path"])} for s in getattr(collected, "skipped", [])] + refused
-    _finish_stage(svc, job_id, "collect", also=lambda r: r.update(logs=logs, artifacts=artifacts,
-                                                                  skipped_outputs=skipped))
-
-
-def shown_path(relpath: str) -> str:
-    """A job-chosen path as text that shows what it is: bad UTF-8, controls, bidi and zero-width escaped."""
-    return escape_line(relpath.encode("utf-8", "surrogateescape"))
-
-
-UPLOAD_THREADS = 4  # per collect: S3 PUTs are round trips, not CPU; a few at once cut collect's wall time
-
-
-def empty_entry(key: str) -> dict:
-    """The record's entry of an empty log: no object is stored, so there is no URL to fetch."""
-    return {"key": key, "size": 0, "url": None}
-
-
-def _file_size(fh: Any) -> int | None:
-    """Bytes left to read in an open regular file (a log the runtime kept on disk); None for a stream."""
-    try:
-        st = os.fstat(fh.fileno())
-        return max(st.st_size - fh.tell(), 0) if stat.S_ISREG(st.st_mode) else None
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-
-
-def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[], Any], int | None, str | None]],
-                tolerate: bool = False, skip_empty: set[str] = frozenset()) -> list[Any]:  # type: ignore[assignment]
-    """Upload every (key, opener, size, path) concurrently; entries in the same order. The first error
-    raises, except with `tolerate`, where a refused or unreadable object is its entry's exception
-    (a backend outage still raises: the stage is retried). A key in `skip_empty` whose source is
-    empty is not stored: its entry is `empty_entry`."""
-
-    def one(upload: tuple[str, Callable[[], Any], int | None, str | None]) -> Any:
-        try:
-            if upload[0] in skip_empty:
-                return _upload(svc, job_id, *upload, skip_empty=True)
-            return _upload(svc, job_id, *upload)
-        except (StorageError, OSError) as e:  # (a TransientError is neither: it always raises)
-            if not tolerate:
-                raise
-            return e
-
-    # on the process's shared helper threads: starting threads per collect cost a third of its time
-    return parallel.run_all([functools.partial(one, u) for u in uploads], UPLOAD_THREADS)
-
-
-def _upload(svc: Services, job_id: str, key: str, opener: Callable[[], Any], size: int | None,
-            path: str | None = None, skip_empty: bool = False) -> dict:
-    fh = opener()
-    try:
-        # (the keyword only where it matters: test doubles of the store predate it)
-        written = (svc.artifacts.upload(key, fh, job_id, size=size, skip_empty=True) if skip_empty
-                   else svc.artifacts.upload(key, fh, job_id, size=size))
-    finally:
-        fh.close()
-    if skip_empty and written == 0:
-        return empty_entry(key)
-    entry = {"key": key, "size": written, "url": svc.artifacts.presign_get(key, job_id)}
-    if path is not None:
-        entry["path"] = path
-    return entry
-
-
 def cleanup(svc: Services, job_id: str) -> JobRecord:
     """Destroy the sandbox (always) and write the job's one terminal status."""
     # One round trip: the stage's start (nothing is written to a job that already ended), and the
     # current record to decide from.
-    record = svc.store.transition(job_id, JobStatus.CLEANING, also=_stage_start(svc, "cleanup"))
+    record = svc.store.transition(job_id, JobStatus.CLEANING, also=stage_start(svc, "cleanup"))
     _destroy(svc, record)
     outcome = (record.get("outcome") or {}).get("outcome")
     # a command that ended before a cancel's kill landed is recorded as it ended
     cancelled = record.get("cancel_requested") and outcome in (None, "cancelled")
     status = JobStatus.CANCELLED if cancelled else _OUTCOME_STATUS[outcome or "error"]
     # the terminal status and the stage's end in one atomic write, whose result is the final record
-    record = svc.store.transition(job_id, status, also=_stage_end(svc, "cleanup"))
+    record = svc.store.transition(job_id, status, also=stage_end(svc, "cleanup"))
     if "finished_at" not in record["stages"].get("cleanup", {}):  # already terminal (cancelled): no transition
-        record = _finish_stage(svc, job_id, "cleanup")
+        record = finish_stage(svc, job_id, "cleanup")
     return record
 
 
@@ -427,7 +288,7 @@ def cancel(svc: Services, job_id: str) -> dict[str, Any]:
               "message": decided.get("message", "cancelled"), "kill_on": None}
     if decided.get("kill") and record.get("sandbox"):
         handle = SandboxHandle.from_dict(record["sandbox"])
-        if not _pinned(svc) or handle.host == svc.host:
+        if not pinned(svc) or handle.host == svc.host:
             _kill_quietly(svc, handle)
         else:
             answer["kill_on"] = handle.host  # the caller routes a kill to the sandbox's own host
@@ -464,7 +325,7 @@ def kill(svc: Services, job_id: str) -> None:
     """Kill the job's running sandbox on this host (the second half of a cancel)."""
     record = svc.store.get(job_id)
     if record.get("sandbox"):
-        _kill_quietly(svc, _owned_handle(svc, record))
+        _kill_quietly(svc, owned_handle(svc, record))
 
 
 def _kill_quietly(svc: Services, handle: SandboxHandle) -> None:
@@ -480,66 +341,6 @@ def _destroy(svc: Services, record: JobRecord) -> None:
         svc.runtime.destroy(SandboxHandle.from_dict(record["sandbox"]))
     if svc.admission is not None:
         svc.admission.release(record["id"])  # only once the sandbox is gone (destroy raised otherwise)
-
-
-def _begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobRecord | None:
-    """Mark a stage started; None when the job already ended (cancelled) and the stage should skip."""
-    record = svc.store.transition(job_id, status, also=_stage_start(svc, stage))
-    return None if JobStatus(record["status"]).terminal else record
-
-
-def _stage_start(svc: Services, stage: str) -> Callable[[JobRecord], None]:
-    now = time.time()
-
-    def start(r: JobRecord) -> None:
-        entry = r["stages"].setdefault(stage, {"attempts": 0})
-        # pid: a restarted node tells a stage of its dead process from one of a live one (sandbox.nodes)
-        entry.update(host=svc.host, pid=os.getpid(), started_at=now, attempts=entry["attempts"] + 1)
-
-    return start
-
-
-def _finish_stage(svc: Services, job_id: str, stage: str,
-                  also: Callable[[JobRecord], None] | None = None) -> JobRecord:
-    """Record the stage's end (and the stage's own result, `also`) in one atomic write."""
-    end = _stage_end(svc, stage)
-    # the stage's audit lines (its uploads) are in Redis before any later stage, in any process, runs
-    audit_trail.flush(job_id)
-
-    def change(r: JobRecord) -> None:
-        if also:
-            also(r)
-        end(r)
-
-    return svc.store.update(job_id, change)
-
-
-def _stage_end(svc: Services, stage: str) -> Callable[[JobRecord], None]:
-    now = time.time()
-
-    def end(r: JobRecord) -> None:
-        entry = r["stages"].setdefault(stage, {"attempts": 1, "host": svc.host, "started_at": now})
-        entry.update(finished_at=now, duration_s=round(now - entry["started_at"], 6))
-
-    return end
-
-
-def _owned_handle(svc: Services, record: JobRecord) -> SandboxHandle:
-    if not record.get("sandbox"):
-        raise PlacementError(f"job {record['id']} has no sandbox")
-    handle = SandboxHandle.from_dict(record["sandbox"])
-    if _pinned(svc) and handle.host != svc.host:
-        raise PlacementError(f"sandbox {handle.sandbox_id} lives on {handle.host}, not on {svc.host}")
-    return handle
-
-
-def _pinned(svc: Services) -> bool:
-    """A pinned runtime's sandbox lives on one node (local); a Fly machine is every worker's."""
-    return getattr(svc.runtime, "pinned", True)
-
-
-def _spec(svc: Services, job_id: str) -> JobSpec:
-    return JobSpec.from_dict(svc.store.spec(job_id))
 
 
 def transitions_to_notify(svc: Services, job_id: str) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from celery.exceptions import Ignore, Reject
 from celery.worker.control import control_command
 
 from config.settings import EXECUTE_HARD_MARGIN_S
-from sandbox import lifecycle, sweeps
+from sandbox import collecting, lifecycle, sweeps
 from sandbox.errors import JobNotFound, TransientError
 from sandbox.state import JobStatus
 from tasks import monitoring
@@ -147,7 +147,7 @@ def execute(self, job_id: str, notify: bool = False) -> str:
 
 @app.task(name="sandbox.collect", bind=True, ignore_result=True)
 def collect(self, job_id: str, notify: bool = False) -> str:
-    run_stage(self, lifecycle.collect, job_id, notify)
+    run_stage(self, collecting.collect, job_id, notify)
     return job_id
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from config.settings import load_settings
 from config.wiring import build_services
-from sandbox import lifecycle
+from sandbox import collecting, lifecycle
 from tests.conftest import new_job_id, wait_for
 from tests.e2e.conftest import sandbox_left
 from tests.e2e.test_pipeline import assert_cleaned_up
@@ -105,7 +105,7 @@ def test_cancel_during_each_stage_ends_cancelled_and_destroys_the_sandbox(stage,
     for step in (lifecycle.create, lifecycle.prepare):
         step(svc, job_id)
     lifecycle.execute(svc, job_id, token="task-2")
-    lifecycle.collect(svc, job_id)
+    collecting.collect(svc, job_id)
     final = lifecycle.cleanup(svc, job_id)
 
     if stage == "collect":  # the command had ended: recorded as it ended, and the answer says so (issue 9)

@@ -51,7 +51,7 @@ def test_no_writable_tmpfs_outside_workspace_tmp_and_dev_shm(runtime) -> None:  
 
 
 class _Store:
-    """Just enough of JobStore for lifecycle.collect: one record and its spec, in memory."""
+    """Just enough of JobStore for collecting.collect: one record and its spec, in memory."""
 
     def __init__(self, record: dict, spec: dict) -> None:
         self.record, self._spec = record, spec
@@ -90,8 +90,9 @@ class _Bucket:
 
 
 def collect_through_lifecycle(runtime, settings, script: str) -> tuple[dict, _Bucket]:  # type: ignore[no-untyped-def]
-    """Run `script` in a sandbox, then lifecycle.collect it; returns the record and what was uploaded."""
-    from sandbox import lifecycle
+    """Run `script` in a sandbox, then collecting.collect it; returns the record and what was uploaded."""
+    from sandbox import collecting
+    from sandbox.services import Services
     from sandbox.runtimes.base import ExecResult
     from sandbox.state import JobStatus, new_record
     from tests.integration.test_local_runtime import make_spec
@@ -103,9 +104,9 @@ def collect_through_lifecycle(runtime, settings, script: str) -> tuple[dict, _Bu
     record = new_record(spec.id, JobStatus.RUNNING)
     record.update(sandbox=handle.to_dict(), outcome=ExecResult(**result.to_dict()).to_dict())
     bucket = _Bucket()
-    svc = lifecycle.Services(settings=settings, store=_Store(record, spec.to_dict()), runtime=runtime,
-                             artifacts=bucket, events=None, host="h")
-    lifecycle.collect(svc, spec.id)
+    svc = Services(settings=settings, store=_Store(record, spec.to_dict()), runtime=runtime,
+                   artifacts=bucket, events=None, host="h")
+    collecting.collect(svc, spec.id)
     return record, bucket
 
 

@@ -1,0 +1,142 @@
+"""The collect stage: logs and collected files uploaded to R2, each with a presigned download URL.
+
+Split out of sandbox.lifecycle (the other stages) along its seam: everything here serves collect.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import stat
+from typing import Any, Callable
+
+from sandbox import parallel
+from sandbox.errors import StorageError
+from sandbox.events import escape_line
+from sandbox.layout import check_key, log_key, output_key
+from sandbox.services import Services, begin, finish_stage, job_spec, owned_handle
+from sandbox.state import JobStatus
+
+
+def collect(svc: Services, job_id: str) -> None:
+    """Upload logs, then every collected file to R2, each with a presigned download URL.
+
+    Logs go first; a name or an object S3 refuses is skipped with its reason, never the whole stage;
+    every handle of the workspace is closed before the stage ends, so destroy can unmount it.
+    """
+    record = svc.store.get(job_id)
+    if record.get("outcome") is None:
+        return
+    if not JobStatus(record["status"]).terminal:
+        record = begin(svc, job_id, "collect", JobStatus.COLLECTING) or svc.store.get(job_id)
+    handle = owned_handle(svc, record)
+    opened_logs = svc.runtime.logs(handle)
+    spec = job_spec(svc, job_id)
+    collected = svc.runtime.collect(handle, spec.collect)  # (kills what is left of the job first)
+    outputs: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
+    refused: list[dict[str, str]] = []
+    try:
+        for f in collected:
+            key = output_key(job_id, f.relpath)
+            shown = shown_path(f.relpath)
+            try:
+                if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
+                    raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
+                check_key(key)  # a job-chosen name: control characters or '..' never reach S3
+            except StorageError as e:
+                refused.append({"path": shown, "reason": str(e)})
+                continue
+            outputs.append((key, f.open, f.size, f.relpath))
+    finally:
+        close = getattr(collected, "close", None)
+        if close:
+            close()  # the walk's directory handles pin the workspace mount: released on every path
+    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
+    empty_logs: dict[int, dict] = {}  # place in the record's `logs` -> the entry of an empty log
+    unknown_sizes: set[str] = set()  # streams (a remote agent's): an empty one is found out by reading it
+    for name, fh in opened_logs.items():
+        key, size = log_key(job_id, f"{name}.log"), _file_size(fh)
+        if size == 0:  # nothing to store: the entry says so, without a request
+            fh.close()
+            empty_logs[len(uploads) + len(empty_logs)] = empty_entry(key)
+            continue
+        if size is None:
+            unknown_sizes.add(key)
+        uploads.append((key, (lambda fh=fh: fh), None, None))
+    events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
+    uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
+    # Logs first, on their own: an output S3 refuses must never cost the job its logs.
+    logs = _upload_all(svc, job_id, uploads, skip_empty=unknown_sizes)
+    for place in sorted(empty_logs):
+        logs.insert(place, empty_logs[place])
+    artifacts = []
+    for upload, entry in zip(outputs, _upload_all(svc, job_id, outputs, tolerate=True)):
+        if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
+            refused.append({"path": shown_path(upload[3]), "reason": str(entry)[:500]})
+        else:
+            artifacts.append(entry)
+    # over a cap, links, devices, bad names: every job-chosen path in the record is shown escaped
+    skipped = [{**s, "path": shown_path(s["path"])} for s in getattr(collected, "skipped", [])] + refused
+    finish_stage(svc, job_id, "collect", also=lambda r: r.update(logs=logs, artifacts=artifacts,
+                                                                  skipped_outputs=skipped))
+
+
+def shown_path(relpath: str) -> str:
+    """A job-chosen path as text that shows what it is: bad UTF-8, controls, bidi and zero-width escaped."""
+    return escape_line(relpath.encode("utf-8", "surrogateescape"))
+
+
+UPLOAD_THREADS = 4  # per collect: S3 PUTs are round trips, not CPU; a few at once cut collect's wall time
+
+
+def empty_entry(key: str) -> dict:
+    """The record's entry of an empty log: no object is stored, so there is no URL to fetch."""
+    return {"key": key, "size": 0, "url": None}
+
+
+def _file_size(fh: Any) -> int | None:
+    """Bytes left to read in an open regular file (a log the runtime kept on disk); None for a stream."""
+    try:
+        st = os.fstat(fh.fileno())
+        return max(st.st_size - fh.tell(), 0) if stat.S_ISREG(st.st_mode) else None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[], Any], int | None, str | None]],
+                tolerate: bool = False, skip_empty: set[str] = frozenset()) -> list[Any]:  # type: ignore[assignment]
+    """Upload every (key, opener, size, path) concurrently; entries in the same order. The first error
+    raises, except with `tolerate`, where a refused or unreadable object is its entry's exception
+    (a backend outage still raises: the stage is retried). A key in `skip_empty` whose source is
+    empty is not stored: its entry is `empty_entry`."""
+
+    def one(upload: tuple[str, Callable[[], Any], int | None, str | None]) -> Any:
+        try:
+            if upload[0] in skip_empty:
+                return _upload(svc, job_id, *upload, skip_empty=True)
+            return _upload(svc, job_id, *upload)
+        except (StorageError, OSError) as e:  # (a TransientError is neither: it always raises)
+            if not tolerate:
+                raise
+            return e
+
+    # on the process's shared helper threads: starting threads per collect cost a third of its time
+    return parallel.run_all([functools.partial(one, u) for u in uploads], UPLOAD_THREADS)
+
+
+def _upload(svc: Services, job_id: str, key: str, opener: Callable[[], Any], size: int | None,
+            path: str | None = None, skip_empty: bool = False) -> dict:
+    fh = opener()
+    try:
+        # (the keyword only where it matters: test doubles of the store predate it)
+        written = (svc.artifacts.upload(key, fh, job_id, size=size, skip_empty=True) if skip_empty
+                   else svc.artifacts.upload(key, fh, job_id, size=size))
+    finally:
+        fh.close()
+    if skip_empty and written == 0:
+        return empty_entry(key)
+    entry = {"key": key, "size": written, "url": svc.artifacts.presign_get(key, job_id)}
+    if path is not None:
+        entry["path"] = path
+    return entry
