@@ -5,26 +5,20 @@ Every object operation is audited; botocore errors are translated here, at the e
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import hashlib
 import io
-import ipaddress
 import json
 import logging
-import os
-import threading
 from typing import IO, Any, Callable, Iterable, Iterator
-from urllib.parse import urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from botocore.exceptions import ParamValidationError, ResponseStreamingError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from sandbox.errors import ConfigError, StorageError, StorageUnavailable
+from sandbox.errors import StorageError, StorageUnavailable
 from sandbox.layout import CATEGORIES, DEFAULT_RETENTION_DAYS, category_of, check_key  # noqa: F401
+from sandbox.s3client import checked_endpoint, client_for, sse_c_key
 
 audit_log = logging.getLogger("sandbox.audit")
 log = logging.getLogger(__name__)
@@ -40,69 +34,9 @@ _MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _TRANSPORT_ERRORS = (BotoConnectionError, ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)
 _EDGE = (ClientError, BotoCoreError, Urllib3Error, OSError)
 
-# One boto3 client per process: clients are not fork-safe (pooled sockets), so the cache is
-# emptied in every child and each worker process builds its own on first use.
-_clients: dict[tuple[Any, ...], Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _reset_after_fork() -> None:
-    global _clients_lock
-    _clients.clear()
-    _clients_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-class _NoSignatures(logging.Filter):
-    """Drops botocore's debug lines that carry a signature: a presigned URL's signature is a bearer token."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        return not (text.startswith(("Signature:", "StringToSign:")) or "X-Amz-Signature" in text)
-
-
-logging.getLogger("botocore.auth").addFilter(_NoSignatures())
-
-
 def retention_from_settings(settings: Any) -> dict[str, int]:
     """Retention days per category from SANDBOX_RETENTION_DAYS_* (read leniently until settings carry them)."""
     return {cat: int(getattr(settings, f"retention_days_{cat}", DEFAULT_RETENTION_DAYS[cat])) for cat in CATEGORIES}
-
-
-def _sse_c_key(settings: Any) -> bytes | None:
-    raw = getattr(settings, "r2_sse_c_key", "") or ""
-    if not raw:
-        return None
-    try:
-        key = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ConfigError("SANDBOX_R2_SSE_C_KEY", "must be base64 of 32 random bytes") from e
-    if len(key) != 32:
-        raise ConfigError("SANDBOX_R2_SSE_C_KEY", f"must decode to 32 bytes, not {len(key)}")
-    return key
-
-
-def _checked_endpoint(settings: Any) -> str:
-    endpoint = settings.s3_endpoint
-    if not settings.r2_endpoint and not settings.cloudflare_account_id:
-        raise ConfigError("SANDBOX_CLOUDFLARE_ACCOUNT_ID", "set it (or SANDBOX_R2_ENDPOINT) to reach object storage")
-    parsed = urlparse(endpoint)
-    if parsed.scheme != "https" and not _is_loopback(parsed.hostname or ""):
-        raise ConfigError("SANDBOX_R2_ENDPOINT", "must be https:// (plain http only on loopback)")
-    if not (settings.cloudflare_access_key and settings.cloudflare_secret_key):
-        raise ConfigError("SANDBOX_CLOUDFLARE_ACCESS_KEY", "object storage needs an access key and a secret key")
-    return endpoint
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ArtifactStore:
@@ -111,8 +45,8 @@ class ArtifactStore:
     def __init__(self, settings: Any, actor: str, audit: Callable[[dict], None] | None = None,
                  max_attempts: int = 5, upload_attempts: int = 3, timeout_s: float = 30.0) -> None:
         self._settings = settings
-        self._endpoint = _checked_endpoint(settings)
-        self._sse_key = _sse_c_key(settings)
+        self._endpoint = checked_endpoint(settings)
+        self._sse_key = sse_c_key(settings)
         self.bucket: str = settings.r2_bucket
         self.actor = actor
         self._audit = audit
@@ -125,35 +59,7 @@ class ArtifactStore:
     @property
     def client(self) -> Any:
         """This process's boto3 client, created on first use (after any fork)."""
-        secret = hashlib.sha256(self._settings.cloudflare_secret_key.encode()).hexdigest()
-        ident = (self._endpoint, self._settings.cloudflare_access_key, secret, self._max_attempts, self._timeout_s)
-        with _clients_lock:
-            client = _clients.get(ident)
-            if client is None:
-                client = _clients[ident] = self._new_client()
-            return client
-
-    def _new_client(self) -> Any:
-        import boto3  # imported late so that importing the domain never pays for it
-        from botocore.config import Config
-
-        config = Config(
-            region_name="auto", signature_version="s3v4",
-            retries={"mode": "standard", "max_attempts": self._max_attempts},
-            connect_timeout=min(self._timeout_s, 10.0), read_timeout=self._timeout_s,
-            request_checksum_calculation="when_required", response_checksum_validation="when_required",
-            s3={"addressing_style": "path"}, tcp_keepalive=True,
-            # every parameter is built here, never by a caller: botocore re-checking them against
-            # the service model costs CPU per request (keys are checked by check_key first)
-            parameter_validation=False,
-        )
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=self._endpoint, config=config,
-            aws_access_key_id=self._settings.cloudflare_access_key,
-            aws_secret_access_key=self._settings.cloudflare_secret_key,
-        )
-        _send_small_puts_whole(client)
-        return client
+        return client_for(self._settings, self._endpoint, self._max_attempts, self._timeout_s)
 
     def _sse(self) -> dict[str, Any]:
         if self._sse_key is None:
@@ -448,19 +354,6 @@ class _Body(io.RawIOBase):
         if not self.closed:
             self._body.close()
         super().close()
-
-
-def _send_small_puts_whole(client: Any) -> None:
-    """A single-request PUT (at most one part's bytes, already in memory) goes out as one send.
-
-    botocore wraps a bytes Body in a file object, and any file object gets `Expect: 100-continue`:
-    the headers go alone, the client waits a round trip for the server's `100`, reading it byte
-    by byte, then sends the body: two sends, two wake-ups and a round trip per small object. Left
-    as bytes, the body is sent with the headers (http.client joins them). Multipart parts keep
-    botocore's default (8 MiB and more, where asking first is worth a round trip)."""
-    from botocore.handlers import convert_body_to_file_like_object
-
-    client.meta.events.unregister("before-parameter-build.s3.PutObject", convert_body_to_file_like_object)
 
 
 def _read_exactly(fileobj: IO[bytes], n: int) -> bytes:

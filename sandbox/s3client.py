@@ -1,0 +1,126 @@
+"""The process's boto3 client for the object store: its settings checked, one per process, fork-safe.
+
+Split out of sandbox.storage (ArtifactStore, the object operations) along its seam: building and
+caching the client, and keeping presigned URLs' signatures out of botocore's debug log.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import logging
+import os
+import threading
+from typing import Any
+from urllib.parse import urlparse
+
+from sandbox.errors import ConfigError
+
+# One boto3 client per process: clients are not fork-safe (pooled sockets), so the cache is
+# emptied in every child and each worker process builds its own on first use.
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class _NoSignatures(logging.Filter):
+    """Drops botocore's debug lines that carry a signature: a presigned URL's signature is a bearer token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith(("Signature:", "StringToSign:")) or "X-Amz-Signature" in text)
+
+
+logging.getLogger("botocore.auth").addFilter(_NoSignatures())
+
+
+def sse_c_key(settings: Any) -> bytes | None:
+    """The SSE-C key from SANDBOX_R2_SSE_C_KEY (base64 of 32 bytes); None when it is not set."""
+    raw = getattr(settings, "r2_sse_c_key", "") or ""
+    if not raw:
+        return None
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ConfigError("SANDBOX_R2_SSE_C_KEY", "must be base64 of 32 random bytes") from e
+    if len(key) != 32:
+        raise ConfigError("SANDBOX_R2_SSE_C_KEY", f"must decode to 32 bytes, not {len(key)}")
+    return key
+
+
+def checked_endpoint(settings: Any) -> str:
+    """The object store's endpoint, once it is https (or loopback) and credentials are set."""
+    endpoint = settings.s3_endpoint
+    if not settings.r2_endpoint and not settings.cloudflare_account_id:
+        raise ConfigError("SANDBOX_CLOUDFLARE_ACCOUNT_ID", "set it (or SANDBOX_R2_ENDPOINT) to reach object storage")
+    parsed = urlparse(endpoint)
+    if parsed.scheme != "https" and not _is_loopback(parsed.hostname or ""):
+        raise ConfigError("SANDBOX_R2_ENDPOINT", "must be https:// (plain http only on loopback)")
+    if not (settings.cloudflare_access_key and settings.cloudflare_secret_key):
+        raise ConfigError("SANDBOX_CLOUDFLARE_ACCESS_KEY", "object storage needs an access key and a secret key")
+    return endpoint
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_for(settings: Any, endpoint: str, max_attempts: int, timeout_s: float) -> Any:
+    """This process's boto3 client for these settings, created on first use (after any fork)."""
+    secret = hashlib.sha256(settings.cloudflare_secret_key.encode()).hexdigest()
+    ident = (endpoint, settings.cloudflare_access_key, secret, max_attempts, timeout_s)
+    with _clients_lock:
+        client = _clients.get(ident)
+        if client is None:
+            client = _clients[ident] = _new_client(settings, endpoint, max_attempts, timeout_s)
+        return client
+
+
+def _new_client(settings: Any, endpoint: str, max_attempts: int, timeout_s: float) -> Any:
+    import boto3  # imported late so that importing the domain never pays for it
+    from botocore.config import Config
+
+    config = Config(
+        region_name="auto", signature_version="s3v4",
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=min(timeout_s, 10.0), read_timeout=timeout_s,
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        s3={"addressing_style": "path"}, tcp_keepalive=True,
+        # every parameter is built here, never by a caller: botocore re-checking them against
+        # the service model costs CPU per request (keys are checked by check_key first)
+        parameter_validation=False,
+    )
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, config=config,
+        aws_access_key_id=settings.cloudflare_access_key,
+        aws_secret_access_key=settings.cloudflare_secret_key,
+    )
+    _send_small_puts_whole(client)
+    return client
+
+
+def _send_small_puts_whole(client: Any) -> None:
+    """A single-request PUT (at most one part's bytes, already in memory) goes out as one send.
+
+    botocore wraps a bytes Body in a file object, and any file object gets `Expect: 100-continue`:
+    the headers go alone, the client waits a round trip for the server's `100`, reading it byte
+    by byte, then sends the body: two sends, two wake-ups and a round trip per small object. Left
+    as bytes, the body is sent with the headers (http.client joins them). Multipart parts keep
+    botocore's default (8 MiB and more, where asking first is worth a round trip)."""
+    from botocore.handlers import convert_body_to_file_like_object
+
+    client.meta.events.unregister("before-parameter-build.s3.PutObject", convert_body_to_file_like_object)
