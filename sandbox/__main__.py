@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("dead-letters", help="list the messages no worker could run (newest first)")
     p.add_argument("--limit", type=int, default=20, help="how many to list")
     p.add_argument("--show", type=int, metavar="INDEX", help="print one entry whole")
-    p.add_argument("--drop", type=int, metavar="INDEX", help="remove one entry")
+    p.add_argument("--drop", metavar="DEAD_ID", help="remove one entry by its dead_id (an INDEX for entries without one)")
     p.add_argument("--drop-all", action="store_true", help="remove every entry")
     args = parser.parse_args(argv)
     _configure_logging()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -26,7 +27,7 @@ def preview(body: Any) -> str:
 def push(client: redis.Redis, queue: str, reason: str, body: Any, task: str | None = None,
          task_id: str | None = None, cap: int = 10000) -> dict[str, Any]:
     """Record one dead letter (logged and counted too); never raises, the worker must go on."""
-    entry = {"at": time.time(), "queue": queue, "reason": reason[:1000],
+    entry = {"dead_id": f"dl{uuid.uuid4().hex[:16]}", "at": time.time(), "queue": queue, "reason": reason[:1000],
              "task": task if isinstance(task, str) else None,
              "id": task_id if isinstance(task_id, str) else None, "body_preview": preview(body)}
     log.error("dead letter on %s: %s (task %r, id %r)", queue, entry["reason"], entry["task"], entry["id"])
@@ -54,16 +55,32 @@ def entries(client: redis.Redis, start: int = 0, count: int = 50) -> list[dict[s
     return out
 
 
-def drop(client: redis.Redis, index: int | None = None) -> int:
-    """Remove one entry by its index (or every entry with None); returns how many went."""
-    if index is None:
+# Removes the first entry whose JSON carries this dead_id: by identity, so a letter that arrived
+# after the operator listed (LPUSH shifts every index) never makes --drop remove another one.
+_DROP_BY_ID = """
+local needle = '"dead_id": "' .. ARGV[1] .. '"'
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.find(item, needle, 1, true) then return redis.call('LREM', KEYS[1], 1, item) end
+end
+return 0
+"""
+
+
+def drop(client: redis.Redis, which: int | str | None = None) -> int:
+    """Remove one entry by its dead_id (or, for entries older than ids, its index), or every entry
+    with None; returns how many went."""
+    if which is None:
         count = client.llen(DEAD_LIST)
         client.delete(DEAD_LIST)
         return int(count)
+    if isinstance(which, str) and not which.isdigit():
+        if not (which.startswith("dl") and all(c in "0123456789abcdef" for c in which[2:])):
+            return 0  # not an id we ever wrote (dl + hex): nothing to match
+        return int(client.eval(_DROP_BY_ID, 1, DEAD_LIST, which))
     # LSET a marker then LREM it: removes exactly that position even if equal entries exist.
     marker = f"__dropped__{time.time_ns()}"
     try:
-        client.lset(DEAD_LIST, index, marker)
+        client.lset(DEAD_LIST, int(which), marker)
     except redis.ResponseError:
         return 0
     return int(client.lrem(DEAD_LIST, 1, marker))

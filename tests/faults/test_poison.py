@@ -91,7 +91,9 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(start_wo
     shown = json.loads(subprocess.run([*cli, "--show", "0"], env=env, cwd=ROOT, capture_output=True,
                                       check=True).stdout)
     assert shown["reason"] == entries[0]["reason"] and "body_preview" in shown
-    subprocess.run([*cli, "--drop", "0"], env=env, cwd=ROOT, check=True, capture_output=True)
+    dropped = shown["dead_id"]
+    subprocess.run([*cli, "--drop", dropped], env=env, cwd=ROOT, check=True, capture_output=True)
     assert client.llen("sandbox.dead") == len(POISON) - 1
+    assert dropped not in {json.loads(e)["dead_id"] for e in client.lrange("sandbox.dead", 0, -1)}
     subprocess.run([*cli, "--drop-all"], env=env, cwd=ROOT, check=True, capture_output=True)
     assert client.llen("sandbox.dead") == 0
