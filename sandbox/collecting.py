@@ -7,15 +7,13 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
-import stat
 from typing import Any, Callable
 
 from sandbox import parallel
 from sandbox.errors import StorageError
 from sandbox.events import escape_line
 from sandbox.layout import check_key, log_key, output_key
-from sandbox.services import Services, begin, finish_stage, job_spec, owned_handle
+from sandbox.services import Services, finish_stage, job_spec, owned_handle, stage_start
 from sandbox.state import JobStatus
 
 
@@ -29,7 +27,8 @@ def collect(svc: Services, job_id: str) -> None:
     if record.get("outcome") is None:
         return
     if not JobStatus(record["status"]).terminal:
-        record = begin(svc, job_id, "collect", JobStatus.COLLECTING) or svc.store.get(job_id)
+        # (on a job ended meanwhile the transition changes nothing and answers the current record)
+        record = svc.store.transition(job_id, JobStatus.COLLECTING, also=stage_start(svc, "collect"))
     handle = owned_handle(svc, record)
     opened_logs = svc.runtime.logs(handle)
     spec = job_spec(svc, job_id)
@@ -52,24 +51,14 @@ def collect(svc: Services, job_id: str) -> None:
         close = getattr(collected, "close", None)
         if close:
             close()  # the walk's directory handles pin the workspace mount: released on every path
-    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
-    empty_logs: dict[int, dict] = {}  # place in the record's `logs` -> the entry of an empty log
-    unknown_sizes: set[str] = set()  # streams (a remote agent's): an empty one is found out by reading it
-    for name, fh in opened_logs.items():
-        key, size = log_key(job_id, f"{name}.log"), _file_size(fh)
-        if size == 0:  # nothing to store: the entry says so, without a request
-            fh.close()
-            empty_logs[len(uploads) + len(empty_logs)] = empty_entry(key)
-            continue
-        if size is None:
-            unknown_sizes.add(key)
-        uploads.append((key, (lambda fh=fh: fh), None, None))
+    # An empty log is read once and stored as nothing (no PUT, presign or audit line): its entry says
+    # so. Read after runtime.collect killed what was left, so no late write can follow the verdict.
+    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = [
+        (log_key(job_id, f"{name}.log"), (lambda fh=fh: fh), None, None) for name, fh in opened_logs.items()]
     events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
     uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
     # Logs first, on their own: an output S3 refuses must never cost the job its logs.
-    logs = _upload_all(svc, job_id, uploads, skip_empty=unknown_sizes)
-    for place in sorted(empty_logs):
-        logs.insert(place, empty_logs[place])
+    logs = _upload_all(svc, job_id, uploads, skip_empty=True)
     artifacts = []
     for upload, entry in zip(outputs, _upload_all(svc, job_id, outputs, tolerate=True)):
         if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
@@ -95,27 +84,16 @@ def empty_entry(key: str) -> dict:
     return {"key": key, "size": 0, "url": None}
 
 
-def _file_size(fh: Any) -> int | None:
-    """Bytes left to read in an open regular file (a log the runtime kept on disk); None for a stream."""
-    try:
-        st = os.fstat(fh.fileno())
-        return max(st.st_size - fh.tell(), 0) if stat.S_ISREG(st.st_mode) else None
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-
-
 def _upload_all(svc: Services, job_id: str, uploads: list[tuple[str, Callable[[], Any], int | None, str | None]],
-                tolerate: bool = False, skip_empty: set[str] = frozenset()) -> list[Any]:  # type: ignore[assignment]
+                tolerate: bool = False, skip_empty: bool = False) -> list[Any]:
     """Upload every (key, opener, size, path) concurrently; entries in the same order. The first error
     raises, except with `tolerate`, where a refused or unreadable object is its entry's exception
-    (a backend outage still raises: the stage is retried). A key in `skip_empty` whose source is
-    empty is not stored: its entry is `empty_entry`."""
+    (a backend outage still raises: the stage is retried). With `skip_empty`, an empty source is not
+    stored: its entry is `empty_entry`."""
 
     def one(upload: tuple[str, Callable[[], Any], int | None, str | None]) -> Any:
         try:
-            if upload[0] in skip_empty:
-                return _upload(svc, job_id, *upload, skip_empty=True)
-            return _upload(svc, job_id, *upload)
+            return _upload(svc, job_id, *upload, skip_empty=skip_empty)
         except (StorageError, OSError) as e:  # (a TransientError is neither: it always raises)
             if not tolerate:
                 raise
@@ -129,9 +107,7 @@ def _upload(svc: Services, job_id: str, key: str, opener: Callable[[], Any], siz
             path: str | None = None, skip_empty: bool = False) -> dict:
     fh = opener()
     try:
-        # (the keyword only where it matters: test doubles of the store predate it)
-        written = (svc.artifacts.upload(key, fh, job_id, size=size, skip_empty=True) if skip_empty
-                   else svc.artifacts.upload(key, fh, job_id, size=size))
+        written = svc.artifacts.upload(key, fh, job_id, size=size, skip_empty=skip_empty)
     finally:
         fh.close()
     if skip_empty and written == 0:

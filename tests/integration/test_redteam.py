@@ -79,11 +79,14 @@ class _Bucket:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
-    def upload(self, key: str, fh, job_id: str, size: int | None = None) -> int:  # type: ignore[no-untyped-def]
+    def upload(self, key: str, fh, job_id: str, size: int | None = None,  # type: ignore[no-untyped-def]
+               skip_empty: bool = False) -> int:
         from sandbox.layout import check_key
 
-        self.objects[check_key(key)] = fh.read()
-        return len(self.objects[key])
+        body = fh.read()
+        if body or not skip_empty:
+            self.objects[check_key(key)] = body
+        return len(body)
 
     def presign_get(self, key: str, job_id: str) -> str:
         return f"https://bucket.invalid/{key}"
