@@ -192,9 +192,6 @@ class JobStore:
         """Remember a cancel for a job not recorded yet; its submit then ends it `cancelled`."""
         self.redis.set(precancel_key(job_id), "1", ex=self.ttl_s)
 
-    def precancelled(self, job_id: str) -> bool:
-        return bool(self.redis.exists(precancel_key(job_id)))
-
     def get(self, job_id: str) -> JobRecord:
         """The record as it is in Redis now (never from this process's memory)."""
         raw = self.redis.get(record_key(job_id))

@@ -19,6 +19,7 @@ from typing import Any
 
 from sandbox import nodes
 from sandbox.lifecycle import Services
+from sandbox.services import pinned
 from sandbox.runtimes.base import SandboxHandle, SandboxInfo
 from sandbox.state import JobRecord, JobStatus
 
@@ -147,14 +148,17 @@ def sweep_stuck(svc: Services, max_idle_s: float, now: float | None = None) -> l
     """End as `error` every started job whose node is dead, or that made no progress for `max_idle_s`."""
     now = time.time() if now is None else now
     dead_after_s = svc.settings.node_dead_after_s
-    pinned = getattr(svc.runtime, "pinned", True)
+    by_node = pinned(svc)
+    beats: dict[str, dict | None] = {}  # one heartbeat read per node per sweep, not per job
     ended = []
     for job_id in svc.store.active_ids():
         record = svc.store.find(job_id)
         if record is None or JobStatus(record["status"]).terminal or not _started(record):
             continue
-        node = nodes.node_of(record) if pinned else (nodes.running_stage(record) or (None, {}))[1].get("host")
-        if node and nodes.is_dead(nodes.heartbeat(svc.store.redis, node), dead_after_s, now):
+        node = nodes.node_of(record) if by_node else (nodes.running_stage(record) or (None, {}))[1].get("host")
+        if node and node not in beats:
+            beats[node] = nodes.heartbeat(svc.store.redis, node)
+        if node and nodes.is_dead(beats[node], dead_after_s, now):
             reason = f"worker node {node} was lost: no heartbeat for over {dead_after_s:g} s"
 
             def still(r: JobRecord, read: Any, node: str = node) -> bool:
@@ -196,7 +200,7 @@ def give_up(svc: Services, job_id: str, reason: str) -> JobRecord | None:
         record = svc.store.transition(job_id, JobStatus.ERROR,
                                       error={"code": "max_deliveries", "message": reason, "field": None})
     sandbox = record.get("sandbox")
-    if sandbox and (sandbox.get("host") == svc.host or not getattr(svc.runtime, "pinned", True)):
+    if sandbox and (sandbox.get("host") == svc.host or not pinned(svc)):
         try:
             _destroy(svc, SandboxHandle.from_dict(sandbox))
         except Exception:  # noqa: BLE001 - the job has ended; the orphan sweep retries the destroy
