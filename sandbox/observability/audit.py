@@ -24,6 +24,7 @@ def audit_list_key(job_id: str) -> str:
 
 FLUSH_DELAY_S = 0.05  # a line waits at most about this long in memory before it is in Redis
 MAX_PENDING_LINES = 100_000  # lines kept in memory while Redis is unreachable; later ones only in the log
+MAX_RETRY_S = 5.0  # the longest wait between writes while Redis stays unreachable
 
 
 class AuditTrail(logging.Handler):
@@ -48,6 +49,7 @@ class AuditTrail(logging.Handler):
         self._write_lock = threading.Lock()  # one batch at a time: a job's lines land in order
         self._wake = threading.Event()
         self._closed = False
+        self._failing = False  # a write failed and none succeeded since: warn once per outage
         self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
         self._thread.start()
         atexit.register(self.flush)
@@ -93,13 +95,19 @@ class AuditTrail(logging.Handler):
                     pipe.ltrim(key, 0, MAX_LINES_PER_JOB - 1)
                     pipe.expire(key, self.ttl_s)
                 pipe.execute()
+                if self._failing:
+                    self._failing = False
+                    log.warning("audit lines reach Redis again")
             except Exception as e:  # noqa: BLE001 - kept for the next batch; never break the caller
                 with self._pending_lock:
                     for jid, lines in batch.items():
                         self._pending[jid] = lines + self._pending.get(jid, [])
                     self._count += sum(len(lines) for lines in batch.values())
-                log.warning("could not write %d audit lines to Redis (kept for later): %s: %s",
-                            sum(len(v) for v in batch.values()), type(e).__name__, e)
+                if not self._failing:
+                    self._failing = True
+                    log.warning("could not write %d audit lines to Redis (kept, retried with backoff up to "
+                                "%g s): %s: %s", sum(len(v) for v in batch.values()), MAX_RETRY_S,
+                                type(e).__name__, e)
             finally:
                 with self._pending_lock:
                     self._writing = set()
@@ -113,6 +121,7 @@ class AuditTrail(logging.Handler):
             super().close()
 
     def _run(self) -> None:
+        retry_s = self.flush_delay_s
         while not self._closed:
             self._wake.wait()
             time.sleep(self.flush_delay_s)  # more lines come in bursts (a stage's uploads): one batch
@@ -121,9 +130,12 @@ class AuditTrail(logging.Handler):
                 self.flush()
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 log.exception("audit trail flush failed")
-            if self._pending:
-                time.sleep(self.flush_delay_s)  # Redis away: do not spin
+            if self._pending and self._failing:
+                time.sleep(retry_s)  # Redis away: do not spin (nor fill the log)
+                retry_s = min(retry_s * 2, MAX_RETRY_S)
                 self._wake.set()
+            else:
+                retry_s = self.flush_delay_s
 
 
 _installed: AuditTrail | None = None

@@ -11,11 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 
 from sandbox.events import EventBus, events_key
 from sandbox.observability import audit
 from sandbox.state import ACTIVE_SET, JobStatus, JobStore, claim_key, new_record, record_key
-from tests.conftest import new_job_id
+from tests.conftest import new_job_id, wait_for
 
 
 @pytest.fixture
@@ -212,6 +213,36 @@ def test_audit_lines_reach_redis_without_any_flush_call(redis_client):
             time.sleep(0.05)
         lines = [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)]
         assert sorted(lines) == list(range(20))
+    finally:
+        logger.removeHandler(trail)
+        trail.close()
+
+
+def test_an_unreachable_redis_is_warned_about_once_and_lines_land_when_it_answers_again(redis_client, caplog):
+    from devstack.processes import free_port
+
+    down = redis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens there
+    trail = audit.AuditTrail(down, ttl_s=600, flush_delay_s=0.01)
+    logger = logging.getLogger("sandbox.audit.test-outage")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(trail)
+    try:
+        job_id = new_job_id("aud-out")
+        with caplog.at_level(logging.WARNING, logger=audit.log.name):
+            logger.info(json.dumps({"op": "put", "job_id": job_id, "n": 0}))
+
+            def failed() -> int:
+                return sum("could not write" in r.getMessage() for r in caplog.records)
+
+            wait_for(lambda: failed() >= 1, timeout_s=30)
+            time.sleep(2)  # without the backoff and once-per-outage rule: a warning every 0.1 s or so
+            assert failed() == 1
+            trail.redis = redis_client  # Redis is back
+            deadline = time.monotonic() + 30
+            while redis_client.llen(audit.audit_list_key(job_id)) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)] == [0]
+        assert any("reach Redis again" in r.getMessage() for r in caplog.records)
     finally:
         logger.removeHandler(trail)
         trail.close()
