@@ -141,8 +141,7 @@ def main() -> int:
         app = Celery("dashboard", broker=redis_server.url, backend=redis_server.url)
         app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
                         result_accept_content=["json"], task_default_queue="sandbox")
-        worker = Worker(env, node="dash@host", log_path=OUT / "worker.log", concurrency=8)
-        worker.extra_args = ["--pool=threads"]
+        worker = Worker(env, node="dash@host", log_path=OUT / "worker.log")
         worker.start(app)
         say(f"worker metrics at {worker.metrics_url}/metrics")
         flower_port, auth = free_port(), f"ops:{secrets.token_urlsafe(8)}"

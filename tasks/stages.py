@@ -71,14 +71,13 @@ def submit(self, job: Any) -> dict | None:
     if notify:
         _notify_transitions(record["id"])
     timeout_s = float(services().store.spec(record["id"])["timeout_s"])
-    intake = (self.request.delivery_info or {}).get("routing_key") or app.conf.task_default_queue
     lifecycle.dispatched(services(), record["id"])  # a redelivered submit must not send them again
     # The chain's last task (cleanup) takes this task's id, so its final record is what the
     # submitter's waiters get: what self.replace() does, without its signature copies. No success
     # event for this id may precede cleanup's (Flower's row is the job's): replace raises Ignore for
     # that, whose ExceptionInfo copied trace_task's code positions (~2 ms of worker CPU per job);
     # returning and dropping that one event (tasks.monitoring) costs nothing.
-    pipeline(record["id"], create_queue(intake), timeout_s, notify).apply_async(task_id=self.request.id,
+    pipeline(record["id"], create_queue(_intake(self)), timeout_s, notify).apply_async(task_id=self.request.id,
                                                                          root_id=self.request.root_id,
                                                                          parent_id=self.request.id)
     monitoring.handed_on(self.request.id)

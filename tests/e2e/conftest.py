@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from tests.support.fakefly import FakeFly, agent_processes_alive
-from tests.support.flyspec import validate_request
 from tests.support.services import free_port
 
 RUNTIMES = ("local", "fly")
@@ -78,8 +77,7 @@ def no_machine_outlives_its_job(request: pytest.FixtureRequest) -> Iterator[None
     for m in fake.live():  # the next test starts clean even when this one failed
         fake._destroy(m)
     for r in list(fake.requests):
-        assert "violation" not in r, r
-        validate_request(r["method"], r["path"], r["query"], r["body"])
+        assert "violation" not in r, r  # the fake validated each on arrival (validate_request)
     fake.reset()
     assert not left, f"machines outlived their jobs: {left}"
     assert not leftover_agents, f"agent processes outlived their machines: {leftover_agents}"

@@ -165,7 +165,3 @@ def normal_job_succeeds(client: Celery, job_id: str, timeout_s: float = 90) -> d
         timeout=timeout_s)
     assert record["status"] == "succeeded", record
     return record
-
-
-def settle(seconds: float) -> None:
-    time.sleep(seconds)

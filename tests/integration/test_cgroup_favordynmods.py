@@ -22,15 +22,10 @@ import pytest
 from config.settings import load_settings
 from sandbox.runtimes import dynmods
 from sandbox.runtimes.local import LocalRuntime
+from tests.support.services import unavailable
 
 LOCK = "/run/lock/sandbox-favordynmods-test.lock"
 REPO = str(Path(__file__).resolve().parents[2])
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 def _turn_off() -> None:
@@ -45,11 +40,11 @@ def _turn_off() -> None:
 def flag_off() -> Iterator[dynmods.Cgroup2Mount]:
     """The host's cgroup2 mount with favordynmods off; on again (and other options unchanged) after."""
     if os.geteuid() != 0:
-        _unavailable("remounting cgroup2 needs root")
+        unavailable("remounting cgroup2 needs root")
     if not dynmods.supported():
-        _unavailable("this kernel has no cgroup2 favordynmods")
+        unavailable("this kernel has no cgroup2 favordynmods")
     if not dynmods.cgroup2_mounts():
-        _unavailable("no cgroup2 hierarchy is mounted")
+        unavailable("no cgroup2 hierarchy is mounted")
     os.makedirs(os.path.dirname(LOCK), exist_ok=True)
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

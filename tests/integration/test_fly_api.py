@@ -18,7 +18,7 @@ from sandbox.runtimes.fly import SERVICE, FlyRuntime, machine_name
 from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
 from sandbox.spec import parse_job
 from tests.support.fakefly import FakeFly
-from tests.support.flyspec import validate_request
+from tests.support.flyspec import SpecViolation, validate_request
 
 TOKEN = "fly-api-token-for-tests-0123456789"
 SECRET = "agent-secret-for-tests-0123456789abcdef"
@@ -218,8 +218,20 @@ def test_every_request_the_runtime_sent_validates_against_the_spec(fake, runtime
     runtime.list_sandboxes()
     assert fake.requests
     for r in fake.requests:
-        assert "violation" not in r, r
-        validate_request(r["method"], r["path"], r["query"], r["body"])
+        assert "violation" not in r, r  # the fake validated each on arrival (validate_request)
+
+
+def test_the_spec_check_refuses_what_fly_would_not_take() -> None:
+    """The check every fake request passes through must be able to fail: a misspelt field, a query
+    parameter the operation lacks, an operation the API does not have."""
+    good = {"config": {"image": "registry.fly.io/app:v1"}, "name": "sbx-x"}
+    assert validate_request("POST", "/apps/a/machines", {}, good) == "Machines_create"
+    with pytest.raises(SpecViolation, match="imagee"):
+        validate_request("POST", "/apps/a/machines", {}, {"config": {"imagee": "x"}})
+    with pytest.raises(SpecViolation, match="not in the spec"):
+        validate_request("GET", "/apps/a/machines", {"metadata.job": ["x"]}, None)
+    with pytest.raises(SpecViolation, match="not an operation"):
+        validate_request("PATCH", "/apps/a/machines", {}, None)
 
 
 class HangingAgent(StubAgent):
