@@ -19,30 +19,6 @@ app = Celery("sandbox", task_cls="tasks.monitoring:SandboxTask")
 app.config_from_object("celeryconfig")
 
 
-def _reuse_kombu_redis_clients() -> None:
-    """kombu's Redis channel builds a new redis.Redis object for every publish and ack (its
-    connections come from the channel's pool either way); redis-py 8 builds ~200 response callbacks
-    per object. One object per channel is the same pool and state: worker CPU per job -10 %."""
-    from kombu.transport import redis as kombu_redis
-
-    create = getattr(kombu_redis.Channel, "_create_client", None)
-    if create is None or getattr(create, "reuses_client", False):
-        return
-
-    def _create_client(self, asynchronous: bool = False):  # noqa: ANN001, ANN202
-        if asynchronous:
-            return create(self, asynchronous=True)
-        pool, cached = self.pool, self.__dict__.get("_sandbox_sync_client")
-        if cached is None or cached[0] is not pool:  # kombu replaces the pool after a fork
-            cached = self.__dict__["_sandbox_sync_client"] = (pool, create(self))
-        return cached[1]
-
-    _create_client.reuses_client = True  # type: ignore[attr-defined]
-    kombu_redis.Channel._create_client = _create_client
-
-
-_reuse_kombu_redis_clients()
-
 log = logging.getLogger("sandbox.tasks")
 _node = {"name": os.environ.get("SANDBOX_NODE_NAME", "")}
 _services: dict[int, Services] = {}
