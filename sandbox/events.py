@@ -254,6 +254,12 @@ class EventBus:
         keys, args = self.encode(job_id, event)
         return int(self._publish_script(keys=keys, args=args))
 
+    def publish_on(self, pipe: Any, job_id: str, event: dict[str, Any]) -> None:
+        """Queue `publish` on `pipe` (inside its MULTI): the event lands with the block's other
+        writes, or not at all when the transaction aborts."""
+        keys, args = self.encode(job_id, event)
+        self._publish_script(keys=keys, args=args, client=pipe)
+
     def encode(self, job_id: str, event: dict[str, Any]) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV of `publish_event` (PUBLISH_LUA_FUNCTION) for this event: a script that
         changes a record can append the record's event in the same atomic step."""

@@ -189,12 +189,15 @@ def end_if(store: JobStore, job_id: str, still: Any, reason: str,
         pipe.multi()
         pipe.set(key, json.dumps(record), keepttl=True)
         pipe.zrem("sandbox:jobs:active", job_id)
+        # the same status event a normal ending sends, in the same transaction: a sweep that dies
+        # right after its write cannot leave a terminal record whose event never went out
+        ended["published"] = store.publish_status_on(pipe, record)
         ended["record"] = record
 
     store.redis.transaction(apply, key, *watch)
     record = ended.get("record")
-    if record is not None:
-        store._publish_status(record)  # noqa: SLF001 - the same status event a normal ending sends
+    if record is not None and not ended["published"]:
+        store.publish_status(record)
     return record
 
 

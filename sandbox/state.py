@@ -182,7 +182,7 @@ class JobStore:
         if not created:
             return "exists"
         if not event_keys:
-            self._publish_status(record)
+            self.publish_status(record)
         self._remember(self._records, job_id, raw, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
         if raw_spec:
             self._remember(self._specs, job_id, raw_spec, SPEC_CACHE_ENTRIES, SPEC_CACHE_MAX_BYTES)
@@ -259,7 +259,7 @@ class JobStore:
             raw = reply  # lost the race (or the guess was stale): the current value, or None
         self._remember(self._records, job_id, new or raw, RECORD_CACHE_ENTRIES, RECORD_CACHE_MAX_BYTES)
         if record["status"] != before and not event_keys:
-            self._publish_status(record)
+            self.publish_status(record)
         return record, bool(reply[1])
 
     def transition(self, job_id: str, status: JobStatus, also: Callable[[JobRecord], None] | None = None,
@@ -310,8 +310,17 @@ class JobStore:
         upper = "+inf" if older_than is None else older_than
         return [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrangebyscore(ACTIVE_SET, "-inf", upper)]
 
-    def _publish_status(self, record: JobRecord) -> None:
+    def publish_status(self, record: JobRecord) -> None:
         self.events.publish(record["id"], _status_of(record))
+
+    def publish_status_on(self, pipe: Any, record: JobRecord) -> bool:
+        """Queue the record's status event on `pipe` (a MULTI block that writes the record), so the
+        two land together; False when the publisher cannot (call publish_status after the write)."""
+        publish_on = getattr(self.events, "publish_on", None)
+        if publish_on is None:
+            return False
+        publish_on(pipe, record["id"], _status_of(record))
+        return True
 
     def _status_event(self, record: JobRecord) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV that make a record script append the record's status event; empty when

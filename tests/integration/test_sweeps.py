@@ -1,6 +1,7 @@
 """Beat's sweeps against a real Redis and real sandboxes: they find work by labels, not memory."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -256,3 +257,25 @@ def test_removing_a_test_work_dir_also_removes_its_sandboxes_cgroups(runtime):  
     remove_work_dir(work)
     assert not os.path.exists(work)
     assert not any(os.path.exists(d) for d in _group_dirs(runtime.cgroups, handle.sandbox_id))
+
+
+def test_a_sweeps_terminal_write_carries_its_status_event_in_the_same_transaction(redis_client, monkeypatch):
+    from sandbox import nodes
+    from sandbox.events import EventBus, events_key
+
+    store = JobStore(redis_client, events=EventBus(redis_client))
+    job_id = new_job_id("lost")
+    store.create(new_record(job_id, JobStatus.RUNNING))
+
+    def died(record):  # a sweep SIGKILLed right after its transaction: nothing runs after it
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(store, "publish_status", died)
+    ended = nodes.end_if(store, job_id, lambda record, _read: True, "its node died")
+
+    assert ended is not None and ended["status"] == "error"
+    events = [json.loads(fields[b"event"]) for _id, fields in redis_client.xrange(events_key(job_id))]
+    assert [(e["type"], e["status"]) for e in events][-1] == ("status", "error")
+    # a write that is refused (the job is terminal already) adds no event
+    assert nodes.end_if(store, job_id, lambda record, _read: True, "again") is None
+    assert len(redis_client.xrange(events_key(job_id))) == len(events)
