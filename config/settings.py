@@ -244,6 +244,8 @@ class Settings:
     # cgroup2 favordynmods at start-up (sandbox/runtimes/dynmods.py): ~0.1 ms cgroup joins instead of 5-17 ms
     cgroup_favor_dynmods: bool = _setting("SANDBOX_CGROUP_FAVOR_DYNMODS", "true", _bool)
     max_open_files: int = _setting("SANDBOX_MAX_OPEN_FILES", "1024", _positive_int)
+    # spawn each job's bwrap at create, held before its command until execute (runtimes/prestart.py)
+    prestart: bool = _setting("SANDBOX_PRESTART", "true", _bool)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
     visibility_timeout_override_s: int = _setting("SANDBOX_VISIBILITY_TIMEOUT", "0", int)

@@ -16,6 +16,7 @@ from sandbox.spec import JobSpec
 
 if TYPE_CHECKING:
     from sandbox.runtimes.local import LocalRuntime
+    from sandbox.runtimes.prestart import Held
 
 CHUNK = 64 * 1024  # fixed read size: worker memory stays flat whatever the job prints
 
@@ -47,7 +48,7 @@ def launcher(procs_files: list[str], uid: int, max_open_files: int) -> list[str]
             *procs_files, "--", SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
 
 
-def _wait_until_joined(joined_r: int, timeout_s: float = 5.0) -> None:
+def _wait_until_joined(joined_r: int, timeout_s: float = 5.0) -> bool:
     """Block until the launcher has joined every cgroup: its byte on `joined_r`, or EOF if it died.
 
     Popen returns once the launcher has started, before it joined: a cancel that killed the
@@ -58,7 +59,8 @@ def _wait_until_joined(joined_r: int, timeout_s: float = 5.0) -> None:
     with selectors.DefaultSelector() as sel:
         sel.register(joined_r, selectors.EVENT_READ)
         if sel.select(timeout=timeout_s):
-            os.read(joined_r, 1)
+            return os.read(joined_r, 1) == b"\n"
+    return False
 
 
 def _event(kind: str, detail: str) -> dict[str, Any]:
@@ -106,14 +108,54 @@ class _Capture:
 
 
 def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec: JobSpec,
-            sink: OutputSink, log_prefix: str = "") -> ExecResult:
-    """Run spec.argv in the sandbox at `d` and return how it ended."""
+            sink: OutputSink, log_prefix: str = "", held: "Held | None" = None) -> ExecResult:
+    """Run spec.argv in the sandbox at `d` and return how it ended.
+
+    `held`: the sandbox pre-started for this run at create (prestart.py), released here instead
+    of spawning one; it is disposed of whenever it is not the one that runs.
+    """
     sid = handle.sandbox_id
     if os.path.exists(os.path.join(d, "cancelled")):
+        if held is not None:
+            held.dispose(lambda: rt.cgroups.kill(sid))
         return ExecResult("cancelled", None, None, 0.0, reason="cancelled before it started")
-    seccomp_fd = seccomp.filter_fd()
+    if held is not None and not held.usable(spec):
+        held.dispose(lambda: rt.cgroups.kill(sid))
+        held = None
     captures = {s: _Capture(s, os.path.join(d, "logs", log_prefix + s), rt.settings.max_log_bytes, sink)
                 for s in ("stdout", "stderr")}
+    egress, egress_error = None, ""
+    if held is not None:
+        start = time.monotonic()  # the job's clock, its timeout included, starts at the go-ahead
+        proc = held.proc
+        held.release()
+    else:
+        start, proc, egress, egress_error = _spawn(rt, d, meta, sid, spec, sink)
+    if os.path.exists(os.path.join(d, "cancelled")):  # kill() raced our spawn
+        rt.cgroups.kill(sid)
+    try:
+        timed_out = _pump(rt, sid, proc, captures, start + spec.timeout_s)
+        returncode = proc.wait()
+    finally:
+        network = egress.close() if egress else None  # every flow ends with the stage
+    duration = time.monotonic() - start
+    rt.cgroups.kill(sid)  # nothing may outlive the run (bwrap's pid namespace should already see to it)
+    for c in captures.values():
+        c.close()
+    result = _result(rt, d, meta, sid, returncode, duration, timed_out, captures)
+    result.network = network
+    if network and network["totals"].get("refused"):
+        result.security_events.append(_event("egress_refused", f"{network['totals']['refused']} connection(s) "
+                                             "refused by the egress policy; reasons in network.connections"))
+    if egress_error:
+        result.outcome, result.reason, result.exit_code, result.signal = "error", egress_error, None, None
+    return result
+
+
+def _spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
+           sink: OutputSink) -> tuple[float, subprocess.Popen, Any, str]:
+    """Spawn the run now (nothing was held for it): its start time, process, egress proxy, error."""
+    seccomp_fd = seccomp.filter_fd()
     start = time.monotonic()
     # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
     # proxy inside the child's network namespace; the job starts only once the listener is there
@@ -151,25 +193,7 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
             rt.cgroups.kill(sid)
         finally:
             gate.release()
-    if os.path.exists(os.path.join(d, "cancelled")):  # kill() raced our spawn
-        rt.cgroups.kill(sid)
-    try:
-        timed_out = _pump(rt, sid, proc, captures, start + spec.timeout_s)
-        returncode = proc.wait()
-    finally:
-        network = egress.close() if egress else None  # every flow ends with the stage
-    duration = time.monotonic() - start
-    rt.cgroups.kill(sid)  # nothing may outlive the run (bwrap's pid namespace should already see to it)
-    for c in captures.values():
-        c.close()
-    result = _result(rt, d, meta, sid, returncode, duration, timed_out, captures)
-    result.network = network
-    if network and network["totals"].get("refused"):
-        result.security_events.append(_event("egress_refused", f"{network['totals']['refused']} connection(s) "
-                                             "refused by the egress policy; reasons in network.connections"))
-    if egress_error:
-        result.outcome, result.reason, result.exit_code, result.signal = "error", egress_error, None, None
-    return result
+    return start, proc, egress, egress_error
 
 
 class _EgressGate:

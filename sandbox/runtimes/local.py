@@ -19,7 +19,7 @@ from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, Sandbox
 from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.egress import EgressService, proxy_env
-from sandbox.runtimes import executor
+from sandbox.runtimes import executor, prestart
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
 
@@ -88,6 +88,7 @@ class LocalRuntime:
         _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.uids = uids.UidPool(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.egress = EgressService(settings)  # its loop thread starts with the first outbound job
+        self.prestarts = prestart.Prestarts() if settings.prestart else None
 
     # -- paths -------------------------------------------------------------------------------
     def _dir(self, sandbox_id: str) -> str:
@@ -148,6 +149,8 @@ class LocalRuntime:
         except (OSError, subprocess.SubprocessError, SandboxFailure) as e:
             self._teardown(sid)
             raise SandboxFailure(f"could not create sandbox {sid}: {e}") from e
+        if self.prestarts is not None and prestart.eligible(spec):
+            self.prestarts.start(sid, lambda: prestart.spawn(self, d, meta, sid, spec))
         return handle
 
     def put_file(self, handle: SandboxHandle, relpath: str, src: IO[bytes], mode: int) -> int:
@@ -176,11 +179,14 @@ class LocalRuntime:
         d, meta = self._require(handle)
         # the lock is on meta.json, which exists for the sandbox's whole life: no extra file to create
         lock_fd = os.open(os.path.join(d, "meta.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        held = None
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
                 raise RuntimeUnavailable(f"execute of {handle.sandbox_id} is already running") from e
+            # taken under the lock: only the one execute that may run the job touches its cgroup
+            held = self._take_held(handle.sandbox_id, spec, kind)
             stored = fsutil.read_json(os.path.join(d, result_file))
             if stored is not None:
                 return ExecResult(**stored)
@@ -190,14 +196,29 @@ class LocalRuntime:
                                     reason="the worker running this job was lost; not re-run")
             else:
                 fsutil.touch(os.path.join(d, started_file))
-                result = run_job(self, d, meta, handle, spec, sink, log_prefix="" if kind == "execute" else f"{kind}-")
+                held, mine = None, held  # run_job releases it or disposes of it
+                result = run_job(self, d, meta, handle, spec, sink, log_prefix="" if kind == "execute" else f"{kind}-",
+                                 held=mine)
             # Not fsynced: only a host crash could lose it, and that takes the mount and the cgroup
             # with it, so a redelivered execute can never run the job again (it finds the marker,
             # or fails on the missing workspace); the rename still keeps readers from half a file.
             fsutil.write_json_atomic(os.path.join(d, result_file), result.to_dict(), durable=False)
             return result
         finally:
+            if held is not None:
+                held.dispose(lambda: self.cgroups.kill(handle.sandbox_id))
             os.close(lock_fd)
+
+    def _take_held(self, sid: str, spec: JobSpec, kind: str) -> "prestart.Held | None":
+        """This process's pre-started sandbox for the execute, if any. With none where there could
+        have been one, whatever is left in the cgroup is killed first: a worker that died after
+        create leaves its held bwrap blocked there (never released: see prestart.spawn)."""
+        if kind != "execute" or self.prestarts is None or not prestart.eligible(spec):
+            return None
+        held = self.prestarts.take(sid)
+        if held is None:
+            self.cgroups.kill(sid)
+        return held
 
     def logs(self, handle: SandboxHandle) -> dict[str, IO[bytes]]:
         """The captured, capped stdout and stderr (empty if the job never ran)."""
@@ -232,6 +253,8 @@ class LocalRuntime:
             return
         fsutil.touch(os.path.join(d, "cancelled"))  # before the kill: execute re-checks after spawn
         self.cgroups.kill(handle.sandbox_id)
+        if self.prestarts is not None:  # one held here is reaped now (its execute says "cancelled")
+            self.prestarts.discard(handle.sandbox_id, self.cgroups.kill)
 
     def destroy(self, handle: SandboxHandle) -> None:
         """Kill, unmount, remove the cgroup and the directory; a missing sandbox is fine."""
@@ -240,6 +263,8 @@ class LocalRuntime:
     def _teardown(self, sid: str) -> None:
         d = self._dir(sid)
         meta = self._meta(sid)
+        if self.prestarts is not None:
+            self.prestarts.discard(sid, self.cgroups.kill)
         self.cgroups.kill(sid)
         self.cgroups.remove(sid)
         diskimage.unmount(os.path.join(d, "mnt"))

@@ -1,0 +1,181 @@
+"""Pre-started sandboxes: the execute's bwrap spawned at create and held on --block-fd.
+
+bwrap reads its --block-fd after every namespace, mount, pivot_root and privilege drop, just
+before seccomp and exec. So create spawns the job's sandbox (the same argv execute would build)
+and leaves it blocked; execute only writes the go-ahead. The set-up runs on another core during
+the create -> prepare -> execute hops instead of on execute's critical path.
+
+Nothing depends on a held sandbox for correctness: an execute that finds none (another process,
+a restarted worker, a held one that died) kills whatever is left in the cgroup and spawns as
+before. The registry lives in one process and in memory only.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from sandbox.runtimes import executor, seccomp
+from sandbox.spec import JobSpec
+
+if TYPE_CHECKING:
+    from sandbox.runtimes.local import LocalRuntime
+
+JOIN_WAIT_S = 5.0  # the launcher joins its cgroups within a few ms; past this it is treated as dead
+
+
+def eligible(spec: JobSpec) -> bool:
+    """Whether the job's execute may be pre-started at create.
+
+    Not with a setup command: prepare runs it in the same cgroup and kills the cgroup after it,
+    which would take the held sandbox too. Not with outbound network: the egress proxy is bound
+    inside bwrap's network namespace through its own --info-fd/--block-fd gate at execute.
+    """
+    return spec.setup is None and not spec.network.outbound
+
+
+@dataclass
+class Held:
+    """One held sandbox: the launcher's process, its output pipes and the two ends we keep."""
+
+    proc: subprocess.Popen
+    joined_r: int  # the launcher's "joined its cgroups" byte, or EOF if it died first
+    gate_w: int  # a byte here lets bwrap go on to seccomp and exec the command
+    spec: JobSpec  # what it was built from: execute runs it only for the same spec
+    joined: bool | None = None
+
+    def wait_joined(self) -> bool:
+        """True once the launcher is in the job's cgroups (a cgroup kill reaches it from then on)."""
+        if self.joined is None:
+            self.joined = executor._wait_until_joined(self.joined_r, JOIN_WAIT_S)
+            os.close(self.joined_r)
+        return self.joined
+
+    def usable(self, spec: JobSpec) -> bool:
+        """Joined, still alive, and built from this very spec."""
+        return self.spec == spec and self.wait_joined() and self.proc.poll() is None
+
+    def release(self) -> None:
+        """Let the command start; our end closes, so only the sandbox's own copy keeps the pipe."""
+        try:
+            os.write(self.gate_w, b"g")
+        except OSError:
+            pass  # bwrap already died: the pump sees its exit
+        finally:
+            os.close(self.gate_w)
+
+    def dispose(self, kill_cgroup: Callable[[], None] | None) -> None:
+        """Kill it (everything in the cgroup, then the launcher itself), reap it, close every fd.
+
+        Without `kill_cgroup` only for one already dead: the cgroup may by then hold another
+        process's run of the job (an execute elsewhere that found nothing held).
+        """
+        # bwrap's child blocks in its own pid namespace with no parent-death signal yet, so the
+        # launcher's death alone would not end it: the cgroup kill does. A launcher that never
+        # joined has not exec'd bwrap, so it is the only process there is.
+        try:
+            self.wait_joined()
+            if kill_cgroup is not None:
+                kill_cgroup()
+        finally:
+            self.proc.kill()
+            self.proc.wait()
+            for f in (self.proc.stdout, self.proc.stderr):
+                if f is not None:
+                    f.close()
+            if self.gate_w >= 0:
+                try:
+                    os.close(self.gate_w)
+                except OSError:
+                    pass
+            self.gate_w = -1
+
+
+def spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec) -> Held:
+    """Start the launcher + bwrap for `spec` in sandbox `d`, blocked before the command."""
+    seccomp_fd = seccomp.filter_fd()
+    joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+    # bwrap ignores what its read of --block-fd returns, so an EOF is a go-ahead: were the read
+    # end an ordinary one, a worker dying before execute would let the command run unwatched (and
+    # then again on redelivery). Reopened read-write, the sandbox's fd is a writer of its own pipe:
+    # it never sees EOF and stays blocked until a byte comes or the cgroup is killed.
+    block_fd = os.open(f"/proc/self/fd/{gate_r}", os.O_RDWR | os.O_CLOEXEC)
+    os.close(gate_r)
+    try:
+        argv = (executor.launcher(rt.cgroups.procs_files(sid), rt.host_uid(meta), rt.settings.max_open_files)
+                + rt.bwrap_argv(d, meta, spec, seccomp_fd, ("--block-fd", str(block_fd))))
+        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd, block_fd))
+    except BaseException:
+        os.close(joined_r)
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(seccomp_fd)
+        os.close(joined_w)
+        os.close(block_fd)  # bwrap closes its copy once it has read the go-ahead: the job never has it
+    return Held(proc, joined_r, gate_w, spec)
+
+
+class Prestarts:
+    """The held sandboxes of one runtime instance, by sandbox id; thread-safe.
+
+    Spawned from one long-lived thread: bwrap's --die-with-parent fires when the *thread* that
+    spawned it ends, and a per-request thread (the Fly agent's HTTP server) ends right after create.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, Future[Held]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, sid: str, build: Callable[[], Held]) -> None:
+        """Spawn `build()` in the background for `sid`, after reaping held sandboxes that died."""
+        self._sweep()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sandbox-prestart")
+            if sid not in self._held:
+                self._held[sid] = self._pool.submit(build)
+
+    def take(self, sid: str) -> Held | None:
+        """The held sandbox of `sid`, now this caller's to release or dispose; None if there is none."""
+        with self._lock:
+            fut = self._held.pop(sid, None)
+        if fut is None or fut.cancel():
+            return None
+        try:
+            return fut.result(timeout=30)
+        except TimeoutError:  # a spawn stuck this long is given up; reaped whenever it ends
+            fut.add_done_callback(lambda f: f.exception() is None and f.result().dispose(None))
+            return None
+        except Exception:  # noqa: BLE001 - a failed pre-start only means execute spawns as before
+            return None
+
+    def discard(self, sid: str, kill_cgroup: Callable[[str], None]) -> None:
+        """Kill and reap the held sandbox of `sid`, if any (destroy, a cancel, a failed stage)."""
+        held = self.take(sid)
+        if held is not None:
+            held.dispose(lambda: kill_cgroup(sid))
+
+    def held_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def _sweep(self) -> None:
+        """Reap held sandboxes that died meanwhile: a cancel, a destroy or an execute elsewhere
+        killed their cgroup. Never kills: a live one may still be released here."""
+        with self._lock:
+            done = [sid for sid, fut in self._held.items() if fut.done()]
+        for sid in done:
+            with self._lock:
+                fut = self._held.get(sid)
+                dead = fut is not None and (fut.exception() is not None or fut.result().proc.poll() is not None)
+                if dead:
+                    del self._held[sid]
+            if dead and fut is not None and fut.exception() is None:
+                fut.result().dispose(None)
