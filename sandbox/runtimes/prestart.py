@@ -96,15 +96,25 @@ class Held:
 
 def spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec) -> Held:
     """Start the launcher + bwrap for `spec` in sandbox `d`, blocked before the command."""
-    seccomp_fd = seccomp.filter_fd()
-    joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     # bwrap ignores what its read of --block-fd returns, so an EOF is a go-ahead: were the read
     # end an ordinary one, a worker dying before execute would let the command run unwatched (and
     # then again on redelivery). Reopened read-write, the sandbox's fd is a writer of its own pipe:
     # it never sees EOF and stays blocked until a byte comes or the cgroup is killed.
-    block_fd = os.open(f"/proc/self/fd/{gate_r}", os.O_RDWR | os.O_CLOEXEC)
-    os.close(gate_r)
+    try:
+        block_fd = os.open(f"/proc/self/fd/{gate_r}", os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(gate_r)
+    try:
+        seccomp_fd = seccomp.filter_fd()
+    except BaseException:
+        os.close(block_fd)
+        os.close(gate_w)
+        raise
+    joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
     try:
         argv = (executor.launcher(rt.cgroups.procs_files(sid), rt.host_uid(meta), rt.settings.max_open_files)
                 + rt.bwrap_argv(d, meta, spec, seccomp_fd, ("--block-fd", str(block_fd))))
@@ -163,6 +173,7 @@ class Prestarts:
             held.dispose(lambda: kill_cgroup(sid))
 
     def held_ids(self) -> list[str]:
+        """Sandbox ids with a held (or still spawning) sandbox in this process."""
         with self._lock:
             return list(self._held)
 
