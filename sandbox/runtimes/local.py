@@ -142,6 +142,8 @@ class LocalRuntime:
             self.cgroups.create(sid, limits)
             meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc, "uid": uid,
                     "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
+            if self.prestarts is not None and prestart.eligible(spec):  # set up while meta.json syncs
+                self.prestarts.start(sid, lambda: prestart.spawn(self, d, meta, sid, spec))
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta)
         except RuntimeUnavailable:
             self._teardown(sid)
@@ -149,8 +151,6 @@ class LocalRuntime:
         except (OSError, subprocess.SubprocessError, SandboxFailure) as e:
             self._teardown(sid)
             raise SandboxFailure(f"could not create sandbox {sid}: {e}") from e
-        if self.prestarts is not None and prestart.eligible(spec):
-            self.prestarts.start(sid, lambda: prestart.spawn(self, d, meta, sid, spec))
         return handle
 
     def put_file(self, handle: SandboxHandle, relpath: str, src: IO[bytes], mode: int) -> int:

@@ -209,3 +209,19 @@ def test_prestart_off_spawns_at_execute(settings) -> None:  # type: ignore[no-un
     assert rt.prestarts is None and rt.cgroups.pids(handle.sandbox_id) == []
     assert rt.execute(handle, spec, lambda s, c: None).outcome == "succeeded"
     rt.destroy(handle)
+
+
+def test_a_create_failing_after_the_spawn_leaves_no_held_sandbox(runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.errors import SandboxFailure
+    from sandbox.runtimes import fsutil
+
+    def broken(path: str, *a, **k) -> None:  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device", path)
+
+    before = _fds()
+    monkeypatch.setattr(fsutil, "write_json_atomic", broken)  # meta.json is written after the spawn
+    spec = make_spec(["/bin/sh", "-c", "touch ran"])
+    with pytest.raises(SandboxFailure):
+        runtime.create(spec, "h")
+    assert runtime.prestarts.held_ids() == [] and _zombies() == [] and _fds() - before == set()
+    assert not os.path.exists(os.path.join(runtime.work_dir, f"sbx-{spec.id}"))
