@@ -111,6 +111,9 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0) -> bool:
             svc.admission.release(job_id)  # the runtime tore down what it began; a retry admits again
         raise
     finish_stage(svc, job_id, "create", also=lambda r: r.update(sandbox=handle.to_dict()))
+    prestart = getattr(svc.runtime, "prestart", None)  # LocalRuntime: its execute's bwrap, set up now
+    if prestart is not None:
+        prestart(handle, spec)
     return True
 
 

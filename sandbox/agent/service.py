@@ -116,6 +116,7 @@ class Agent:
             if self.handle is None:
                 self.handle = self.runtime.create(spec, self.host)
                 self.spec = spec
+                self.runtime.prestart(self.handle, spec)  # its execute's bwrap, set up in the background
             return self.handle
 
     def _handle(self) -> SandboxHandle:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from sandbox.egress import EgressService, proxy_env
 from sandbox.runtimes import executor, prestart
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
+
+log = logging.getLogger("sandbox.runtime")
 
 BWRAP = "/usr/bin/bwrap"
 # The uid every job sees itself as inside its user namespace ("sandbox" in its /etc/passwd). Its
@@ -142,8 +145,6 @@ class LocalRuntime:
             self.cgroups.create(sid, limits)
             meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc, "uid": uid,
                     "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
-            if self.prestarts is not None and prestart.eligible(spec):  # set up while meta.json syncs
-                self.prestarts.start(sid, lambda: prestart.spawn(self, d, meta, sid, spec))
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta)
         except RuntimeUnavailable:
             self._teardown(sid)
@@ -152,6 +153,23 @@ class LocalRuntime:
             self._teardown(sid)
             raise SandboxFailure(f"could not create sandbox {sid}: {e}") from e
         return handle
+
+    def prestart(self, handle: SandboxHandle, spec: JobSpec) -> None:
+        """Spawn the job's execute sandbox in the background, held until execute (prestart.py).
+
+        Called once create's stage is recorded: spawned earlier, its set-up competed with create's
+        own tail for the two cores. Never raises: without it, execute spawns as before.
+        """
+        if self.prestarts is None or not prestart.eligible(spec):
+            return
+        try:
+            d, meta = self._require(handle)
+            if os.path.exists(os.path.join(d, "cancelled")):
+                return
+            sid = handle.sandbox_id
+            self.prestarts.start(sid, lambda: prestart.spawn(self, d, meta, sid, spec))
+        except Exception:  # noqa: BLE001 - an optimisation only; a destroy may have raced it
+            log.warning("could not pre-start sandbox %s; execute will start it", handle.sandbox_id, exc_info=True)
 
     def put_file(self, handle: SandboxHandle, relpath: str, src: IO[bytes], mode: int) -> int:
         """Write `src` to workspace/`relpath` without following links, owned by the sandbox uid."""
