@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from celery import Celery, chain  # noqa: E402
 
 from devstack.seaweed import seaweed_server  # noqa: E402
 from devstack.processes import RedisServer, Worker  # noqa: E402
+from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the run dir's tmpfs too)
 
 
 STAGES: dict[str, list[dict[str, float]]] = {}  # runtime -> each job's stage durations
@@ -96,7 +96,7 @@ def main() -> None:
             fly = measure_fly(client, env, base, one_job, args) if args.runtime == "fly" else None
     finally:
         redis_server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        remove_work_dir(str(base))
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'per s':>10}")
     for name, row in (("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)):
         print(f"{name:24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}{row['throughput_per_s']:10.1f}")

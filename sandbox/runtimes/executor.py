@@ -112,7 +112,7 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     if os.path.exists(os.path.join(d, "cancelled")):
         return ExecResult("cancelled", None, None, 0.0, reason="cancelled before it started")
     seccomp_fd = seccomp.filter_fd()
-    captures = {s: _Capture(s, os.path.join(d, "logs", log_prefix + s), rt.settings.max_log_bytes, sink)
+    captures = {s: _Capture(s, os.path.join(d, log_prefix + s), rt.settings.max_log_bytes, sink)
                 for s in ("stdout", "stderr")}
     start = time.monotonic()
     # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
