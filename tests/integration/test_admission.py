@@ -127,7 +127,7 @@ def test_two_workers_of_one_node_never_hold_more_sandboxes_than_admitted(celery_
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], redis_client.hlen(admitted_key(node)))
-            live = sum(1 for p in Path(stack_env["SANDBOX_WORK_DIR"]).iterdir() if p.name in dirs)
+            live = sum(1 for p in (Path(stack_env["SANDBOX_WORK_DIR"]) / "run").iterdir() if p.name in dirs)
             peak_live[0] = max(peak_live[0], live)
             time.sleep(0.01)
 
