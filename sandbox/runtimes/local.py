@@ -90,7 +90,7 @@ class LocalRuntime:
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
         _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.run_dir = os.path.abspath(settings.run_dir or rundir.default_path(self.work_dir))
-        self.run_dir_is_mount = rundir.ensure(self.run_dir, self.work_dir,
+        self.run_dir_in_memory = rundir.ensure(self.run_dir, self.work_dir,
                                               rundir.size_bytes(settings.node_max_sandboxes, settings.max_log_bytes))
         _check_traversable(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count, rundir.SETTING)
         self.image_dir = os.path.join(self.work_dir, IMAGE_DIR)
@@ -132,7 +132,8 @@ class LocalRuntime:
         if meta is not None:
             return SandboxHandle.from_dict(meta["handle"])
         d = self._dir(sid)
-        if os.path.exists(d):  # a create that crashed half-way: start again from nothing
+        if os.path.exists(d) or os.path.lexists(self._image(sid)):  # a create that crashed half-way,
+            # or an image a reboot left (its state went with the tmpfs): start again from nothing
             self._teardown(sid)
         now = time.time()
         handle = SandboxHandle(
@@ -155,7 +156,7 @@ class LocalRuntime:
                     "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
             # fsynced only on a disk: a reboot empties the tmpfs (and ends the mount, the cgroup and
             # the processes it describes), so no torn meta.json can outlive a crash there
-            fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_is_mount)
+            fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_in_memory)
         except RuntimeUnavailable:
             self._teardown(sid)
             raise
@@ -290,7 +291,8 @@ class LocalRuntime:
                 reaped.append(name)
         for name in sorted(os.listdir(self.work_dir)):
             d = os.path.join(self.work_dir, name)
-            if name.startswith("sbx-") and _SAFE_ID.fullmatch(name) and self._older(d, older_than):
+            if (name.startswith("sbx-") and _SAFE_ID.fullmatch(name) and d != self.run_dir
+                    and self._older(d, older_than)):
                 self._teardown_legacy(name, d)
                 reaped.append(name)
         return reaped

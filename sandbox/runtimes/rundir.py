@@ -44,8 +44,20 @@ def size_bytes(max_sandboxes: int, max_log_bytes: int) -> int:
     return max_sandboxes * (LOG_STREAMS_PER_SANDBOX * max_log_bytes + PER_SANDBOX_SLACK_BYTES) + (1 << 20)
 
 
+def _fstype(mount_point: str) -> str | None:
+    """The file system type of the topmost mount at `mount_point`, None if none is there."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4].encode().decode("unicode_escape") == mount_point:
+                found = right.split()[0]  # later lines are mounted on top of earlier ones
+    return found
+
+
 def ensure(run_dir: str, lock_dir: str, cap_bytes: int) -> bool:
-    """Make `run_dir` a tmpfs unless it is a mount point already; True if it is one now.
+    """Make `run_dir` a tmpfs unless it is a mount point already; True if it is in memory now
+    (a tmpfs or ramfs: nothing in it survives a reboot, so nothing there needs an fsync).
 
     Under an flock in `lock_dir` (the work dir), so two workers starting together never stack two
     tmpfs mounts (the second would hide the first's sandboxes).
@@ -55,8 +67,8 @@ def ensure(run_dir: str, lock_dir: str, cap_bytes: int) -> bool:
                       0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        if os.path.ismount(run_dir):
-            return True  # ours from an earlier start (live sandboxes' state) or the operator's
+        if os.path.ismount(run_dir):  # ours from an earlier start (live sandboxes' state) or the operator's
+            return _fstype(os.path.realpath(run_dir)) in ("tmpfs", "ramfs")
         data = f"mode=0711,uid=0,gid=0,size={cap_bytes}".encode()
         if _libc.mount(b"tmpfs", run_dir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, data) != 0:
             err = ctypes.get_errno()

@@ -25,7 +25,7 @@ def _mounts_at(path: str) -> list[list[str]]:
 
 def test_the_run_dir_is_one_tmpfs_that_a_restarted_runtime_reuses(runtime, settings) -> None:  # type: ignore[no-untyped-def]
     run = os.path.join(settings.work_dir, "run")
-    assert runtime.run_dir == run and runtime.run_dir_is_mount
+    assert runtime.run_dir == run and runtime.run_dir_in_memory
     [fields] = _mounts_at(run)
     assert fields[fields.index("-") + 1] == "tmpfs"
     assert {"nosuid", "nodev", "noexec"} <= set(fields[5].split(","))
@@ -77,7 +77,7 @@ def test_a_runtime_on_a_plain_run_dir_runs_and_cleans_up(runtime, settings, monk
     monkeypatch.setattr(rundir, "ensure", lambda *a: os.makedirs(a[0], 0o711, exist_ok=True) or False)
     plain = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": settings.work_dir,
                                         "SANDBOX_RUN_DIR": os.path.join(settings.work_dir, "plain-run")}))
-    assert not plain.run_dir_is_mount and not _mounts_at(plain.run_dir)
+    assert not plain.run_dir_in_memory and not _mounts_at(plain.run_dir)
     result, out, _, handle = sh(plain, "echo plain")
     assert result.outcome == "succeeded" and out == b"plain\n"
     plain.destroy(handle)
@@ -97,3 +97,20 @@ def test_the_tmpfs_cap_covers_every_admitted_sandbox_with_full_logs() -> None:
     s = load_settings({"SANDBOX_MAX_LOG_BYTES": "1Mi", "SANDBOX_NODE_MAX_SANDBOXES": "64"})
     cap = rundir.size_bytes(s.node_max_sandboxes, s.max_log_bytes)
     assert cap >= 64 * 4 * (1 << 20) and cap < 64 * 5 * (1 << 20) + (1 << 20)
+
+
+def test_a_create_after_a_reboot_replaces_the_image_the_reboot_left(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    from sandbox.runtimes import diskimage
+
+    spec = make_spec(["/bin/true"])
+    handle = runtime.create(spec, "node-a")
+    d = os.path.join(runtime.run_dir, handle.sandbox_id)
+    diskimage.unmount(os.path.join(d, "mnt"))  # the reboot: mount, cgroup and tmpfs contents gone
+    runtime.cgroups.remove(handle.sandbox_id)
+    shutil.rmtree(d)
+    for entry in os.scandir(os.path.join(runtime.run_dir, ".uids")):
+        os.unlink(entry.path)
+    again = runtime.create(spec, "node-a")  # a redelivered create of the same job
+    assert again.sandbox_id == handle.sandbox_id and os.path.ismount(os.path.join(d, "mnt"))
+    assert os.listdir(os.path.join(settings.work_dir, "images")) == [f"{handle.sandbox_id}.img"]
+    runtime.destroy(again)
