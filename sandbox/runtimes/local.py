@@ -283,11 +283,13 @@ class LocalRuntime:
             if self._older(self._dir(name), older_than):  # else a create may still be under way
                 self._teardown(name)
                 reaped.append(name)
-        for entry in sorted(os.listdir(self.image_dir)):
-            name = entry.removesuffix(".img")
-            if (entry.endswith(".img") and name.startswith("sbx-") and _SAFE_ID.fullmatch(name)
-                    and not os.path.lexists(self._dir(name)) and self._older(self._image(name), older_than)):
-                self._teardown(name)  # its cgroup, uid claim and image; nothing can be mounted after a reboot
+        lone = [e.removesuffix(".img") for e in sorted(os.listdir(self.image_dir)) if e.endswith(".img")]
+        lone = [n for n in lone if n.startswith("sbx-") and _SAFE_ID.fullmatch(n) and not os.path.lexists(self._dir(n))
+                and self._older(self._image(n), older_than)]
+        attached = diskimage.attached_images() if lone else set()  # live: a worker with another run dir's
+        for name in lone:
+            if os.path.realpath(self._image(name)) not in attached:
+                self._teardown(name)  # its cgroup, uid claim and image; nothing is mounted after a reboot
                 reaped.append(name)
         for name in sorted(os.listdir(self.work_dir)):
             d = os.path.join(self.work_dir, name)

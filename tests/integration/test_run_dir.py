@@ -114,3 +114,18 @@ def test_a_create_after_a_reboot_replaces_the_image_the_reboot_left(runtime, set
     assert again.sandbox_id == handle.sandbox_id and os.path.ismount(os.path.join(d, "mnt"))
     assert os.listdir(os.path.join(settings.work_dir, "images")) == [f"{handle.sandbox_id}.img"]
     runtime.destroy(again)
+
+
+def test_the_image_sweep_leaves_a_live_image_of_another_run_dir_alone(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    """Two workers on one work dir with different SANDBOX_RUN_DIRs (a misconfiguration): each one's
+    live images lack a directory in the other's run dir, but are attached, so never reaped."""
+    import time
+
+    other = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": settings.work_dir,
+                                        "SANDBOX_RUN_DIR": os.path.join(settings.work_dir, "run2")}))
+    handle = other.create(make_spec(["/bin/true"]), "node-b")
+    try:
+        assert runtime.reap_incomplete(older_than=time.time() + 3600) == []
+        assert os.path.ismount(os.path.join(other.run_dir, handle.sandbox_id, "mnt"))
+    finally:
+        other.destroy(handle)
