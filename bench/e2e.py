@@ -42,7 +42,22 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def measure(run_one: Callable[[], None], jobs: int, concurrency: int) -> dict[str, float]:
+def busy_cpu_s() -> float:
+    """CPU seconds the whole host spent busy (not idle, not waiting on I/O) since boot, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(run_one: Callable[[], None], jobs: int, concurrency: int, worker_pid: int) -> dict[str, float]:
+    """Sequential latencies, then throughput with `concurrency` submitters; during the throughput
+    round also the host's busy CPU and the worker process's CPU, each per job (the throughput ratio
+    is CPU-bound on a small host: these say where the CPU went)."""
     for _ in range(5):
         run_one()  # warm up: first connections, imports in the pool processes
     latencies = []
@@ -50,13 +65,15 @@ def measure(run_one: Callable[[], None], jobs: int, concurrency: int) -> dict[st
         start = time.perf_counter()
         run_one()
         latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
+    start, busy_s, worker_s = time.perf_counter(), busy_cpu_s(), process_cpu_s(worker_pid)
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: run_one(), range(jobs)))
     elapsed = time.perf_counter() - start
+    busy_s, worker_s = busy_cpu_s() - busy_s, process_cpu_s(worker_pid) - worker_s
     return {"p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
             "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": statistics.mean(latencies) * 1e3,
-            "throughput_per_s": jobs / elapsed}
+            "throughput_per_s": jobs / elapsed, "host_cpu_ms": busy_s / jobs * 1e3,
+            "worker_cpu_ms": worker_s / jobs * 1e3, "host_busy": busy_s / elapsed / (os.cpu_count() or 1)}
 
 
 def main() -> None:
@@ -81,7 +98,7 @@ def main() -> None:
             worker.start(client)
             try:
                 baseline = measure(lambda: chain(*[client.signature("bench.noop") for _ in range(5)])
-                                   .apply_async().get(timeout=60), args.jobs, args.concurrency)
+                                   .apply_async().get(timeout=60), args.jobs, args.concurrency, worker.proc.pid)
 
                 def one_job() -> None:
                     job = {"id": f"bench-{uuid.uuid4().hex[:12]}", "command": "ls"}
@@ -90,7 +107,7 @@ def main() -> None:
                     STAGES.setdefault(record["sandbox"]["runtime"], []).append(
                         {k: v["duration_s"] for k, v in record["stages"].items()})
 
-                pipeline = measure(one_job, args.jobs, args.concurrency)
+                pipeline = measure(one_job, args.jobs, args.concurrency, worker.proc.pid)
             finally:
                 worker.stop()
             fly = measure_fly(client, env, base, one_job, args) if args.runtime == "fly" else None
@@ -108,6 +125,14 @@ def main() -> None:
               f"{row['throughput_per_s']:10.1f}")
         print(f"{'ratio fly/local job':24}" + "".join(f"{row[k] / pipeline[k]:10.2f}" for k in keys))
         print(f"Machines API calls per job: {calls_per_job:.2f} (goal <= 4)")
+    print(f"throughput round, CPU ms per job or chain (host: all processes, Redis, SeaweedFS, sandboxes and "
+          f"this client included; {os.cpu_count()} cores):")
+    cpu_rows = [("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)]
+    for name, row in cpu_rows + ([("fly job (ls), fake API", fly[0])] if fly else []):
+        print(f"  {name:22}host {row['host_cpu_ms']:6.1f}   worker {row['worker_cpu_ms']:6.1f}   "
+              f"host busy {row['host_busy'] * 100:4.0f}%")
+    print(f"  {'ratio job/chain':22}host {pipeline['host_cpu_ms'] / baseline['host_cpu_ms']:6.2f}   "
+          f"worker {pipeline['worker_cpu_ms'] / baseline['worker_cpu_ms']:6.2f}")
     print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup")))
     for runtime, rows in STAGES.items():
         print(f"{runtime:14}" + "".join(f"{statistics.median(r.get(stage, 0) for r in rows) * 1e3:10.1f}"
@@ -129,7 +154,7 @@ def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callab
     worker.start(client)
     fake.requests.clear()  # the worker's own start-up listing is not a job's
     try:
-        row = measure(one_job, args.jobs, args.concurrency)
+        row = measure(one_job, args.jobs, args.concurrency, worker.proc.pid)
         jobs = 5 + 2 * args.jobs  # measure's warm-up, sequential and parallel rounds
         return row, len(fake.requests) / jobs
     finally:
