@@ -62,9 +62,21 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     obs_logging.configure(_settings.log_format, loglevel or logging.INFO, stream=sys.__stderr__)
     logging.captureWarnings(True)
     logging.getLogger("celery.app.trace").addFilter(_no_records_in_success_lines)
+    # "Task … received" (Celery's strategy, once per task: six per job) costs a JSON line per task and
+    # says what Flower's task-received event says; "succeeded in <runtime>" (or the failure) stays the
+    # line per task. At DEBUG both come back.
+    if _level(loglevel) > logging.DEBUG:
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     from tasks.app import app
 
     app.log.redirect_stdouts_to_logger(logging.getLogger("celery.redirected"), loglevel=logging.WARNING)
+
+
+def _level(loglevel: Any) -> int:
+    if isinstance(loglevel, str):
+        named = logging.getLevelName(loglevel.upper())
+        return named if isinstance(named, int) else logging.INFO
+    return loglevel or logging.INFO
 
 
 def _no_records_in_success_lines(record: logging.LogRecord) -> bool:
@@ -180,15 +192,28 @@ def job_finished(record: dict[str, Any], once_key: str | None = None) -> None:
     svc = _services()
     job_id = record["id"]
     once_key = once_key or f"sandbox:job:{job_id}:metered"
-    if not svc.store.redis.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s):
+    # the rejection itself was audited when it happened
+    events = [e for e in record.get("security_events") or [] if e.get("type") != "rejected"]
+    upload = record.get("status") != "rejected"  # a rejection has no sandbox and no logs; its line is in the log
+    lines = None
+    if upload and not events:
+        # Most jobs log nothing more here: the trail is whole now, so the count's claim and the
+        # trail's read are one round trip (the read is wasted only on a redelivered cleanup).
+        audit.flush(job_id)
+        pipe = svc.store.redis.pipeline(transaction=False)
+        pipe.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s)
+        pipe.lrange(audit.audit_list_key(job_id), 0, -1)
+        first, lines = pipe.execute()
+    else:
+        first = svc.store.redis.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s)
+    if not first:
         return
     runtime = (record.get("sandbox") or {}).get("runtime") or svc.settings.runtime
     metrics.job_finished(record, runtime)
-    for event in record.get("security_events") or []:
-        if event.get("type") != "rejected":  # the rejection itself was audited when it happened
-            audit_log.warning(json.dumps({"op": "security_event", "job_id": job_id, **event}, sort_keys=True, default=str))
-    if record.get("status") != "rejected":  # a rejection has no sandbox and no logs; its line is in the log
-        audit.upload(svc.store.redis, svc.artifacts, job_id)
+    for event in events:
+        audit_log.warning(json.dumps({"op": "security_event", "job_id": job_id, **event}, sort_keys=True, default=str))
+    if upload:
+        audit.upload(svc.store.redis, svc.artifacts, job_id, lines)
 
 
 def _swept(name: str, ended: list[str]) -> None:
