@@ -5,7 +5,10 @@
 Starts its own Redis, SeaweedFS and one worker node as `make up` runs it (threads pool, default
 admission), then measures sequential latency (p50/p95/p99) and parallel throughput for: (a) the
 baseline, a chain of five no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints
-both and their ratios.
+both and their ratios, and the CPU per job (per chain) of the throughput round: of the benchmark's
+own processes (the worker, its reaped sandboxes, Redis, SeaweedFS, this client; other tenants of the
+host do not count) and of the whole host (from /proc/stat; kernel threads' work such as loop-device
+I/O only counts here).
 With `--runtime fly` it also runs (c) the same jobs on the Fly runtime against the fake Machines
 API (tests/support/fakefly.py, zero delays) whose machines run the real agent, with a worker of
 its own, and prints the agent path's overhead over (b) and the Machines API calls per job.
@@ -48,16 +51,33 @@ def busy_cpu_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads), from /proc/<pid>/stat."""
+def process_cpu_s(pid: int, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc/<pid>/stat; with
+    `reaped_children` also its waited-for children's (a worker's sandboxes: bwrap and the job)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(v) for v in fields[11:15 if reaped_children else 13]) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(run_one: Callable[[], None], jobs: int, concurrency: int, worker_pid: int) -> dict[str, float]:
+class CpuMeter:
+    """CPU seconds of the host (everything, other tenants included) and of this benchmark's own
+    processes: the worker (with its sandboxes), Redis, SeaweedFS and this client."""
+
+    def __init__(self, worker_pid: int, services: dict[str, int]) -> None:
+        self.worker_pid, self.services = worker_pid, services
+
+    def now(self) -> dict[str, float]:
+        client = os.times()
+        worker = process_cpu_s(self.worker_pid)
+        parts = {"worker": worker, "sandboxes": process_cpu_s(self.worker_pid, reaped_children=True) - worker,
+                 **{name: process_cpu_s(pid) for name, pid in self.services.items()},
+                 "client": client.user + client.system}
+        return {"host": busy_cpu_s(), "stack": sum(parts.values()), **parts}
+
+
+def measure(run_one: Callable[[], None], jobs: int, concurrency: int, meter: CpuMeter) -> dict[str, float]:
     """Sequential latencies, then throughput with `concurrency` submitters; during the throughput
-    round also the host's busy CPU and the worker process's CPU, each per job (the throughput ratio
-    is CPU-bound on a small host: these say where the CPU went)."""
+    round also CPU per job (the throughput ratio is CPU-bound on a small host: these say where the
+    CPU went)."""
     for _ in range(5):
         run_one()  # warm up: first connections, imports in the pool processes
     latencies = []
@@ -65,15 +85,15 @@ def measure(run_one: Callable[[], None], jobs: int, concurrency: int, worker_pid
         start = time.perf_counter()
         run_one()
         latencies.append(time.perf_counter() - start)
-    start, busy_s, worker_s = time.perf_counter(), busy_cpu_s(), process_cpu_s(worker_pid)
+    start, cpu = time.perf_counter(), meter.now()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: run_one(), range(jobs)))
     elapsed = time.perf_counter() - start
-    busy_s, worker_s = busy_cpu_s() - busy_s, process_cpu_s(worker_pid) - worker_s
+    used = {k: v - cpu[k] for k, v in meter.now().items()}
     return {"p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
             "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": statistics.mean(latencies) * 1e3,
-            "throughput_per_s": jobs / elapsed, "host_cpu_ms": busy_s / jobs * 1e3,
-            "worker_cpu_ms": worker_s / jobs * 1e3, "host_busy": busy_s / elapsed / (os.cpu_count() or 1)}
+            "throughput_per_s": jobs / elapsed, **{f"{k}_cpu_ms": v / jobs * 1e3 for k, v in used.items()},
+            "host_busy": used["host"] / elapsed / (os.cpu_count() or 1)}
 
 
 def main() -> None:
@@ -96,9 +116,11 @@ def main() -> None:
             worker = Worker(env, node="bench@host", log_path=base / "worker.log")
             worker.extra_args = ["--include", "bench.noop"]
             worker.start(client)
+            services = {"redis": redis_server.proc.pid, "s3": s3._proc.pid}  # (SeaweedFS: one `weed mini` process)
+            meter = CpuMeter(worker.proc.pid, services)
             try:
                 baseline = measure(lambda: chain(*[client.signature("bench.noop") for _ in range(5)])
-                                   .apply_async().get(timeout=60), args.jobs, args.concurrency, worker.proc.pid)
+                                   .apply_async().get(timeout=60), args.jobs, args.concurrency, meter)
 
                 def one_job() -> None:
                     job = {"id": f"bench-{uuid.uuid4().hex[:12]}", "command": "ls"}
@@ -107,10 +129,10 @@ def main() -> None:
                     STAGES.setdefault(record["sandbox"]["runtime"], []).append(
                         {k: v["duration_s"] for k, v in record["stages"].items()})
 
-                pipeline = measure(one_job, args.jobs, args.concurrency, worker.proc.pid)
+                pipeline = measure(one_job, args.jobs, args.concurrency, meter)
             finally:
                 worker.stop()
-            fly = measure_fly(client, env, base, one_job, args) if args.runtime == "fly" else None
+            fly = measure_fly(client, env, base, one_job, args, services) if args.runtime == "fly" else None
     finally:
         redis_server.stop()
         remove_work_dir(str(base))
@@ -125,14 +147,16 @@ def main() -> None:
               f"{row['throughput_per_s']:10.1f}")
         print(f"{'ratio fly/local job':24}" + "".join(f"{row[k] / pipeline[k]:10.2f}" for k in keys))
         print(f"Machines API calls per job: {calls_per_job:.2f} (goal <= 4)")
-    print(f"throughput round, CPU ms per job or chain (host: all processes, Redis, SeaweedFS, sandboxes and "
-          f"this client included; {os.cpu_count()} cores):")
+    print(f"throughput round, CPU ms per job or chain: stack = the worker with its sandboxes, Redis, SeaweedFS, "
+          f"this client; host = all {os.cpu_count()} cores, other tenants included")
     cpu_rows = [("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)]
     for name, row in cpu_rows + ([("fly job (ls), fake API", fly[0])] if fly else []):
-        print(f"  {name:22}host {row['host_cpu_ms']:6.1f}   worker {row['worker_cpu_ms']:6.1f}   "
-              f"host busy {row['host_busy'] * 100:4.0f}%")
-    print(f"  {'ratio job/chain':22}host {pipeline['host_cpu_ms'] / baseline['host_cpu_ms']:6.2f}   "
-          f"worker {pipeline['worker_cpu_ms'] / baseline['worker_cpu_ms']:6.2f}")
+        print(f"  {name:22}stack {row['stack_cpu_ms']:6.1f}  worker {row['worker_cpu_ms']:6.1f}  "
+              f"host {row['host_cpu_ms']:6.1f} (busy {row['host_busy'] * 100:3.0f}%)   of the stack: "
+              + ", ".join(f"{part} {row[part + '_cpu_ms']:.1f}" for part in ("sandboxes", "redis", "s3", "client")))
+    print(f"  {'ratio job/chain':22}stack {pipeline['stack_cpu_ms'] / baseline['stack_cpu_ms']:6.2f}  "
+          f"worker {pipeline['worker_cpu_ms'] / baseline['worker_cpu_ms']:6.2f}  "
+          f"host {pipeline['host_cpu_ms'] / baseline['host_cpu_ms']:6.2f}")
     print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup")))
     for runtime, rows in STAGES.items():
         print(f"{runtime:14}" + "".join(f"{statistics.median(r.get(stage, 0) for r in rows) * 1e3:10.1f}"
@@ -140,7 +164,7 @@ def main() -> None:
 
 
 def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callable[[], None],
-                args: argparse.Namespace) -> tuple[dict[str, float], float]:
+                args: argparse.Namespace, services: dict[str, int]) -> tuple[dict[str, float], float]:
     """The same jobs on FlyRuntime against the fake Machines API (zero delays, the real agent)."""
     from devstack.processes import free_port
     from tests.support.fakefly import FakeFly
@@ -154,7 +178,7 @@ def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callab
     worker.start(client)
     fake.requests.clear()  # the worker's own start-up listing is not a job's
     try:
-        row = measure(one_job, args.jobs, args.concurrency, worker.proc.pid)
+        row = measure(one_job, args.jobs, args.concurrency, CpuMeter(worker.proc.pid, services))
         jobs = 5 + 2 * args.jobs  # measure's warm-up, sequential and parallel rounds
         return row, len(fake.requests) / jobs
     finally:
