@@ -29,7 +29,7 @@ from tests.faults.conftest import assert_host_clean, lines_of, record_of, wait_t
 def _recorded(fault_env: dict, node: str, task_id: str) -> tuple[object, str, str]:
     svc = build_services(load_settings(fault_env), host=node)
     job_id = new_job_id("f-inline")
-    job = json.dumps({"id": job_id, "command": "echo built-once"})
+    job = json.dumps({"id": job_id, "command": "python3 -c \"print('built-once')\""})
     record, run = lifecycle.submit(svc, job, task_id)
     assert run and record["status"] == "queued"
     return svc, job_id, job
