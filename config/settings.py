@@ -294,6 +294,8 @@ class Settings:
     node_disk_bytes: int = _setting("SANDBOX_NODE_DISK", "", _auto_size)  # default: the work dir's free space
     cpu_overcommit: float = _setting("SANDBOX_CPU_OVERCOMMIT", "4", _positive_float)  # cgroup quotas cap each job
     node_max_sandboxes: int = _setting("SANDBOX_NODE_MAX_SANDBOXES", "64", _positive_int)
+    # submit builds the sandbox itself when its node admits the job at once (one Celery hop fewer)
+    create_in_submit: bool = _setting("SANDBOX_CREATE_IN_SUBMIT", "true", _bool)
     # Reliability under faults (docs/reliability.md)
     max_deliveries: int = _setting("SANDBOX_MAX_DELIVERIES", "3", _positive_int)
     require_durable_redis: bool = _setting("SANDBOX_REQUIRE_DURABLE_REDIS", "false", _bool)

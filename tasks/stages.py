@@ -112,7 +112,9 @@ def _create_here(job_id: str, spec: dict, notify: bool) -> bool:
     task of its own, taken after the intake's in-flight stages and submits.
     """
     svc = services()
-    if svc.admission is None or svc.admission.waiting:
+    if svc.admission is None or not svc.settings.create_in_submit:
+        return False
+    if svc.admission.waiting:
         return False  # creates of this process wait for capacity: never overtake them
     started = time.monotonic()
     token = obs_logging.bind(stage="create")

@@ -110,3 +110,15 @@ def test_a_job_its_node_cannot_admit_at_once_waits_in_the_create_queue(start_wor
     assert second["stages"]["create"]["started_at"] >= first["stages"]["cleanup"]["started_at"]
     assert fault_redis_client.hlen(admitted_key(node)) == 0
     assert_host_clean(fault_work_dir)
+
+
+def test_with_create_in_submit_off_every_create_is_a_task_of_its_own(start_worker, fault_client, fault_redis_client,
+                                                                     fault_work_dir):
+    node, queue = "fw-inline-off@host-i", "faults-inline-off"
+    start_worker(node, queue=queue, SANDBOX_CREATE_IN_SUBMIT="false")
+    job_id = new_job_id("f-off")
+    record = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})],
+                                    queue=queue).get(timeout=60)
+    assert record["status"] == "succeeded", record
+    assert record["dispatched_at"] <= record["stages"]["create"]["started_at"]  # sent whole, created after
+    assert_host_clean(fault_work_dir)
