@@ -62,4 +62,6 @@ dashboard: deps
 	$(BIN)/python -m devstack.dashboard
 
 clean:
+	# the worker's run dir (SANDBOX_RUN_DIR) is a tmpfs under var/work: unmount before deleting
+	awk '$$5 ~ "^$(CURDIR)/var/" {print $$5}' /proc/self/mountinfo | sort -r | xargs -r umount -l
 	rm -rf var .pytest_cache

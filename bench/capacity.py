@@ -80,7 +80,7 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            live = sum(1 for p in self.work.iterdir() if p.name.startswith("sbx-"))
+            live = sum(1 for p in (self.work / "run").iterdir() if p.name.startswith("sbx-"))
             self.peak_live = max(self.peak_live, live)
             self.peak_admitted = max(self.peak_admitted, self.client.hlen(admitted_key(NODE)))
             self.peak_rss = max(self.peak_rss, rss_bytes(self.pid))
@@ -148,7 +148,7 @@ def scenario_burst(client: Celery, rc: redis.Redis, work: Path, worker: Worker, 
     with Sampler(work, rc, worker.proc.pid) as s:
         records, _, makespan = run_jobs(client, [job("ls") for _ in range(n)])
     time.sleep(0.5)
-    left = [p.name for p in work.iterdir() if p.name.startswith("sbx-")]
+    left = [p.name for p in (work / "run").iterdir() if p.name.startswith("sbx-")]
     return {"jobs": n, "succeeded": sum(r["status"] == "succeeded" for r in records), "makespan_s": makespan,
             "per_s": n / makespan, "peak_live": s.peak_live, "peak_admitted": s.peak_admitted,
             "limit": Capacity.of(settings).max_sandboxes, "left_sandboxes": len(left),

@@ -5,7 +5,10 @@
 Starts its own Redis, SeaweedFS and one worker node as `make up` runs it (threads pool, default
 admission), then measures sequential latency (p50/p95/p99) and parallel throughput for: (a) the
 baseline, a chain of five no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints
-both and their ratios.
+both and their ratios, and the CPU per job (per chain) of the throughput round: of the benchmark's
+own processes (the worker, its reaped sandboxes, Redis, SeaweedFS, this client; other tenants of the
+host do not count) and of the whole host (from /proc/stat; kernel threads' work such as loop-device
+I/O only counts here).
 With `--runtime fly` it also runs (c) the same jobs on the Fly runtime against the fake Machines
 API (tests/support/fakefly.py, zero delays) whose machines run the real agent, with a worker of
 its own, and prints the agent path's overhead over (b) and the Machines API calls per job.
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from celery import Celery, chain  # noqa: E402
 
 from devstack.seaweed import seaweed_server  # noqa: E402
 from devstack.processes import RedisServer, Worker  # noqa: E402
+from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the run dir's tmpfs too)
 
 
 STAGES: dict[str, list[dict[str, float]]] = {}  # runtime -> each job's stage durations
@@ -42,7 +45,39 @@ def percentile(samples: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def measure(run_one: Callable[[], None], jobs: int, concurrency: int) -> dict[str, float]:
+def busy_cpu_s() -> float:
+    """CPU seconds the whole host spent busy (not idle, not waiting on I/O) since boot, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of one process (all its threads), from /proc/<pid>/stat; with
+    `reaped_children` also its waited-for children's (a worker's sandboxes: bwrap and the job)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15 if reaped_children else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the host (everything, other tenants included) and of this benchmark's own
+    processes: the worker (with its sandboxes), Redis, SeaweedFS and this client."""
+
+    def __init__(self, worker_pid: int, services: dict[str, int]) -> None:
+        self.worker_pid, self.services = worker_pid, services
+
+    def now(self) -> dict[str, float]:
+        client = os.times()
+        worker = process_cpu_s(self.worker_pid)
+        parts = {"worker": worker, "sandboxes": process_cpu_s(self.worker_pid, reaped_children=True) - worker,
+                 **{name: process_cpu_s(pid) for name, pid in self.services.items()},
+                 "client": client.user + client.system}
+        return {"host": busy_cpu_s(), "stack": sum(parts.values()), **parts}
+
+
+def measure(run_one: Callable[[], None], jobs: int, concurrency: int, meter: CpuMeter) -> dict[str, float]:
+    """Sequential latencies, then throughput with `concurrency` submitters; during the throughput
+    round also CPU per job (the throughput ratio is CPU-bound on a small host: these say where the
+    CPU went)."""
     for _ in range(5):
         run_one()  # warm up: first connections, imports in the pool processes
     latencies = []
@@ -50,13 +85,15 @@ def measure(run_one: Callable[[], None], jobs: int, concurrency: int) -> dict[st
         start = time.perf_counter()
         run_one()
         latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), meter.now()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: run_one(), range(jobs)))
     elapsed = time.perf_counter() - start
+    used = {k: v - cpu[k] for k, v in meter.now().items()}
     return {"p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
             "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": statistics.mean(latencies) * 1e3,
-            "throughput_per_s": jobs / elapsed}
+            "throughput_per_s": jobs / elapsed, **{f"{k}_cpu_ms": v / jobs * 1e3 for k, v in used.items()},
+            "host_busy": used["host"] / elapsed / (os.cpu_count() or 1)}
 
 
 def main() -> None:
@@ -79,9 +116,11 @@ def main() -> None:
             worker = Worker(env, node="bench@host", log_path=base / "worker.log")
             worker.extra_args = ["--include", "bench.noop"]
             worker.start(client)
+            services = {"redis": redis_server.proc.pid, "s3": s3._proc.pid}  # (SeaweedFS: one `weed mini` process)
+            meter = CpuMeter(worker.proc.pid, services)
             try:
                 baseline = measure(lambda: chain(*[client.signature("bench.noop") for _ in range(5)])
-                                   .apply_async().get(timeout=60), args.jobs, args.concurrency)
+                                   .apply_async().get(timeout=60), args.jobs, args.concurrency, meter)
 
                 def one_job() -> None:
                     job = {"id": f"bench-{uuid.uuid4().hex[:12]}", "command": "ls"}
@@ -90,13 +129,13 @@ def main() -> None:
                     STAGES.setdefault(record["sandbox"]["runtime"], []).append(
                         {k: v["duration_s"] for k, v in record["stages"].items()})
 
-                pipeline = measure(one_job, args.jobs, args.concurrency)
+                pipeline = measure(one_job, args.jobs, args.concurrency, meter)
             finally:
                 worker.stop()
-            fly = measure_fly(client, env, base, one_job, args) if args.runtime == "fly" else None
+            fly = measure_fly(client, env, base, one_job, args, services) if args.runtime == "fly" else None
     finally:
         redis_server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        remove_work_dir(str(base))
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'per s':>10}")
     for name, row in (("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)):
         print(f"{name:24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}{row['throughput_per_s']:10.1f}")
@@ -108,6 +147,16 @@ def main() -> None:
               f"{row['throughput_per_s']:10.1f}")
         print(f"{'ratio fly/local job':24}" + "".join(f"{row[k] / pipeline[k]:10.2f}" for k in keys))
         print(f"Machines API calls per job: {calls_per_job:.2f} (goal <= 4)")
+    print(f"throughput round, CPU ms per job or chain: stack = the worker with its sandboxes, Redis, SeaweedFS, "
+          f"this client; host = all {os.cpu_count()} cores, other tenants included")
+    cpu_rows = [("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)]
+    for name, row in cpu_rows + ([("fly job (ls), fake API", fly[0])] if fly else []):
+        print(f"  {name:22}stack {row['stack_cpu_ms']:6.1f}  worker {row['worker_cpu_ms']:6.1f}  "
+              f"host {row['host_cpu_ms']:6.1f} (busy {row['host_busy'] * 100:3.0f}%)   of the stack: "
+              + ", ".join(f"{part} {row[part + '_cpu_ms']:.1f}" for part in ("sandboxes", "redis", "s3", "client")))
+    print(f"  {'ratio job/chain':22}stack {pipeline['stack_cpu_ms'] / baseline['stack_cpu_ms']:6.2f}  "
+          f"worker {pipeline['worker_cpu_ms'] / baseline['worker_cpu_ms']:6.2f}  "
+          f"host {pipeline['host_cpu_ms'] / baseline['host_cpu_ms']:6.2f}")
     print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup")))
     for runtime, rows in STAGES.items():
         print(f"{runtime:14}" + "".join(f"{statistics.median(r.get(stage, 0) for r in rows) * 1e3:10.1f}"
@@ -115,7 +164,7 @@ def main() -> None:
 
 
 def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callable[[], None],
-                args: argparse.Namespace) -> tuple[dict[str, float], float]:
+                args: argparse.Namespace, services: dict[str, int]) -> tuple[dict[str, float], float]:
     """The same jobs on FlyRuntime against the fake Machines API (zero delays, the real agent)."""
     from devstack.processes import free_port
     from tests.support.fakefly import FakeFly
@@ -129,7 +178,7 @@ def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callab
     worker.start(client)
     fake.requests.clear()  # the worker's own start-up listing is not a job's
     try:
-        row = measure(one_job, args.jobs, args.concurrency)
+        row = measure(one_job, args.jobs, args.concurrency, CpuMeter(worker.proc.pid, services))
         jobs = 5 + 2 * args.jobs  # measure's warm-up, sequential and parallel rounds
         return row, len(fake.requests) / jobs
     finally:

@@ -10,7 +10,6 @@ groups) against 0.02-0.1 ms under /var/lib, and each sandbox creates about ten f
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from config.settings import load_settings  # noqa: E402
 from sandbox.runtimes import cgroups, dynmods  # noqa: E402
 from sandbox.runtimes.local import LocalRuntime  # noqa: E402
 from sandbox.spec import JobSpec, ResourceLimits  # noqa: E402
+from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the run dir's tmpfs too)
 
 BARE = ["/usr/bin/bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
         "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
@@ -107,7 +107,7 @@ def main() -> None:
     finally:
         for h in handles:
             rt.destroy(h)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_dir(work)
     for name, times in phases.items():
         variants[name] = times[2:]  # drop the warm-ups
 

@@ -236,6 +236,9 @@ class Settings:
     max_input_files: int = _setting("SANDBOX_MAX_INPUT_FILES", "100", _positive_int)
     max_inline_bytes: int = _setting("SANDBOX_MAX_INLINE_BYTES", "10Mi", parse_size)
     work_dir: str = _setting("SANDBOX_WORK_DIR", "/var/lib/sandbox")
+    # Per-sandbox volatile state (sandbox/runtimes/rundir.py): "" is <work dir>/run, a tmpfs the
+    # runtime mounts at start-up; only the disk images stay on the work dir's file system.
+    run_dir: str = _setting("SANDBOX_RUN_DIR", "", _absolute_path)
     # The first host uid of the range jobs run as: not a system account (65534 is "nobody", whose
     # per-uid kernel counters host daemons share), and clear of /etc/subuid ranges.
     sandbox_uid: int = _setting("SANDBOX_UID", "1000000", _positive_int)
@@ -293,6 +296,8 @@ class Settings:
     node_disk_bytes: int = _setting("SANDBOX_NODE_DISK", "", _auto_size)  # default: the work dir's free space
     cpu_overcommit: float = _setting("SANDBOX_CPU_OVERCOMMIT", "4", _positive_float)  # cgroup quotas cap each job
     node_max_sandboxes: int = _setting("SANDBOX_NODE_MAX_SANDBOXES", "64", _positive_int)
+    # submit builds the sandbox itself when its node admits the job at once (one Celery hop fewer)
+    create_in_submit: bool = _setting("SANDBOX_CREATE_IN_SUBMIT", "true", _bool)
     # Reliability under faults (docs/reliability.md)
     max_deliveries: int = _setting("SANDBOX_MAX_DELIVERIES", "3", _positive_int)
     require_durable_redis: bool = _setting("SANDBOX_REQUIRE_DURABLE_REDIS", "false", _bool)
@@ -384,6 +389,10 @@ def _check_consistency(s: Settings) -> None:
     if s.sandbox_uid + s.sandbox_uid_count > 2**31:
         raise ConfigError("SANDBOX_UID_COUNT", f"the range {s.sandbox_uid}..{s.sandbox_uid + s.sandbox_uid_count - 1} "
                           "must end below 2^31")
+    work, run = os.path.abspath(s.work_dir), os.path.abspath(s.run_dir or s.work_dir + "/run")
+    if run == work or work.startswith(run.rstrip("/") + "/"):
+        raise ConfigError("SANDBOX_RUN_DIR", f"{s.run_dir} must not be SANDBOX_WORK_DIR or above it "
+                          "(its tmpfs would hide the disk images)")
     if s.node_dead_after_s < 2 * s.heartbeat_interval_s:
         raise ConfigError("SANDBOX_NODE_DEAD_AFTER", f"must be at least twice SANDBOX_HEARTBEAT_INTERVAL "
                           f"({s.heartbeat_interval_s:g} s), or one late heartbeat declares a live node dead")

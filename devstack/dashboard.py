@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--pause", type=float, default=6.0, help="seconds between rounds")
     args = parser.parse_args()
+    from sandbox.runtimes.diskimage import unmount
+    unmount(str(OUT / "work" / "run"))  # the last run's tmpfs run dir (SANDBOX_RUN_DIR), or rmtree stops at it
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     IMG.mkdir(parents=True, exist_ok=True)

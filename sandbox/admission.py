@@ -121,6 +121,13 @@ class Admission:
         self.capacity = Capacity.of(settings)
         self._script = client.register_script(_ADMIT)
         self._released = threading.Condition()
+        self._waiting = 0  # this process's creates waiting for capacity (guarded by _released)
+
+    @property
+    def waiting(self) -> int:
+        """How many creates of this process wait for capacity now (a submit admitting its job at once
+        would overtake them)."""
+        return self._waiting
 
     def publish_capacity(self) -> None:
         """Write this node's capacity where submit-time checks and operators read it."""
@@ -141,23 +148,32 @@ class Admission:
 
     def admit(self, job_id: str, req: Request, wait_s: float, still_wanted: Callable[[], bool]) -> bool:
         """Admit, waiting up to `wait_s` for capacity to come back; False if it did not (or the job
-        ended meanwhile: `still_wanted` is asked about once a second)."""
+        ended meanwhile: `still_wanted` is asked about once a second). `wait_s` 0: one try, no wait."""
+        short = self.try_admit(job_id, req)
+        if short == "ok" or wait_s <= 0:
+            return short == "ok"
         deadline = time.monotonic() + wait_s
         next_check = time.monotonic() + 1.0
-        while True:
-            short = self.try_admit(job_id, req)
-            if short == "ok":
-                return True
-            now = time.monotonic()
-            if now >= deadline:
-                log.info("job %s not admitted on %s within %.0f s (short of %s)", job_id, self.node, wait_s, short)
-                return False
-            if now >= next_check:
-                if not still_wanted():
+        with self._released:
+            self._waiting += 1
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    log.info("job %s not admitted on %s within %.0f s (short of %s)", job_id, self.node, wait_s, short)
                     return False
-                next_check = now + 1.0
+                if now >= next_check:
+                    if not still_wanted():
+                        return False
+                    next_check = now + 1.0
+                with self._released:
+                    self._released.wait(min(POLL_S, deadline - now))
+                short = self.try_admit(job_id, req)
+                if short == "ok":
+                    return True
+        finally:
             with self._released:
-                self._released.wait(min(POLL_S, deadline - now))
+                self._waiting -= 1
 
     def release(self, job_id: str) -> None:
         """Give the job's share back (idempotent) and wake this process's waiting creates."""

@@ -70,6 +70,15 @@ def dispatched(svc: Services, job_id: str) -> None:
     svc.store.update(job_id, lambda r: r.update(dispatched_at=time.time()))
 
 
+def created_not_dispatched(record: JobRecord, task_id: str) -> bool:
+    """True when this submit (`task_id`) built the job's sandbox itself and died before it sent the
+    later stages: its redelivery sends them (a submit that sends the whole chain marks it dispatched
+    before any create can run, so only the submit's own create leaves this state)."""
+    create = (record.get("stages") or {}).get("create") or {}
+    return (record.get("submit_task_id") == task_id and not record.get("dispatched_at")
+            and bool(record.get("sandbox")) and create.get("finished_at") is not None)
+
+
 def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     job_id = job_id_of(raw) or f"rejected-{uuid.uuid4().hex}"
     record = new_record(job_id, JobStatus.REJECTED)
@@ -86,13 +95,14 @@ def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     return record
 
 
-def create(svc: Services, job_id: str, admit_wait_s: float = 0.0) -> bool:
+def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec | None = None) -> bool:
     """Admit the job on this node, then make its sandbox and remember its handle.
 
-    False when the node could not admit it within `admit_wait_s`: nothing was built, the job is
-    still `queued`, and the caller puts it back in the queue.
+    False when the node could not admit it within `admit_wait_s` (0: one try, no wait): nothing was
+    built, the job is still `queued`, and the caller puts it back in the queue. `spec`: the job's
+    stored spec when the caller has read it already.
     """
-    spec = job_spec(svc, job_id)
+    spec = spec or job_spec(svc, job_id)
     if svc.admission is not None:
         def still_wanted() -> bool:
             return not JobStatus(svc.store.get(job_id)["status"]).terminal

@@ -41,6 +41,10 @@ side_work = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sandbox-side"
 # Task events (received, started, succeeded) wait this long in the dispatcher's buffer, so that one
 # PUBLISH carries those of many tasks: Celery flushed on the next loop tick, ~2.5 PUBLISH per task.
 EVENT_BATCH_S = 0.05
+# Celery's dispatcher also flushes, in the sending thread, whenever 24 events wait: at ~25 jobs/s
+# (23 events each) that was most batches, each a PUBLISH from a pool thread. Only this bound (memory
+# while the batch thread is late) flushes early now.
+EVENT_BUFFER_LIMIT = 1000
 
 
 class Poison(Exception):
@@ -114,6 +118,17 @@ class Consumer(CeleryConsumer):
         threading.Thread(target=self._flush_events_in_batches, name="sandbox-events", daemon=True).start()
         # The task-sent events of the chain links this worker publishes join the same batches.
         self.app.amqp._event_dispatcher = _SentEventsInBatches(self, self.app.amqp._event_dispatcher)
+
+    @property
+    def event_dispatcher(self) -> Any:
+        return self._event_dispatcher
+
+    @event_dispatcher.setter
+    def event_dispatcher(self, dispatcher: Any) -> None:
+        # Celery's Events step makes a new dispatcher at every (re)connect: each gets the bound.
+        if dispatcher is not None:
+            dispatcher.buffer_limit = EVENT_BUFFER_LIMIT
+        self._event_dispatcher = dispatcher
 
     def on_send_event_buffered(self) -> None:
         # (Celery's own: hub.call_soon(flush) for every buffered event.) The dispatcher's mutex

@@ -30,6 +30,7 @@ audit_log = logging.getLogger(obs_logging.AUDIT_LOGGER)
 STAGES = ("sandbox.create", "sandbox.prepare", "sandbox.execute", "sandbox.collect", "sandbox.cleanup")
 _JOB_ID_FIRST = set(STAGES) | {"sandbox.notify", "sandbox.cancel"}
 _RECORD_RESULTS = ("sandbox.submit", "sandbox.cleanup")  # their results are whole job records
+RECORD_REPR_CHARS = 64  # of a job record's repr, in what Celery shows only where no summary replaced it
 _MAX_ID_PARSE_BYTES = 256 * 1024  # a submit bigger than this shows as job=? in Flower (its stages don't)
 _UNSAFE = re.compile(r"[^\w .,:;=/()+@%-]")
 _settings = load_settings()
@@ -62,9 +63,21 @@ def _setup_logging(loglevel: Any = None, **_: Any) -> None:
     obs_logging.configure(_settings.log_format, loglevel or logging.INFO, stream=sys.__stderr__)
     logging.captureWarnings(True)
     logging.getLogger("celery.app.trace").addFilter(_no_records_in_success_lines)
+    # "Task … received" (Celery's strategy, once per task: six per job) costs a JSON line per task and
+    # says what Flower's task-received event says; "succeeded in <runtime>" (or the failure) stays the
+    # line per task. At DEBUG both come back.
+    if _level(loglevel) > logging.DEBUG:
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     from tasks.app import app
 
     app.log.redirect_stdouts_to_logger(logging.getLogger("celery.redirected"), loglevel=logging.WARNING)
+
+
+def _level(loglevel: Any) -> int:
+    if isinstance(loglevel, str):
+        named = logging.getLevelName(loglevel.upper())
+        return named if isinstance(named, int) else logging.INFO
+    return loglevel or logging.INFO
 
 
 def _no_records_in_success_lines(record: logging.LogRecord) -> bool:
@@ -180,15 +193,28 @@ def job_finished(record: dict[str, Any], once_key: str | None = None) -> None:
     svc = _services()
     job_id = record["id"]
     once_key = once_key or f"sandbox:job:{job_id}:metered"
-    if not svc.store.redis.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s):
+    # the rejection itself was audited when it happened
+    events = [e for e in record.get("security_events") or [] if e.get("type") != "rejected"]
+    upload = record.get("status") != "rejected"  # a rejection has no sandbox and no logs; its line is in the log
+    lines = None
+    if upload and not events:
+        # Most jobs log nothing more here: the trail is whole now, so the count's claim and the
+        # trail's read are one round trip (the read is wasted only on a redelivered cleanup).
+        audit.flush(job_id)
+        pipe = svc.store.redis.pipeline(transaction=False)
+        pipe.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s)
+        pipe.lrange(audit.audit_list_key(job_id), 0, -1)
+        first, lines = pipe.execute()
+    else:
+        first = svc.store.redis.set(once_key, 1, nx=True, ex=svc.settings.record_ttl_s)
+    if not first:
         return
     runtime = (record.get("sandbox") or {}).get("runtime") or svc.settings.runtime
     metrics.job_finished(record, runtime)
-    for event in record.get("security_events") or []:
-        if event.get("type") != "rejected":  # the rejection itself was audited when it happened
-            audit_log.warning(json.dumps({"op": "security_event", "job_id": job_id, **event}, sort_keys=True, default=str))
-    if record.get("status") != "rejected":  # a rejection has no sandbox and no logs; its line is in the log
-        audit.upload(svc.store.redis, svc.artifacts, job_id)
+    for event in events:
+        audit_log.warning(json.dumps({"op": "security_event", "job_id": job_id, **event}, sort_keys=True, default=str))
+    if upload:
+        audit.upload(svc.store.redis, svc.artifacts, job_id, lines)
 
 
 def _swept(name: str, ended: list[str]) -> None:
@@ -270,6 +296,12 @@ class SandboxTask(Task):
     (chain links are sent by the worker running the previous stage) and from the worker's own."""
 
     Request = "tasks.monitoring:JobRequest"
+
+    @property
+    def resultrepr_maxsize(self) -> int:  # type: ignore[override]
+        # Celery reprs every return value (its success line and task-succeeded event); a job record
+        # took ~0.2 ms to repr, and both places say "(the job record)" or the job's summary instead.
+        return RECORD_REPR_CHARS if self.name in _RECORD_RESULTS else Task.resultrepr_maxsize
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         if self.name in _JOB_ID_FIRST and args and isinstance(args[0], str):

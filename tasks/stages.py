@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 from celery import Task, chain, states
@@ -11,6 +12,9 @@ from celery.worker.control import control_command
 from config.settings import EXECUTE_HARD_MARGIN_S
 from sandbox import collecting, lifecycle, sweeps
 from sandbox.errors import JobNotFound, TransientError
+from sandbox.observability import logging as obs_logging
+from sandbox.observability import metrics
+from sandbox.spec import JobSpec
 from sandbox.state import JobStatus
 from tasks import monitoring
 from tasks.app import CREATE_SUFFIX, app, create_queue, node_queue, services
@@ -60,45 +64,118 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, notify: bool =
 
 @app.task(name="sandbox.submit", bind=True, ignore_result=True, resultrepr_maxsize=RECORD_REPR_CHARS)
 def submit(self, job: Any) -> dict | None:
-    """Validate and record a job, then start its five-stage chain; the result is the final record."""
-    record, run = lifecycle.submit(services(), job, self.request.id)
+    """Validate and record a job, build its sandbox here when this node admits it at once, then send
+    the rest of its stages; the result is the final record."""
+    svc = services()
+    record, run = lifecycle.submit(svc, job, self.request.id)
     if not run:
+        if lifecycle.created_not_dispatched(record, self.request.id):
+            # this very submit built the sandbox and died before it sent the later stages: send them
+            # now (a cancelled job's too: its collect keeps the logs, its cleanup destroys the sandbox)
+            spec = svc.store.spec(record["id"])
+            _send(self, pipeline(record["id"], float(spec["timeout_s"]), _wants_all(record),
+                                 first="prepare", queue=node_queue(record["sandbox"]["host"])))
+            return None
         if record.get("submit_task_id") == self.request.id and not JobStatus(record["status"]).terminal:
-            raise Ignore()  # this very submit, redelivered: its stages already carry its result
+            # this very submit, redelivered: its stages already carry its result, or it died while
+            # building the sandbox, and the node's reconcile or the stuck sweep ends the job (never twice)
+            raise Ignore()
         self.backend.store_result(self.request.id, record, states.SUCCESS, request=self.request)
         return record
-    notify = record.get("callback_events") == "all" and bool(record.get("callback_url"))
+    job_id = record["id"]
+    notify = _wants_all(record)
     if notify:
-        _notify_transitions(record["id"])
-    timeout_s = float(services().store.spec(record["id"])["timeout_s"])
-    lifecycle.dispatched(services(), record["id"])  # a redelivered submit must not send them again
+        _notify_transitions(job_id)
+    spec = svc.store.spec(job_id)
+    created = _create_here(job_id, spec, notify)
+    lifecycle.dispatched(svc, job_id)  # a redelivered submit must not send them again
+    if created:  # the rest goes where create would have sent it: this node's own queue
+        _send(self, pipeline(job_id, float(spec["timeout_s"]), notify, first="prepare", queue=node_queue(svc.host)))
+    else:  # the job waits in `<intake>.create` for any node that admits it, as every job used to
+        _send(self, pipeline(job_id, float(spec["timeout_s"]), notify, queue=create_queue(_intake(self))))
+    return None
+
+
+def _wants_all(record: dict) -> bool:
+    """The job asked to be told of every transition."""
+    return record.get("callback_events") == "all" and bool(record.get("callback_url"))
+
+
+def _create_here(job_id: str, spec: dict, notify: bool) -> bool:
+    """Run the create stage inside sandbox.submit when this node admits the job at once: one task
+    and one queue hop fewer per job. False (nothing held, the job still `queued`) when the job
+    should wait for admission in `<intake>.create` as before, or the create task should retry it.
+
+    Only a pinned runtime's (local) jobs: its later stages run on this node anyway, and admission
+    bounds the sandboxes a burst of submits builds. A Fly machine is no node's (no admission): a
+    burst of submits would start every machine before any job's prepare, so its create stays a
+    task of its own, taken after the intake's in-flight stages and submits.
+    """
+    svc = services()
+    if svc.admission is None or not svc.settings.create_in_submit:
+        return False
+    if svc.admission.waiting:
+        return False  # creates of this process wait for capacity: never overtake them
+    started = time.monotonic()
+    token = obs_logging.bind(stage="create")
+    try:
+        done = lifecycle.create(svc, job_id, admit_wait_s=0.0, spec=JobSpec.from_dict(spec))
+    except JobNotFound:
+        log.error("stage create: job %s has no record; tearing its sandbox down", job_id)
+        sweeps.abandon(svc, job_id)
+        raise
+    except TransientError as exc:
+        # create released what it took: the create task retries with its backoff, as it always did
+        log.warning("create of job %s in its submit failed (%s); the create task retries it", job_id, exc)
+        return False
+    except Exception as exc:  # noqa: BLE001 - any other failure is the job's end, as in run_stage
+        log.exception("stage create of job %s failed", job_id)
+        lifecycle.fail(svc, job_id, "create", exc)
+        done = True
+    finally:
+        obs_logging.unbind(token)
+    if done:
+        # what the create task's task_postrun recorded (tasks.monitoring): its stage duration
+        metrics.stage_finished("create", time.monotonic() - started)
+        if notify:
+            _notify_transitions(job_id)
+    return done
+
+
+def _send(task: Task, stages: chain) -> None:
+    """Send the job's stages; the last (cleanup) takes the submit task's id."""
     # The chain's last task (cleanup) takes this task's id, so its final record is what the
     # submitter's waiters get: what self.replace() does, without its signature copies. No success
     # event for this id may precede cleanup's (Flower's row is the job's): replace raises Ignore for
     # that, whose ExceptionInfo copied trace_task's code positions (~2 ms of worker CPU per job);
     # returning and dropping that one event (tasks.monitoring) costs nothing.
-    pipeline(record["id"], create_queue(_intake(self)), timeout_s, notify).apply_async(task_id=self.request.id,
-                                                                         root_id=self.request.root_id,
-                                                                         parent_id=self.request.id)
-    monitoring.handed_on(self.request.id)
-    return None
+    stages.apply_async(task_id=task.request.id, root_id=task.request.root_id, parent_id=task.request.id)
+    monitoring.handed_on(task.request.id)
 
 
-def pipeline(job_id: str, create_on: str, timeout_s: float, notify: bool = False) -> chain:
-    """create (on the queue every node admits from) → prepare → execute → collect → cleanup, with
-    the errback on each; create routes the later stages to its own node when the runtime is pinned."""
+STAGE_ORDER = ("create", "prepare", "execute", "collect", "cleanup")
+
+
+def pipeline(job_id: str, timeout_s: float, notify: bool = False, first: str = "create",
+             queue: str | None = None) -> chain:
+    """The job's stages from `first` to cleanup, with the errback on each, all sent to `queue`.
+    From create: `queue` is the one every node admits from, and create routes the later stages to
+    its own node when the runtime is pinned (to the intake otherwise)."""
     # Celery's time limits do not apply under the threads pool: the runtime enforces the job's own
     # timeout, and these are the backstop only where a worker runs the prefork pool.
     execute_limits = dict(soft_time_limit=timeout_s + EXECUTE_HARD_MARGIN_S / 2, time_limit=timeout_s + EXECUTE_HARD_MARGIN_S)
     # Only a job that asked for every transition pays a record read per stage to find new ones.
     extra = {"notify": True} if notify else {}
-    return chain(
-        create.si(job_id, **extra).set(queue=create_on),
-        prepare.si(job_id, **extra),
-        execute.si(job_id, **extra).set(**execute_limits),
-        collect.si(job_id, **extra),
-        cleanup.si(job_id, **extra),
-    ).on_error(on_stage_error.s())
+    routed = {"queue": queue} if queue else {}
+    steps = {"create": create.si(job_id, **extra).set(**routed),
+             "prepare": prepare.si(job_id, **extra),
+             "execute": execute.si(job_id, **extra).set(**execute_limits),
+             "collect": collect.si(job_id, **extra),
+             "cleanup": cleanup.si(job_id, **extra)}
+    chosen = [steps[name] for name in STAGE_ORDER[STAGE_ORDER.index(first):]]
+    if first != "create" and queue:
+        chosen = [step.set(queue=queue) for step in chosen]
+    return chain(*chosen).on_error(on_stage_error.s())
 
 
 def _intake(task: Task) -> str:

@@ -161,11 +161,15 @@ def flush(job_id: str) -> None:
         trail.flush(job_id)
 
 
-def upload(client: redis.Redis, artifacts: Any, job_id: str) -> int | None:
+def upload(client: redis.Redis, artifacts: Any, job_id: str, lines: list[bytes] | None = None) -> int | None:
     """Write the job's whole trail to jobs/{id}/logs/audit.jsonl (S3 has no append: the object is
-    rewritten each time the trail grows); None when there is nothing or the upload failed."""
-    flush(job_id)
-    lines = client.lrange(audit_list_key(job_id), 0, -1)
+    rewritten each time the trail grows); None when there is nothing or the upload failed.
+
+    `lines`: the trail as the caller just read it (after `flush(job_id)`, nothing logged since), to
+    save the read's round trip."""
+    if lines is None:
+        flush(job_id)
+        lines = client.lrange(audit_list_key(job_id), 0, -1)
     if not lines:
         return None
     body = b"".join(line + b"\n" for line in lines)

@@ -226,6 +226,19 @@ def mount_image(image: str, mnt: str, uid: int) -> None:
         os.chown(os.path.join(mnt, sub), uid, uid, follow_symlinks=False)
 
 
+def attached_images() -> set[str]:
+    """The backing files of every attached loop device on this host (read from sysfs)."""
+    found = set()
+    for n in os.listdir("/sys/block"):
+        if n.startswith("loop"):
+            try:
+                with open(f"/sys/block/{n}/loop/backing_file", encoding="utf-8") as f:
+                    found.add(f.read().rstrip("\n"))
+            except OSError:
+                continue  # not attached
+    return found
+
+
 def unmount(mnt: str) -> None:
     """Unmount `mnt` (the loop device auto-clears); lazily if busy; not mounted is fine."""
     path = mnt.encode()

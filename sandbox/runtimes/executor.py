@@ -122,7 +122,7 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
     if held is not None and not held.usable(spec):
         held.dispose(lambda: rt.cgroups.kill(sid))
         held = None
-    captures = {s: _Capture(s, os.path.join(d, "logs", log_prefix + s), rt.settings.max_log_bytes, sink)
+    captures = {s: _Capture(s, os.path.join(d, log_prefix + s), rt.settings.max_log_bytes, sink)
                 for s in ("stdout", "stderr")}
     egress, egress_error = None, ""
     if held is not None:

@@ -1,7 +1,9 @@
 """LocalRuntime: a job sandbox on this host from bubblewrap, per-job cgroups, seccomp and a disk image.
 
-Every method works from a fresh process given only the SandboxHandle: all state lives on disk
-under settings.work_dir/<sandbox_id>/ (meta.json, disk.img mounted at mnt/, logs/, markers).
+Every method works from a fresh process given only the SandboxHandle: all state lives under the
+run dir (a tmpfs, see rundir.py), in <run_dir>/<sandbox_id>/ (meta.json, markers, results, the
+capped logs, the workspace mounted at mnt/) and <run_dir>/.uids/, except the workspace's disk image,
+<work_dir>/images/<sandbox_id>.img.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import IO, Callable
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, uids
+from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, rundir, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.egress import EgressService, proxy_env
 from sandbox.runtimes import executor, prestart
@@ -32,6 +34,7 @@ BWRAP = "/usr/bin/bwrap"
 INSIDE_UID = 65534
 EXPIRY_MARGIN_S = 900.0  # create + prepare + collect + cleanup around the job's own timeout
 MIN_DISK_BYTES = 4 << 20  # ext4 needs room for its own metadata
+IMAGE_DIR = "images"  # under the work dir: the only per-sandbox file on its file system (root's, 0700)
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
 
 
@@ -42,14 +45,14 @@ def sandbox_id_for(job_id: str) -> str:
     return f"sbx-{job_id}"
 
 
-def _check_traversable(path: str, first_uid: int, count: int) -> None:
+def _check_traversable(path: str, first_uid: int, count: int, setting: str = "SANDBOX_WORK_DIR") -> None:
     """bwrap runs as a sandbox uid, so every uid of the range must be able to walk down to every
     sandbox directory: o+x (an owner's u+x covers one uid only, so it counts only for a range of one)."""
     current = path
     while True:
         st = os.stat(current)
         if not (st.st_mode & 0o001 or (count == 1 and st.st_uid == first_uid and st.st_mode & 0o100)):
-            raise ConfigError("SANDBOX_WORK_DIR", f"{current} must be searchable (o+x) by every sandbox uid "
+            raise ConfigError(setting, f"{current} must be searchable (o+x) by every sandbox uid "
                               f"(SANDBOX_UID {first_uid}, SANDBOX_UID_COUNT {count}); "
                               "use a directory like /var/lib/sandbox with mode 0711")
         if current == "/":
@@ -89,7 +92,13 @@ class LocalRuntime:
         self.favordynmods = dynmods.ensure(settings.cgroup_favor_dynmods)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
         _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
-        self.uids = uids.UidPool(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
+        self.run_dir = os.path.abspath(settings.run_dir or rundir.default_path(self.work_dir))
+        self.run_dir_in_memory = rundir.ensure(self.run_dir, self.work_dir,
+                                              rundir.size_bytes(settings.node_max_sandboxes, settings.max_log_bytes))
+        _check_traversable(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count, rundir.SETTING)
+        self.image_dir = os.path.join(self.work_dir, IMAGE_DIR)
+        os.makedirs(self.image_dir, mode=0o700, exist_ok=True)
+        self.uids = uids.UidPool(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.egress = EgressService(settings)  # its loop thread starts with the first outbound job
         self.prestarts = prestart.Prestarts() if settings.prestart else None
 
@@ -97,7 +106,10 @@ class LocalRuntime:
     def _dir(self, sandbox_id: str) -> str:
         if not sandbox_id.startswith("sbx-") or not _SAFE_ID.fullmatch(sandbox_id):
             raise SandboxFailure(f"malformed sandbox id {sandbox_id!r}")
-        return os.path.join(self.work_dir, sandbox_id)
+        return os.path.join(self.run_dir, sandbox_id)
+
+    def _image(self, sandbox_id: str) -> str:
+        return os.path.join(self.image_dir, sandbox_id + ".img")  # sandbox_id checked by _dir first
 
     def _meta(self, sandbox_id: str) -> dict | None:
         try:
@@ -124,7 +136,8 @@ class LocalRuntime:
         if meta is not None:
             return SandboxHandle.from_dict(meta["handle"])
         d = self._dir(sid)
-        if os.path.exists(d):  # a create that crashed half-way: start again from nothing
+        if os.path.exists(d) or os.path.lexists(self._image(sid)):  # a create that crashed half-way,
+            # or an image a reboot left (its state went with the tmpfs): start again from nothing
             self._teardown(sid)
         now = time.time()
         handle = SandboxHandle(
@@ -133,19 +146,21 @@ class LocalRuntime:
             data={"cgroup_version": self.cgroups.version},
         )
         try:
-            os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach etc/ and mnt/
-            os.mkdir(os.path.join(d, "logs"), 0o700)
+            os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach mnt/
             uid = self.uids.allocate(sid)  # after mkdir: a crash leaves a directory for destroy to find
             etc = fsutil.shared_etc(self.work_dir, INSIDE_UID)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
-            diskimage.clone_template(self.work_dir, os.path.join(d, "disk.img"), disk)
-            diskimage.mount_image(os.path.join(d, "disk.img"), os.path.join(d, "mnt"), uid)
+            image = self._image(sid)  # after mkdir: an image always has its directory until teardown
+            diskimage.clone_template(self.work_dir, image, disk)
+            diskimage.mount_image(image, os.path.join(d, "mnt"), uid)
             limits = cgroups.CgroupLimits(spec.resources.cpu, spec.resources.memory_bytes,
                                           spec.resources.pids)
             self.cgroups.create(sid, limits)
             meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc, "uid": uid,
                     "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
-            fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta)
+            # fsynced only on a disk: a reboot empties the tmpfs (and ends the mount, the cgroup and
+            # the processes it describes), so no torn meta.json can outlive a crash there
+            fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_in_memory)
         except RuntimeUnavailable:
             self._teardown(sid)
             raise
@@ -244,12 +259,12 @@ class LocalRuntime:
         out: dict[str, IO[bytes]] = {}
         for stream in ("stdout", "stderr"):
             try:
-                out[stream] = open(os.path.join(d, "logs", stream), "rb")
+                out[stream] = open(os.path.join(d, stream), "rb")
             except FileNotFoundError:
                 out[stream] = open(os.devnull, "rb")
         for stream in ("setup-stdout", "setup-stderr"):  # only for a job that had a setup command
             try:
-                out[stream] = open(os.path.join(d, "logs", stream), "rb")
+                out[stream] = open(os.path.join(d, stream), "rb")
             except FileNotFoundError:
                 pass
         return out
@@ -292,24 +307,62 @@ class LocalRuntime:
         # unmounted) has it. Released before the directory goes, so a crash here leaves a
         # directory whose destroy releases it; without meta.json (a half-made create) by a scan.
         self.uids.release(sid, meta.get("uid") if meta is not None else None)
+        try:
+            os.unlink(self._image(sid))  # before the directory: an image never outlives it but at a reboot
+        except FileNotFoundError:
+            pass
         if os.path.isdir(d):
             shutil.rmtree(d)  # fd-based on Linux: never follows a symlink out of the directory
 
     def reap_incomplete(self, older_than: float) -> list[str]:
-        """Tear down sandbox directories without meta.json (a create that died half-way) last
-        changed before `older_than`; list_sandboxes cannot see them, so no other sweep would."""
+        """Tear down what list_sandboxes cannot see, last changed before `older_than`: sandbox
+        directories without meta.json (a create that died half-way), disk images without a sandbox
+        directory (the run dir's tmpfs was emptied by a reboot) and directories of the layout
+        before the run dir (<work_dir>/sbx-*). No other sweep would find them."""
         reaped = []
-        for name in sorted(os.listdir(self.work_dir)):
+        for name in sorted(os.listdir(self.run_dir)):
             if not name.startswith("sbx-") or not _SAFE_ID.fullmatch(name) or self._meta(name) is not None:
                 continue
-            try:
-                if os.lstat(self._dir(name)).st_mtime >= older_than:
-                    continue  # a create may still be under way
-            except FileNotFoundError:
-                continue
-            self._teardown(name)
-            reaped.append(name)
+            if self._older(self._dir(name), older_than):  # else a create may still be under way
+                self._teardown(name)
+                reaped.append(name)
+        lone = [e.removesuffix(".img") for e in sorted(os.listdir(self.image_dir)) if e.endswith(".img")]
+        lone = [n for n in lone if n.startswith("sbx-") and _SAFE_ID.fullmatch(n) and not os.path.lexists(self._dir(n))
+                and self._older(self._image(n), older_than)]
+        attached = diskimage.attached_images() if lone else set()  # live: a worker with another run dir's
+        for name in lone:
+            if os.path.realpath(self._image(name)) not in attached:
+                self._teardown(name)  # its cgroup, uid claim and image; nothing is mounted after a reboot
+                reaped.append(name)
+        for name in sorted(os.listdir(self.work_dir)):
+            d = os.path.join(self.work_dir, name)
+            if (name.startswith("sbx-") and _SAFE_ID.fullmatch(name) and d != self.run_dir
+                    and self._older(d, older_than)):
+                self._teardown_legacy(name, d)
+                reaped.append(name)
         return reaped
+
+    @staticmethod
+    def _older(path: str, older_than: float) -> bool:
+        try:
+            return os.lstat(path).st_mtime < older_than
+        except FileNotFoundError:
+            return False
+
+    def _teardown_legacy(self, sid: str, d: str) -> None:
+        """A sandbox of the layout before the run dir (all in <work_dir>/<sid>/, its uid claim in
+        <work_dir>/.uids/): later stages no longer find it, so only this sweep ends it."""
+        self.cgroups.kill(sid)
+        self.cgroups.remove(sid)
+        diskimage.unmount(os.path.join(d, "mnt"))
+        if os.path.ismount(os.path.join(d, "mnt")):
+            raise SandboxFailure(f"workspace of {sid} is still mounted; not removing it")
+        legacy_uids = os.path.join(self.work_dir, uids.UID_DIR)
+        if os.path.isdir(legacy_uids) and not os.path.islink(legacy_uids):
+            for e in os.scandir(legacy_uids):
+                if e.name.isdigit() and e.is_symlink() and os.readlink(e.path) == sid:
+                    os.unlink(e.path)
+        shutil.rmtree(d)
 
     def reap_cgroups(self, older_than: float, keep: Callable[[str], bool]) -> list[str]:
         """Remove job cgroups (`sbx-<safe id>`) made before `older_than` that hold no process and
@@ -320,7 +373,7 @@ class LocalRuntime:
         for name, made_at in sorted(cgroups.idle_groups(self.cgroups, "sbx-").items()):
             if made_at >= older_than or not _SAFE_ID.fullmatch(name):
                 continue
-            if os.path.lexists(os.path.join(self.work_dir, name)) or keep(name):
+            if os.path.lexists(self._dir(name)) or os.path.lexists(self._image(name)) or keep(name):
                 continue
             try:
                 self.cgroups.remove(name)  # rmdir: the kernel refuses a group a process joined meanwhile
@@ -330,9 +383,9 @@ class LocalRuntime:
         return removed
 
     def list_sandboxes(self) -> list[SandboxInfo]:
-        """Every sandbox with a meta file under work_dir."""
+        """Every sandbox with a meta file under the run dir."""
         found = []
-        for name in sorted(os.listdir(self.work_dir)):
+        for name in sorted(os.listdir(self.run_dir)):
             if not name.startswith("sbx-") or not _SAFE_ID.fullmatch(name):
                 continue
             meta = self._meta(name)

@@ -4,10 +4,11 @@ Why: per-uid kernel counters (inotify instances and watches, pending signals, RL
 user-namespace counts) are shared by every process of a uid, so with one uid for all sandboxes a
 job could take all 128 inotify instances and starve every concurrent job.
 
-A uid is held by the entry <work_dir>/.uids/<uid> (root's directory, 0700): a symlink whose target
+A uid is held by the entry <run_dir>/.uids/<uid> (root's directory, 0700): a symlink whose target
 is the holder's sandbox id. symlink(2) fails with EEXIST like O_CREAT|O_EXCL, so two sandboxes
 never get the same uid, and the target says who holds it at no extra write, so a release only ever
 removes its own entry and a sandbox that crashed before its meta.json can still find its uid.
+The run dir is a tmpfs (rundir.py): a reboot, which ends every sandbox, frees every uid with it.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ UID_DIR = ".uids"
 class UidPool:
     """Allocates and releases the host uids of sandboxes; state lives only in the entry directory."""
 
-    def __init__(self, work_dir: str, first: int, count: int) -> None:
+    def __init__(self, run_dir: str, first: int, count: int) -> None:
         self.first, self.count = first, count
-        self.dir = os.path.join(work_dir, UID_DIR)
+        self.dir = os.path.join(run_dir, UID_DIR)
         try:
             os.mkdir(self.dir, 0o700)
         except FileExistsError:

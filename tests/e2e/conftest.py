@@ -90,5 +90,5 @@ def sandbox_left(job_id: str, stack_env: dict[str, str]) -> list[str]:
                                 headers={"Authorization": f"FlyV1 {stack_env['SANDBOX_FLY_API_TOKEN']}"},
                                 timeout=10).json()
         return [m["id"] for m in machines if (m["config"].get("metadata") or {}).get("sandbox_job") == job_id]
-    work = Path(stack_env["SANDBOX_WORK_DIR"])
-    return [p.name for p in work.iterdir() if job_id in p.name]
+    work = Path(stack_env["SANDBOX_WORK_DIR"])  # its state in the run dir, its disk image in images/
+    return [p.name for d in (work, work / "run", work / "images") if d.is_dir() for p in d.iterdir() if job_id in p.name]

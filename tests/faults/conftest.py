@@ -127,14 +127,23 @@ def lines_of(client: redis.Redis, job_id: str, text: bytes) -> int:
     return sum(text in e.get(b"line", b"") for _, e in client.xrange(f"sandbox:job:{job_id}:logs"))
 
 
+def sandbox_dirs(work_dir: Path) -> list[str]:
+    """The sandbox directories in the work dir's run dir (default SANDBOX_RUN_DIR)."""
+    run = work_dir / "run"
+    return [p.name for p in run.iterdir() if p.name.startswith("sbx-")] if run.is_dir() else []
+
+
 def assert_host_clean(work_dir: Path) -> None:
     """Nothing of any sandbox is left: dirs, mounts, loop devices, cgroups, host uids, processes."""
     work = os.path.realpath(work_dir)
-    assert not [p.name for p in work_dir.iterdir() if p.name.startswith("sbx-")], "sandbox dirs left"
-    uids = work_dir / ".uids"
+    assert not sandbox_dirs(work_dir), "sandbox dirs left"
+    images = work_dir / "images"
+    assert not (images.is_dir() and os.listdir(images)), f"disk images left: {os.listdir(images)}"
+    uids = work_dir / "run" / ".uids"
     assert not (uids.is_dir() and os.listdir(uids)), f"host uids still allocated: {os.listdir(uids)}"
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        assert not [line for line in f if f" {work}/" in line], "mounts left under the work dir"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:  # the run dir's own tmpfs stays, like /run
+        mounts = [line.split()[4] for line in f]
+    assert not [m for m in mounts if m.startswith(f"{work}/") and m != f"{work}/run"], "mounts left under the work dir"
     loops = []
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:

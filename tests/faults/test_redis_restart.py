@@ -10,7 +10,7 @@ import requests
 from celery import Celery
 
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import TERMINAL, assert_host_clean, lines_of, record_of
+from tests.faults.conftest import TERMINAL, assert_host_clean, lines_of, record_of, sandbox_dirs
 
 JOBS = 20
 WORK = "python3 -c \"import time; print('started', flush=True); time.sleep(3); print('finished', flush=True)\""
@@ -28,7 +28,7 @@ def test_a_stage_that_finds_its_record_gone_tears_its_sandbox_down(start_worker,
 
     client.flushall()
 
-    wait_for(lambda: not [p for p in fault_work_dir.iterdir() if p.name.startswith("sbx-")], timeout_s=30)
+    wait_for(lambda: not sandbox_dirs(fault_work_dir), timeout_s=30)
     assert_host_clean(fault_work_dir)
 
 
@@ -65,7 +65,7 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(start_worker, fault_cl
             assert requests.get(stdout[0], timeout=10).text.count("started") == 1
     statuses = sorted(record_of(client, j)["status"] for j in ids)
     print("statuses after the restart:", statuses)
-    wait_for(lambda: not [p for p in fault_work_dir.iterdir() if p.name.startswith("sbx-")], timeout_s=30)
+    wait_for(lambda: not sandbox_dirs(fault_work_dir), timeout_s=30)
     assert_host_clean(fault_work_dir)
     record = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": new_job_id("f-after"),
                                                                           "command": "ls"})], queue=queue).get(timeout=90)

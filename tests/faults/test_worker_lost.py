@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, lines_of, record_of, wait_terminal
+from tests.faults.conftest import assert_host_clean, lines_of, record_of, sandbox_dirs, wait_terminal
 
 SLOW = "python3 -c \"import time; print('started', flush=True); time.sleep(20); print('finished', flush=True)\""
 
@@ -63,7 +63,7 @@ def test_a_killed_worker_that_never_returns_has_its_job_ended_by_the_stuck_sweep
     assert last["node"] == survivor.node
     # the sandbox of the dead node is on this host's work dir: the survivor's orphan sweep takes it
     fault_client.send_task("sandbox.sweep_node", queue="faults-survivor")  # (its result is not stored)
-    wait_for(lambda: not [p for p in fault_work_dir.iterdir() if p.name.startswith("sbx-")], timeout_s=30)
+    wait_for(lambda: not sandbox_dirs(fault_work_dir), timeout_s=30)
     assert_host_clean(fault_work_dir)
     assert_normal_job(fault_client, "faults-survivor")
 

@@ -68,6 +68,24 @@ def test_each_resource_and_the_count_limit_admission(redis_client, tmp_path):
     assert Admission(redis_client, new_job_id("node"), huge).try_admit("h", Request(0.1, 10, 900 << 40)) == "free_disk"
 
 
+def test_creates_waiting_for_capacity_are_counted_so_no_submit_overtakes_them(redis_client, tmp_path):
+    # sandbox.submit builds a job itself only while no create of its process waits (tasks.stages)
+    settings = load_settings({"SANDBOX_WORK_DIR": str(tmp_path), "SANDBOX_NODE_MAX_SANDBOXES": "1"})
+    node = new_job_id("node")
+    ledger = Admission(redis_client, node, settings)
+    assert ledger.admit("held", SMALL, 0.0, lambda: True) and ledger.waiting == 0
+    assert not ledger.admit("now", SMALL, 0.0, lambda: True) and ledger.waiting == 0  # one try, no wait
+    answers: list[bool] = []
+    waiter = threading.Thread(target=lambda: answers.append(ledger.admit("waits", SMALL, 10.0, lambda: True)))
+    waiter.start()
+    wait_for(lambda: ledger.waiting == 1, timeout_s=5)
+    ledger.release("held")  # wakes the waiting create at once
+    waiter.join(timeout=5)
+    assert answers == [True] and ledger.waiting == 0
+    assert set(ledger.admitted()) == {"waits"}
+    redis_client.delete(admitted_key(node))
+
+
 def test_reconcile_keeps_live_and_young_entries_and_releases_the_rest(redis_client, tmp_path):
     ledger = Admission(redis_client, new_job_id("node"), load_settings({"SANDBOX_WORK_DIR": str(tmp_path)}))
     for job in ("live", "young", "ended", "old"):
@@ -127,7 +145,7 @@ def test_two_workers_of_one_node_never_hold_more_sandboxes_than_admitted(celery_
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], redis_client.hlen(admitted_key(node)))
-            live = sum(1 for p in Path(stack_env["SANDBOX_WORK_DIR"]).iterdir() if p.name in dirs)
+            live = sum(1 for p in (Path(stack_env["SANDBOX_WORK_DIR"]) / "run").iterdir() if p.name in dirs)
             peak_live[0] = max(peak_live[0], live)
             time.sleep(0.01)
 

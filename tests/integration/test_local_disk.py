@@ -53,12 +53,14 @@ def test_each_sandbox_gets_a_fresh_disk_and_the_template_never_changes(runtime, 
 def test_destroy_releases_mount_and_loop_device(runtime, settings) -> None:  # type: ignore[no-untyped-def]
     r, _, _, h = sh(runtime, "echo hi > f")
     assert r.outcome == "succeeded"
-    d = os.path.join(settings.work_dir, h.sandbox_id)
+    d = os.path.join(settings.work_dir, "run", h.sandbox_id)
+    images = os.path.join(settings.work_dir, "images")  # the one per-sandbox file on the work dir's disk
     assert os.path.ismount(os.path.join(d, "mnt"))
-    assert len(_loops_backed_under(d)) == 1
+    assert os.listdir(images) == [f"{h.sandbox_id}.img"]
+    assert len(_loops_backed_under(images)) == 1
     runtime.destroy(h)
-    assert not os.path.exists(d)
-    assert _loops_backed_under(d) == []  # autoclear detached it with the unmount
+    assert not os.path.exists(d) and os.listdir(images) == []
+    assert _loops_backed_under(images) == []  # autoclear detached it with the unmount
     runtime.destroy(h)  # a second destroy is a no-op
 
 
@@ -112,7 +114,7 @@ def test_one_template_per_disk_size_serves_every_sandbox_uid(runtime, settings) 
                                               for _ in range(2))
     assert ra.outcome == rb.outcome == "succeeded"
     assert out_a == out_b == f"{INSIDE_UID}\n{INSIDE_UID}\n".encode()
-    uids = {h.sandbox_id: os.stat(os.path.join(settings.work_dir, h.sandbox_id, "mnt", "workspace")).st_uid
+    uids = {h.sandbox_id: os.stat(os.path.join(settings.work_dir, "run", h.sandbox_id, "mnt", "workspace")).st_uid
             for h in (ha, hb)}
     assert len(set(uids.values())) == 2, uids
     assert len(glob.glob(os.path.join(settings.work_dir, diskimage.TEMPLATE_DIR, "*.img"))) == 1

@@ -59,7 +59,7 @@ def test_create_is_idempotent_and_listed(runtime) -> None:  # type: ignore[no-un
     runtime.destroy(first)
     runtime.destroy(first)  # idempotent: missing is fine
     assert runtime.list_sandboxes() == []
-    assert not os.path.exists(os.path.join(runtime.work_dir, first.sandbox_id))
+    assert not os.path.exists(os.path.join(runtime.run_dir, first.sandbox_id))
 
 
 def test_hostile_job_ids_never_become_paths(runtime) -> None:  # type: ignore[no-untyped-def]
@@ -108,8 +108,8 @@ def test_put_file_strips_special_bits_and_owns_by_sandbox_uid(runtime, settings)
     result = runtime.execute(handle, spec, lambda s, c: None)
     assert result.outcome == "succeeded"
     assert runtime.logs(handle)["stdout"].read() == f"755 {INSIDE_UID}\nran\n".encode()
-    host_uid = json.load(open(os.path.join(settings.work_dir, handle.sandbox_id, "meta.json")))["uid"]
-    st = os.stat(os.path.join(settings.work_dir, handle.sandbox_id, "mnt", "workspace", "in", "deep", "x.sh"))
+    host_uid = json.load(open(os.path.join(settings.work_dir, "run", handle.sandbox_id, "meta.json")))["uid"]
+    st = os.stat(os.path.join(settings.work_dir, "run", handle.sandbox_id, "mnt", "workspace", "in", "deep", "x.sh"))
     assert (st.st_uid, st.st_gid) == (host_uid, host_uid)  # on the host: the sandbox's own uid
 
 
@@ -190,7 +190,7 @@ def test_kill_from_another_process_cancels(runtime, settings) -> None:  # type: 
     box: dict[str, ExecResult] = {}
     worker = threading.Thread(target=lambda: box.setdefault("r", runtime.execute(handle, spec, lambda s, c: None)))
     worker.start()
-    log = os.path.join(settings.work_dir, handle.sandbox_id, "logs", "stdout")
+    log = os.path.join(settings.work_dir, "run", handle.sandbox_id, "stdout")
     for _ in range(500):
         if os.path.exists(log) and os.path.getsize(log):
             break
@@ -230,13 +230,13 @@ def test_a_kill_while_the_launcher_is_still_joining_its_cgroups_still_cancels(ru
 
 
 def _uid_of(rt, handle: SandboxHandle) -> int:  # type: ignore[no-untyped-def]
-    with open(os.path.join(rt.work_dir, handle.sandbox_id, "meta.json"), encoding="utf-8") as f:
+    with open(os.path.join(rt.run_dir, handle.sandbox_id, "meta.json"), encoding="utf-8") as f:
         return int(json.load(f)["uid"])
 
 
 def _held(rt) -> dict[int, str]:  # type: ignore[no-untyped-def]
     """uid -> sandbox id of every allocation entry."""
-    d = os.path.join(rt.work_dir, ".uids")
+    d = os.path.join(rt.run_dir, ".uids")
     return {int(name): os.readlink(os.path.join(d, name)) for name in os.listdir(d)}
 
 
@@ -248,7 +248,7 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids_and_destroy_releases_the
     first = settings.sandbox_uid
     assert len(set(uids)) == 4 and all(first <= u < first + settings.sandbox_uid_count for u in uids), uids
     assert _held(runtime) == {u: h.sandbox_id for u, h in zip(uids, handles)}
-    st = os.stat(os.path.join(runtime.work_dir, ".uids"))
+    st = os.stat(os.path.join(runtime.run_dir, ".uids"))
     assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
     threads = [threading.Thread(target=runtime.execute, args=(h, s, lambda *a: None)) for h, s in zip(handles, specs)]
     for t in threads:
@@ -257,7 +257,7 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids_and_destroy_releases_the
         t.join(60)
     for h, u in zip(handles, uids):
         assert runtime.logs(h)["stdout"].read() == f"{INSIDE_UID}\n".encode()  # the namespace's view
-        mnt = os.path.join(runtime.work_dir, h.sandbox_id, "mnt")
+        mnt = os.path.join(runtime.run_dir, h.sandbox_id, "mnt")
         assert os.stat(os.path.join(mnt, "workspace", "mine")).st_uid == u  # the kernel's: the host uid
         for sub in ("workspace", "tmp"):
             st = os.stat(os.path.join(mnt, sub))
@@ -284,11 +284,11 @@ def test_destroy_of_a_half_made_sandbox_releases_its_uid(runtime) -> None:  # ty
     spec = make_spec(["/bin/true"])
     handle = runtime.create(spec, "h")
     uid = _uid_of(runtime, handle)
-    os.unlink(os.path.join(runtime.work_dir, handle.sandbox_id, "meta.json"))
+    os.unlink(os.path.join(runtime.run_dir, handle.sandbox_id, "meta.json"))
     other = runtime.create(make_spec(["/bin/true"]), "h")
     runtime.destroy(handle)
     assert _held(runtime) == {_uid_of(runtime, other): other.sandbox_id} and uid != _uid_of(runtime, other)
-    assert not os.path.exists(os.path.join(runtime.work_dir, handle.sandbox_id))
+    assert not os.path.exists(os.path.join(runtime.run_dir, handle.sandbox_id))
     runtime.destroy(other)
 
 
@@ -303,7 +303,7 @@ def test_no_free_uid_is_transient_and_takes_nobody_else_s(settings) -> None:  # 
     spec = make_spec(["/bin/sh", "-c", "id -u; stat -c %u ."])
     with pytest.raises(RuntimeUnavailable, match="SANDBOX_UID_COUNT"):
         rt.create(spec, "h")
-    assert not os.path.exists(os.path.join(rt.work_dir, f"sbx-{spec.id}"))
+    assert not os.path.exists(os.path.join(rt.run_dir, f"sbx-{spec.id}"))
     assert _held(rt) == {70000: live.sandbox_id}  # the failed create left the live sandbox's uid alone
     rt.destroy(live)
     handle = rt.create(spec, "h")  # the stage's retry, once a uid is free again
@@ -340,6 +340,6 @@ def test_a_command_that_ends_on_its_own_before_the_kill_lands_is_recorded_as_it_
     worker = threading.Thread(target=lambda: results.append(runtime.execute(handle, spec, lambda s, c: None)))
     worker.start()
     time.sleep(0.2)
-    open(os.path.join(settings.work_dir, handle.sandbox_id, "cancelled"), "w").close()  # the kill never lands
+    open(os.path.join(settings.work_dir, "run", handle.sandbox_id, "cancelled"), "w").close()  # the kill never lands
     worker.join(30)
     assert results and results[0].outcome == "succeeded" and results[0].exit_code == 0, results

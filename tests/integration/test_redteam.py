@@ -160,7 +160,7 @@ def test_host_processes_of_the_same_uid_and_host_sockets_are_out_of_reach(runtim
     spec = make_spec(["/usr/bin/python3", "-c", "PROBE", "NAME"])  # argv filled in below
     name = f"redteam-{uuid.uuid4().hex}"
     handle0 = runtime.create(spec, "h")  # the uid is allocated at create; the victim takes the same one
-    with open(os.path.join(settings.work_dir, handle0.sandbox_id, "meta.json")) as f:
+    with open(os.path.join(settings.work_dir, "run", handle0.sandbox_id, "meta.json")) as f:
         uid = str(json.load(f)["uid"])
     victim = subprocess.Popen(["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                                "/bin/sleep", "60"])
@@ -250,7 +250,7 @@ def test_one_job_cannot_starve_a_concurrent_job_of_inotify(runtime, settings) ->
     handle = runtime.create(spec, "h")
     holder = threading.Thread(target=runtime.execute, args=(handle, spec, lambda s, c: None))
     holder.start()
-    log = os.path.join(settings.work_dir, handle.sandbox_id, "logs", "stdout")
+    log = os.path.join(settings.work_dir, "run", handle.sandbox_id, "stdout")
     try:
         for _ in range(500):
             if os.path.exists(log) and os.path.getsize(log):
@@ -260,7 +260,7 @@ def test_one_job_cannot_starve_a_concurrent_job_of_inotify(runtime, settings) ->
         probe = INOTIFY_ALL.replace("print(n, flush=True)", "print(n, flush=True); open('mine', 'w').close()")
         result, out, err, other = run(runtime, ["/usr/bin/python3", "-c", probe, "0"])
         # the file the job made carries its real host uid (the namespace shows every job as SANDBOX_UID)
-        other_uid = os.stat(os.path.join(settings.work_dir, other.sandbox_id, "mnt", "workspace", "mine")).st_uid
+        other_uid = os.stat(os.path.join(settings.work_dir, "run", other.sandbox_id, "mnt", "workspace", "mine")).st_uid
     finally:
         runtime.kill(handle)
         holder.join(30)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -160,7 +161,7 @@ def test_a_create_that_died_half_way_is_torn_down_by_the_sweep(services):
 
     job_id = new_job_id("halfmade")
     handle = services.runtime.create(spec_for(job_id), HOST)
-    d = os.path.join(services.runtime.work_dir, handle.sandbox_id)
+    d = os.path.join(services.runtime.run_dir, handle.sandbox_id)
     os.unlink(os.path.join(d, "meta.json"))  # as if the worker died before writing it
     assert services.runtime.list_sandboxes() == []  # invisible to the ordinary sweep
 
@@ -168,7 +169,49 @@ def test_a_create_that_died_half_way_is_torn_down_by_the_sweep(services):
     assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
     assert not os.path.exists(d)
     assert not any(os.path.exists(g) for g in _group_dirs(services.runtime.cgroups, handle.sandbox_id))
-    assert not os.listdir(os.path.join(services.runtime.work_dir, ".uids"))  # its host uid is free again
+    assert not os.listdir(os.path.join(services.runtime.run_dir, ".uids"))  # its host uid is free again
+
+
+def test_after_a_reboot_the_sweep_removes_disk_images_the_empty_run_dir_no_longer_names(services):
+    import os
+    from sandbox.runtimes import diskimage
+
+    rt = services.runtime
+    job_id = new_job_id("rebooted")
+    handle = rt.create(spec_for(job_id), HOST)
+    image = os.path.join(rt.work_dir, "images", f"{handle.sandbox_id}.img")
+    assert os.path.isfile(image)
+    # a reboot: the mount, the cgroup and the run dir's tmpfs contents are gone; the image is not
+    d = os.path.join(rt.run_dir, handle.sandbox_id)
+    diskimage.unmount(os.path.join(d, "mnt"))
+    rt.cgroups.remove(handle.sandbox_id)
+    shutil.rmtree(d)
+    for entry in os.scandir(os.path.join(rt.run_dir, ".uids")):
+        os.unlink(entry.path)
+    assert rt.list_sandboxes() == []
+
+    assert sweeps.sweep_orphans(services) == []  # young: a create may still be under way
+    assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [handle.sandbox_id]
+    assert not os.path.exists(image) and os.listdir(os.path.join(rt.work_dir, "images")) == []
+
+
+def test_the_sweep_tears_down_a_sandbox_of_the_layout_before_the_run_dir(services):
+    """An upgrade leaves <work_dir>/sbx-*/ (mnt/, meta.json, disk.img) and its <work_dir>/.uids claim."""
+    import os
+
+    rt = services.runtime
+    sid = f"sbx-{new_job_id('legacy')}"
+    d = os.path.join(rt.work_dir, sid)
+    os.makedirs(os.path.join(d, "mnt", "workspace"))
+    open(os.path.join(d, "meta.json"), "w").close()
+    os.makedirs(os.path.join(rt.work_dir, ".uids"), mode=0o700, exist_ok=True)
+    os.symlink(sid, os.path.join(rt.work_dir, ".uids", "1000007"))
+    os.symlink("sbx-someone-else", os.path.join(rt.work_dir, ".uids", "1000008"))
+
+    assert sweeps.sweep_orphans(services) == []  # young: may be an old worker's create under way
+    assert sweeps.sweep_orphans(services, now=time.time() + sweeps.GRACE_S + 1) == [sid]
+    assert not os.path.exists(d)
+    assert os.listdir(os.path.join(rt.work_dir, ".uids")) == ["1000008"]  # only its own claim went
 
 
 def test_a_queue_no_live_node_consumes_is_reported(redis_client):

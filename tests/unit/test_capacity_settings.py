@@ -49,3 +49,11 @@ def test_the_worker_is_one_threaded_process_sized_by_admission_and_drains_in_pri
     assert celeryconfig.worker_concurrency == celeryconfig._settings.node_max_sandboxes + 16
     assert celeryconfig.broker_transport_options["queue_order_strategy"] == "priority"
     assert celeryconfig.task_acks_late is True
+
+
+def test_create_in_submit_is_on_by_default_and_a_bad_value_names_its_variable() -> None:
+    assert load_settings({}).create_in_submit is True
+    assert load_settings({"SANDBOX_CREATE_IN_SUBMIT": "false"}).create_in_submit is False
+    with pytest.raises(ConfigError) as e:
+        load_settings({"SANDBOX_CREATE_IN_SUBMIT": "sometimes"})
+    assert e.value.variable == "SANDBOX_CREATE_IN_SUBMIT"

@@ -63,3 +63,18 @@ def test_a_kombu_envelope_passes() -> None:
            "properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "q"},
                           "body_encoding": "base64"}}
     assert envelope_problem(raw, max_bytes=1024) is None
+
+
+def test_every_event_dispatcher_the_consumer_gets_flushes_only_from_the_batch_thread() -> None:
+    # Celery's Events step makes a dispatcher (buffer_limit=24) at every (re)connect; 24 waiting
+    # events made the sending pool thread publish a batch itself, one PUBLISH per ~24 events.
+    from celery.events.dispatcher import EventDispatcher
+
+    from tasks.consumer import EVENT_BUFFER_LIMIT, Consumer
+
+    consumer = Consumer.__new__(Consumer)  # (no broker: only the attribute's setter is under test)
+    for _ in range(2):
+        consumer.event_dispatcher = EventDispatcher(connection=None, enabled=False)
+        assert consumer.event_dispatcher.buffer_limit == EVENT_BUFFER_LIMIT > 24
+    consumer.event_dispatcher = None
+    assert consumer.event_dispatcher is None

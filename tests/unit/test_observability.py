@@ -133,3 +133,20 @@ def test_beat_counts_a_sweep_missed_only_a_period_and_grace_after_it_was_due(sta
     last = {name: {"at": now - ago} for name, ago in last_ago_s.items()}
     check = check_beat(_Sweeps(started, last), now, PERIODS)
     assert check.status == status and words in check.detail, check
+
+
+def test_celery_reprs_only_the_head_of_what_returns_a_job_record():
+    # Celery reprs every return value for its success line and task-succeeded event, where a job
+    # record is replaced anyway ("(the job record)", the job's summary): only its head is made.
+    from celery.utils.saferepr import saferepr
+
+    import tasks.stages  # noqa: F401 - registers the tasks
+    from tasks.app import app
+    from tasks.monitoring import RECORD_REPR_CHARS
+
+    record = {"id": "j-1", "status": "succeeded", "logs": {n: {"key": f"jobs/j-1/logs/{n}", "url": "u" * 300}
+                                                           for n in ("stdout.log", "stderr.log", "events.json")}}
+    for name in ("sandbox.cleanup", "sandbox.submit"):
+        size = app.tasks[name].resultrepr_maxsize
+        assert size == RECORD_REPR_CHARS and len(saferepr(record, size)) < 2 * RECORD_REPR_CHARS
+    assert app.tasks["sandbox.notify"].resultrepr_maxsize == app.tasks["sandbox.collect"].resultrepr_maxsize == 1024
