@@ -23,7 +23,7 @@ from sandbox import lifecycle
 from sandbox.admission import Request, admitted_key
 from sandbox.state import JobStatus
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, lines_of, record_of, wait_terminal
+from tests.faults.conftest import assert_host_clean, lines_of, sandbox_dirs, record_of, wait_terminal
 
 
 def _recorded(fault_env: dict, node: str, task_id: str) -> tuple[object, str, str]:
@@ -75,7 +75,7 @@ def test_a_submit_that_died_during_its_create_ends_the_job_once_and_builds_nothi
     svc.store.transition(job_id, JobStatus.CREATING, also=lambda r: r["stages"].setdefault("create", {}).update(
         host=node, pid=gone.pid, started_at=time.time() - 1, attempts=1))
     svc.runtime.create(spec, node)
-    assert [p for p in fault_work_dir.iterdir() if p.name == f"sbx-{job_id}"]
+    assert f"sbx-{job_id}" in sandbox_dirs(fault_work_dir)
 
     start_worker(node, queue=queue)  # the restarted node reconciles before it consumes
     record = wait_terminal(fault_redis_client, job_id, timeout_s=60)
