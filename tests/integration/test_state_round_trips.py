@@ -9,6 +9,8 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import redis
@@ -172,12 +174,22 @@ def test_a_terminal_event_refreshes_the_event_stream_ttl(redis_client, bus):
     assert 30 < redis_client.ttl(events_key(job_id)) <= 600
 
 
-def test_audit_lines_are_batched_in_order_and_flushed_for_a_job_on_demand(redis_client):
-    trail = audit.AuditTrail(redis_client, ttl_s=600, flush_delay_s=3600)  # no background flush here
-    logger = logging.getLogger("sandbox.audit.test-batch")
+@contextmanager
+def audit_logger(client: redis.Redis, name: str, flush_delay_s: float) -> Iterator[tuple[logging.Logger, audit.AuditTrail]]:
+    """A logger of its own whose lines go only to an AuditTrail on `client`; both closed after."""
+    trail = audit.AuditTrail(client, ttl_s=600, flush_delay_s=flush_delay_s)
+    logger = logging.getLogger(f"sandbox.audit.{name}")
     logger.propagate, logger.level = False, logging.INFO
     logger.addHandler(trail)
     try:
+        yield logger, trail
+    finally:
+        logger.removeHandler(trail)
+        trail.close()
+
+
+def test_audit_lines_are_batched_in_order_and_flushed_for_a_job_on_demand(redis_client):
+    with audit_logger(redis_client, "test-batch", flush_delay_s=3600) as (logger, trail):  # no background flush
         job_a, job_b = new_job_id("aud-a"), new_job_id("aud-b")
         for i in range(5):
             logger.info(json.dumps({"op": "put", "job_id": job_a, "n": i}))
@@ -190,17 +202,10 @@ def test_audit_lines_are_batched_in_order_and_flushed_for_a_job_on_demand(redis_
         assert 0 < redis_client.ttl(audit.audit_list_key(job_a)) <= 600
         trail.flush()
         assert redis_client.llen(audit.audit_list_key(job_b)) == 1
-    finally:
-        logger.removeHandler(trail)
-        trail.close()
 
 
 def test_audit_lines_reach_redis_without_any_flush_call(redis_client):
-    trail = audit.AuditTrail(redis_client, ttl_s=600, flush_delay_s=0.01)
-    logger = logging.getLogger("sandbox.audit.test-background")
-    logger.propagate, logger.level = False, logging.INFO
-    logger.addHandler(trail)
-    try:
+    with audit_logger(redis_client, "test-background", flush_delay_s=0.01) as (logger, _trail):
         job_id = new_job_id("aud-bg")
         threads = [threading.Thread(target=lambda i=i: logger.info(json.dumps({"op": "put", "job_id": job_id, "n": i})))
                    for i in range(20)]
@@ -208,25 +213,16 @@ def test_audit_lines_reach_redis_without_any_flush_call(redis_client):
             t.start()
         for t in threads:
             t.join()
-        deadline = time.monotonic() + 30
-        while redis_client.llen(audit.audit_list_key(job_id)) < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: redis_client.llen(audit.audit_list_key(job_id)) >= 20, timeout_s=30)
         lines = [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)]
         assert sorted(lines) == list(range(20))
-    finally:
-        logger.removeHandler(trail)
-        trail.close()
 
 
 def test_an_unreachable_redis_is_warned_about_once_and_lines_land_when_it_answers_again(redis_client, caplog):
     from devstack.processes import free_port
 
     down = redis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens there
-    trail = audit.AuditTrail(down, ttl_s=600, flush_delay_s=0.01)
-    logger = logging.getLogger("sandbox.audit.test-outage")
-    logger.propagate, logger.level = False, logging.INFO
-    logger.addHandler(trail)
-    try:
+    with audit_logger(down, "test-outage", flush_delay_s=0.01) as (logger, trail):
         job_id = new_job_id("aud-out")
         with caplog.at_level(logging.WARNING, logger=audit.log.name):
             logger.info(json.dumps({"op": "put", "job_id": job_id, "n": 0}))
@@ -238,11 +234,6 @@ def test_an_unreachable_redis_is_warned_about_once_and_lines_land_when_it_answer
             time.sleep(2)  # without the backoff and once-per-outage rule: a warning every 0.1 s or so
             assert failed() == 1
             trail.redis = redis_client  # Redis is back
-            deadline = time.monotonic() + 30
-            while redis_client.llen(audit.audit_list_key(job_id)) < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: redis_client.llen(audit.audit_list_key(job_id)) >= 1, timeout_s=30)
         assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)] == [0]
         assert any("reach Redis again" in r.getMessage() for r in caplog.records)
-    finally:
-        logger.removeHandler(trail)
-        trail.close()
