@@ -34,7 +34,11 @@ def create(rt: LocalRuntime, spec):  # type: ignore[no-untyped-def]
 
 
 def _ws(rt: LocalRuntime, sid: str, name: str) -> str:
-    return os.path.join(rt.work_dir, sid, "mnt", "workspace", name)
+    """`name` in the sandbox's workspace as the host sees it. The workspace must be there: a check
+    that a file is absent must not pass because the path is wrong (sandboxes moved to the run dir)."""
+    workspace = os.path.join(rt.run_dir, sid, "mnt", "workspace")
+    assert os.path.isdir(workspace), workspace
+    return os.path.join(workspace, name)
 
 
 def _fds() -> set[str]:
