@@ -130,7 +130,12 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
         proc = held.proc
         held.release()
     else:
-        start, proc, egress, egress_error = _spawn(rt, d, meta, sid, spec, sink)
+        try:
+            start, proc, egress, egress_error = _spawn(rt, d, meta, sid, spec, sink)
+        except BaseException:
+            for c in captures.values():
+                c.close()  # a failed spawn must not leak the log files: the error goes to the stage
+            raise
     if os.path.exists(os.path.join(d, "cancelled")):  # kill() raced our spawn
         rt.cgroups.kill(sid)
     try:
@@ -155,45 +160,99 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
 def _spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
            sink: OutputSink) -> tuple[float, subprocess.Popen, Any, str]:
     """Spawn the run now (nothing was held for it): its start time, process, egress proxy, error."""
-    seccomp_fd = seccomp.filter_fd()
     start = time.monotonic()
+    if not spec.network.outbound:
+        proc, joined_r = spawn_sandbox(rt, d, meta, sid, spec)
+        _close_when_joined(joined_r)
+        return start, proc, None, ""
     # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
     # proxy inside the child's network namespace; the job starts only once the listener is there
-    gate = _EgressGate() if spec.network.outbound else None
-    joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
+    gate = _EgressGate()
     try:
-        procs_files = rt.cgroups.procs_files(sid)
-        argv = (launcher(procs_files, rt.host_uid(meta), rt.settings.max_open_files)
-                + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate.bwrap_args() if gate else ()))
-        # stdin is the launcher's "joined" pipe; the job itself gets /dev/null (see _JOIN_THEN_EXEC)
-        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, close_fds=True,
-                                pass_fds=(seccomp_fd, *(gate.child_fds() if gate else ())))
+        proc, joined_r = spawn_sandbox(rt, d, meta, sid, spec, gate.bwrap_args(), gate.child_fds())
     except BaseException:
-        os.close(joined_r)
-        if gate:
-            gate.release()  # closes our ends too: nothing leaks when the spawn itself failed
+        gate.release()  # closes our ends too: nothing leaks when the spawn itself failed
         raise
+    egress, egress_error = None, ""
+    try:
+        _close_when_joined(joined_r)
+        egress = rt.egress.open(spec.id, rt.egress.policy_for(spec), gate.child_pid(),
+                                getattr(sink, "event", None))
+    except Exception as e:  # noqa: BLE001 - the job must not run without its proxy; say why
+        egress_error = f"the egress proxy could not start: {e}"
+        rt.cgroups.kill(sid)
     finally:
-        os.close(seccomp_fd)
-        os.close(joined_w)  # only the launcher holds it now: its exit shows as EOF
-        if gate:
-            gate.spawned()
+        gate.release()
+    return start, proc, egress, egress_error
+
+
+def _close_when_joined(joined_r: int) -> None:
     try:
         _wait_until_joined(joined_r)
     finally:
         os.close(joined_r)
-    egress, egress_error = None, ""
-    if gate:
-        try:
-            egress = rt.egress.open(spec.id, rt.egress.policy_for(spec), gate.child_pid(),
-                                    getattr(sink, "event", None))
-        except Exception as e:  # noqa: BLE001 - the job must not run without its proxy; say why
-            egress_error = f"the egress proxy could not start: {e}"
-            rt.cgroups.kill(sid)
-        finally:
-            gate.release()
-    return start, proc, egress, egress_error
+
+
+def spawn_sandbox(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
+                  gate_args: tuple[str, ...] = (), gate_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """Start the launcher + bwrap for `spec` in sandbox `d`: its process, and the read end of the
+    launcher's "joined its cgroups" pipe (the caller's to wait on and close).
+
+    The one place a job's sandbox is spawned (execute, the egress gate, the pre-start): what
+    every job runs under is built here. `gate_fds` are the ends only bwrap gets (named in
+    `gate_args`): closed here whatever happens, so once this returns only the sandbox holds them.
+    """
+    owned = list(gate_fds)  # closed on every path: ours to close, and the child has its copies
+    joined_r = -1
+    try:
+        seccomp_fd = seccomp.filter_fd()
+        owned.append(seccomp_fd)
+        joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
+        owned.append(joined_w)  # only the launcher holds it once started: its exit shows as EOF
+        argv = (launcher(rt.cgroups.procs_files(sid), rt.host_uid(meta), rt.settings.max_open_files)
+                + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate_args))
+        # stdin is the launcher's "joined" pipe; the job itself gets /dev/null (see _JOIN_THEN_EXEC)
+        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd, *gate_fds))
+    except BaseException:
+        if joined_r >= 0:
+            os.close(joined_r)
+        raise
+    finally:
+        for fd in owned:
+            os.close(fd)
+    return proc, joined_r
+
+
+def held_gate() -> tuple[int, int]:
+    """A shut --block-fd gate: (the fd to hand bwrap, our write end; a byte there is the go-ahead).
+
+    bwrap ignores what its read of --block-fd returns, so EOF is a go-ahead: with an ordinary read
+    end, a worker that died before its byte (a pre-started sandbox held until execute, an outbound
+    job while its proxy is bound) let the command run unwatched, and again on redelivery. Reopened
+    read-write, bwrap's fd is a writer of its own pipe too: it never sees EOF and stays blocked
+    until a byte comes or its cgroup is killed. bwrap closes it before the command: the job never
+    has it.
+    """
+    read_end, gate_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        block_fd = os.open(f"/proc/self/fd/{read_end}", os.O_RDWR | os.O_CLOEXEC)
+    except BaseException:
+        os.close(gate_w)
+        raise
+    finally:
+        os.close(read_end)
+    return block_fd, gate_w
+
+
+def open_gate(gate_w: int) -> None:
+    """The go-ahead, then our end closes (if bwrap already died, its exit says so elsewhere)."""
+    try:
+        os.write(gate_w, b"g")
+    except OSError:
+        pass
+    finally:
+        os.close(gate_w)
 
 
 class _EgressGate:
@@ -201,18 +260,19 @@ class _EgressGate:
 
     def __init__(self) -> None:
         self.info_r, self.info_w = os.pipe2(os.O_CLOEXEC)
-        self.block_r, self.block_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.block_fd, self.gate_w = held_gate()
+        except BaseException:
+            os.close(self.info_r)
+            os.close(self.info_w)
+            raise
 
     def bwrap_args(self) -> tuple[str, ...]:
-        return ("--info-fd", str(self.info_w), "--block-fd", str(self.block_r))
+        return ("--info-fd", str(self.info_w), "--block-fd", str(self.block_fd))
 
     def child_fds(self) -> tuple[int, int]:
-        return (self.info_w, self.block_r)
-
-    def spawned(self) -> None:
-        """Close our copies of the child's ends, so its exit shows as EOF on ours."""
-        os.close(self.info_w)
-        os.close(self.block_r)
+        """bwrap's ends, which spawn_sandbox takes (and closes here): its exit shows as EOF on ours."""
+        return (self.info_w, self.block_fd)
 
     def child_pid(self, timeout_s: float = 10.0) -> int:
         """The pid of bwrap's child (in the new namespaces), from the JSON bwrap writes to --info-fd."""
@@ -233,13 +293,11 @@ class _EgressGate:
         raise SandboxFailure(f"bwrap gave no child pid (read {raw[:200]!r})")
 
     def release(self) -> None:
-        """Let the job start (or, if the cgroup was killed, let bwrap notice and exit)."""
+        """Let the job start (or, if the cgroup was killed, let bwrap notice and exit); close our ends."""
         try:
-            os.write(self.block_w, b"go")
-        except OSError:
-            pass  # bwrap already died
-        os.close(self.block_w)
-        os.close(self.info_r)
+            open_gate(self.gate_w)
+        finally:
+            os.close(self.info_r)
 
 
 def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[str, _Capture],

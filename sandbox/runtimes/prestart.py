@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from sandbox.runtimes import executor, seccomp
+from sandbox.runtimes import executor
 from sandbox.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -59,13 +59,9 @@ class Held:
         return self.spec == spec and self.wait_joined() and self.proc.poll() is None
 
     def release(self) -> None:
-        """Let the command start; our end closes, so only the sandbox's own copy keeps the pipe."""
-        try:
-            os.write(self.gate_w, b"g")
-        except OSError:
-            pass  # bwrap already died: the pump sees its exit
-        finally:
-            os.close(self.gate_w)
+        """Let the command start; our end closes (if bwrap already died, the pump sees its exit)."""
+        gate_w, self.gate_w = self.gate_w, -1
+        executor.open_gate(gate_w)
 
     def dispose(self, kill_cgroup: Callable[[], None] | None) -> None:
         """Kill it (everything in the cgroup, then the launcher itself), reap it, close every fd.
@@ -95,39 +91,16 @@ class Held:
 
 
 def spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec) -> Held:
-    """Start the launcher + bwrap for `spec` in sandbox `d`, blocked before the command."""
-    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-    # bwrap ignores what its read of --block-fd returns, so an EOF is a go-ahead: were the read
-    # end an ordinary one, a worker dying before execute would let the command run unwatched (and
-    # then again on redelivery). Reopened read-write, the sandbox's fd is a writer of its own pipe:
-    # it never sees EOF and stays blocked until a byte comes or the cgroup is killed.
+    """Start the launcher + bwrap for `spec` in sandbox `d`, blocked before the command.
+
+    Its gate is shut so that only execute's byte opens it (executor.held_gate): a worker dying
+    before execute never lets the command run."""
+    block_fd, gate_w = executor.held_gate()
     try:
-        block_fd = os.open(f"/proc/self/fd/{gate_r}", os.O_RDWR | os.O_CLOEXEC)
+        proc, joined_r = executor.spawn_sandbox(rt, d, meta, sid, spec, ("--block-fd", str(block_fd)), (block_fd,))
     except BaseException:
         os.close(gate_w)
         raise
-    finally:
-        os.close(gate_r)
-    try:
-        seccomp_fd = seccomp.filter_fd()
-    except BaseException:
-        os.close(block_fd)
-        os.close(gate_w)
-        raise
-    joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        argv = (executor.launcher(rt.cgroups.procs_files(sid), rt.host_uid(meta), rt.settings.max_open_files)
-                + rt.bwrap_argv(d, meta, spec, seccomp_fd, ("--block-fd", str(block_fd))))
-        proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd, block_fd))
-    except BaseException:
-        os.close(joined_r)
-        os.close(gate_w)
-        raise
-    finally:
-        os.close(seccomp_fd)
-        os.close(joined_w)
-        os.close(block_fd)  # bwrap closes its copy once it has read the go-ahead: the job never has it
     return Held(proc, joined_r, gate_w, spec)
 
 

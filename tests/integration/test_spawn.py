@@ -1,0 +1,181 @@
+"""The one spawn path (executor.spawn_sandbox) and its --block-fd gate, against the real bwrap + cgroups:
+a worker that dies while the gate is shut never lets the command run, and a spawn that fails leaks
+no descriptor, whichever caller (execute, the egress gate, the pre-start) it failed for."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+
+from sandbox.runtimes import executor, prestart, seccomp
+from sandbox.runtimes.base import SandboxHandle
+from sandbox.runtimes.local import LocalRuntime
+from sandbox.spec import NetworkPolicy
+from tests.conftest import wait_for
+from tests.integration.test_local_runtime import REPO, make_spec
+from tests.integration.test_prestart import _ws
+
+OUTBOUND = NetworkPolicy(outbound=True, allowed_hosts=("api.test",))
+
+# A worker process that creates the sandbox and executes it, and is SIGKILLed while it would bind the
+# egress proxy: after bwrap gave its child's pid on --info-fd, before the go-ahead on --block-fd.
+_DIE_IN_THE_GATE = (
+    "import json,os,sys\nfrom config.settings import load_settings\n"
+    "from sandbox.runtimes.local import LocalRuntime\nfrom sandbox.spec import JobSpec\n"
+    "rt = LocalRuntime(load_settings({'SANDBOX_WORK_DIR': sys.argv[2]}))\n"
+    "s = JobSpec.from_dict(json.loads(sys.argv[1])); h = rt.create(s, 'h')\n"
+    "def die(job_id, policy, pid, on_entry):\n"
+    "    print(json.dumps({'handle': h.to_dict(), 'child_pid': pid}), flush=True)\n"
+    "    os.kill(os.getpid(), 9)\n"
+    "rt.egress.open = die\n"
+    "rt.execute(h, s, lambda stream, chunk: None)\n")
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_worker_dying_while_the_egress_gate_is_shut_never_lets_the_command_run(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Given an outbound job whose worker was SIGKILLed after the spawn, before the go-ahead,
+    spec = replace(make_spec(["/bin/sh", "-c", "echo ran > ran"]), network=OUTBOUND)
+    done = subprocess.run([sys.executable, "-c", _DIE_IN_THE_GATE, json.dumps(spec.to_dict()), settings.work_dir],
+                          cwd=REPO, capture_output=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    got = json.loads(done.stdout)
+    handle = SandboxHandle.from_dict(got["handle"])
+    sid = handle.sandbox_id
+    # then bwrap's child never takes the worker's death (EOF on a plain pipe) as the go-ahead: the
+    # command does not start with no proxy, no timeout and nobody reading its output;
+    time.sleep(1.0)
+    assert not os.path.exists(_ws(runtime, sid, "ran")), "the command ran after its worker died"
+    # the outer bwrap died with the worker (--die-with-parent), but its child, still before its read
+    # of --block-fd, has no parent-death signal yet: it stays in the job's cgroup, blocked.
+    wait_for(lambda: runtime.cgroups.pids(sid) == [got["child_pid"]], timeout_s=10)
+    # The teardown (destroy, as the cleanup or the orphan sweep runs it) leaves nothing in the cgroup.
+    runtime.destroy(handle)
+    assert runtime.cgroups.pids(sid) == [] and runtime.list_sandboxes() == []
+
+
+# A worker process that executes a job and is SIGKILLed once the command runs, from another thread.
+_DIE_WHILE_IT_RUNS = (
+    "import json,os,sys,threading,time\nfrom config.settings import load_settings\n"
+    "from sandbox.runtimes.local import LocalRuntime\nfrom sandbox.spec import JobSpec\n"
+    "rt = LocalRuntime(load_settings({'SANDBOX_WORK_DIR': sys.argv[2]}))\n"
+    "s = JobSpec.from_dict(json.loads(sys.argv[1])); h = rt.create(s, 'h')\n"
+    "marker = os.path.join(rt.run_dir, h.sandbox_id, 'mnt', 'workspace', 'started')\n"
+    "def die():\n"
+    "    while not os.path.exists(marker): time.sleep(0.01)\n"
+    "    print(json.dumps(h.to_dict()), flush=True)\n"
+    "    os.kill(os.getpid(), 9)\n"
+    "threading.Thread(target=die, daemon=True).start()\n"
+    "rt.execute(h, s, lambda stream, chunk: None)\n")
+
+
+@pytest.mark.parametrize("network", [NetworkPolicy(), OUTBOUND], ids=["offline", "outbound"])
+def test_a_worker_dying_after_the_go_ahead_takes_the_whole_sandbox_with_it(runtime, settings, network) -> None:  # type: ignore[no-untyped-def]
+    # Given a running job with a daemon of its own (setsid, out of the command's process group),
+    spec = replace(make_spec(["/bin/sh", "-c", "setsid sleep 300 & echo > started; sleep 300"], timeout_s=600),
+                   network=network)
+    # when its worker is SIGKILLed,
+    done = subprocess.run([sys.executable, "-c", _DIE_WHILE_IT_RUNS, json.dumps(spec.to_dict()), settings.work_dir],
+                          cwd=REPO, capture_output=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    handle = SandboxHandle.from_dict(json.loads(done.stdout))
+    # then with no teardown at all every process of the sandbox ends: the outer bwrap dies with the
+    # worker (--die-with-parent), bwrap's pid 1 with it, and the kernel kills the rest of the pid namespace.
+    wait_for(lambda: runtime.cgroups.pids(handle.sandbox_id) == [], timeout_s=10)
+    runtime.destroy(handle)
+
+
+def _fail_seccomp(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def boom() -> int:
+        raise OSError("no memfd")
+    monkeypatch.setattr(seccomp, "filter_fd", boom)
+
+
+def _fail_argv(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def boom(*args: object) -> list[str]:
+        raise OSError("no cgroup")
+    monkeypatch.setattr(LocalRuntime, "bwrap_argv", boom)
+
+
+def _fail_exec(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(executor, "SH", "/nonexistent/sh")
+
+
+FAILURES = {"seccomp": _fail_seccomp, "argv": _fail_argv, "exec": _fail_exec}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("network", [NetworkPolicy(), OUTBOUND], ids=["offline", "outbound"])
+def test_an_execute_whose_spawn_fails_leaks_no_descriptor(runtime, monkeypatch, failure, network) -> None:  # type: ignore[no-untyped-def]
+    # Given a sandbox whose spawn fails at `failure` (before the launcher, building its argv, at exec),
+    spec = replace(make_spec(["/bin/true"]), network=network)
+    handle = runtime.create(spec, "h")
+    seccomp.filter_fd()  # compiled once per process, not per spawn: not a leak
+    before = _fds()
+    FAILURES[failure](monkeypatch)
+    # when execute runs it, the error reaches the caller
+    with pytest.raises(OSError):
+        runtime.execute(handle, spec, lambda stream, chunk: None)
+    # and no descriptor is left open: not its pipes, its log files, the seccomp memfd or the gate's ends.
+    assert _fds() == before
+    monkeypatch.undo()
+    runtime.destroy(handle)
+    assert runtime.cgroups.pids(handle.sandbox_id) == []
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_a_prestart_whose_spawn_fails_leaks_no_descriptor(runtime, monkeypatch, failure) -> None:  # type: ignore[no-untyped-def]
+    spec = make_spec(["/bin/true"])
+    handle = runtime.create(spec, "h")
+    d, meta = runtime._require(handle)
+    seccomp.filter_fd()
+    before = _fds()
+    FAILURES[failure](monkeypatch)
+    with pytest.raises(OSError):
+        prestart.spawn(runtime, d, meta, handle.sandbox_id, spec)
+    assert _fds() == before
+
+
+def test_the_gate_handed_to_bwrap_is_a_writer_of_its_own_pipe() -> None:
+    # bwrap reads EOF as the go-ahead: its fd must hold the pipe open for writing itself, so that
+    # closing every end of ours (a worker's death) is no EOF, while our byte still reaches it.
+    block_fd, gate_w = executor.held_gate()
+    try:
+        assert fcntl.fcntl(block_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert os.get_inheritable(block_fd) is False and os.get_inheritable(gate_w) is False
+        executor.open_gate(gate_w)
+        assert os.read(block_fd, 1) == b"g"
+        os.set_blocking(block_fd, False)
+        with pytest.raises(BlockingIOError):  # our end is closed, and still no EOF
+            os.read(block_fd, 1)
+    finally:
+        os.close(block_fd)
+
+
+@pytest.mark.parametrize("path", ["outbound", "prestarted"])
+def test_the_job_never_holds_a_gate_descriptor(runtime, path) -> None:  # type: ignore[no-untyped-def]
+    # bwrap closes --block-fd (and --info-fd) before the command: a job holding its own gate's
+    # writer could not open it (bwrap has read it), but it must hold nothing of the worker's at all.
+    spec = make_spec(["/bin/sh", "-c", "ls /proc/self/fd"])
+    if path == "outbound":
+        spec = replace(spec, network=OUTBOUND)
+    handle = runtime.create(spec, "h")
+    if path == "prestarted":
+        runtime.prestart(handle, spec)
+        wait_for(lambda: len(runtime.cgroups.pids(handle.sandbox_id)) >= 2)  # held: bwrap and its child
+    result = runtime.execute(handle, spec, lambda stream, chunk: None)
+    logs = runtime.logs(handle)
+    out = logs["stdout"].read()
+    for f in logs.values():
+        f.close()
+    assert result.outcome == "succeeded", result.reason
+    assert sorted(out.decode().split(), key=int) == ["0", "1", "2", "3"]  # 3 is ls's own directory handle
