@@ -58,7 +58,11 @@ def test_a_worker_dying_while_the_egress_gate_is_shut_never_lets_the_command_run
     # the outer bwrap died with the worker (--die-with-parent), but its child, still before its read
     # of --block-fd, has no parent-death signal yet: it stays in the job's cgroup, blocked.
     wait_for(lambda: runtime.cgroups.pids(sid) == [got["child_pid"]], timeout_s=10)
-    # The teardown (destroy, as the cleanup or the orphan sweep runs it) leaves nothing in the cgroup.
+    # The redelivered execute does not run it either, and kills what is left;
+    result = runtime.execute(handle, spec, lambda stream, chunk: None)
+    assert result.outcome == "error" and "not re-run" in result.reason
+    assert runtime.cgroups.pids(sid) == [] and not os.path.exists(_ws(runtime, sid, "ran"))
+    # the teardown (destroy, as the cleanup or the orphan sweep runs it) leaves nothing behind.
     runtime.destroy(handle)
     assert runtime.cgroups.pids(sid) == [] and runtime.list_sandboxes() == []
 
