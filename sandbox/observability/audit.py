@@ -4,8 +4,10 @@ from __future__ import annotations
 import atexit
 import io
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import Any
 
 import redis
@@ -42,17 +44,28 @@ class AuditTrail(logging.Handler):
         self.flush_delay_s = flush_delay_s
         self.setFormatter(SandboxJsonFormatter())
         self.addFilter(ContextFilter())
+        self._closed = False
+        self._start()
+        _trails.add(self)
+        atexit.register(self.flush)
+
+    def _start(self) -> None:
         self._pending: dict[str, list[str]] = {}  # job id -> lines not yet written, in order
         self._count = 0
         self._writing: set[str] = set()  # job ids of the batch being written (under _write_lock)
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()  # one batch at a time: a job's lines land in order
         self._wake = threading.Event()
-        self._closed = False
         self._failing = False  # a write failed and none succeeded since: warn once per outage
         self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
         self._thread.start()
-        atexit.register(self.flush)
+
+    def _restart_after_fork(self) -> None:
+        """In a forked child (a prefork pool's): a new flush thread, as only the forking thread lives
+        on, and new locks, as a thread that is gone here may have held one. The lines that waited
+        at the fork are dropped here: the parent writes them (twice would duplicate the trail)."""
+        if not self._closed:
+            self._start()
 
     def emit(self, record: logging.LogRecord) -> None:
         event = _json_object(record.getMessage()) or {}
@@ -139,6 +152,15 @@ class AuditTrail(logging.Handler):
 
 
 _installed: AuditTrail | None = None
+_trails: "weakref.WeakSet[AuditTrail]" = weakref.WeakSet()  # every live trail of this process
+
+
+def _after_fork_in_child() -> None:
+    for trail in list(_trails):
+        trail._restart_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def install(client: redis.Redis, ttl_s: int) -> AuditTrail:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -237,3 +239,91 @@ def test_an_unreachable_redis_is_warned_about_once_and_lines_land_when_it_answer
             wait_for(lambda: redis_client.llen(audit.audit_list_key(job_id)) >= 1, timeout_s=30)
         assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)] == [0]
         assert any("reach Redis again" in r.getMessage() for r in caplog.records)
+
+
+def _in_child(work) -> int:  # noqa: ANN001 - a callable returning the child's exit code
+    """Fork; run `work` in the child and exit with what it returns (never back into pytest)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = work()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_code(pid: int, timeout_s: float) -> int | None:
+    """The child's exit code, or None (and the child killed) if it did not end in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def test_lines_logged_in_a_forked_child_reach_redis_without_any_flush_call(redis_client):
+    # A prefork pool's child inherits the trail but not its flush thread: without a new one there,
+    # its lines waited in memory until the child exited (and were lost with os._exit).
+    with audit_logger(redis_client, "test-fork", flush_delay_s=0.01) as (logger, _trail):
+        job_id = new_job_id("aud-fork")
+
+        def child() -> int:
+            logger.info(json.dumps({"op": "put", "job_id": job_id, "n": "child"}))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if redis_client.llen(audit.audit_list_key(job_id)) >= 1:
+                    return 0
+                time.sleep(0.02)
+            return 3
+
+        assert _exit_code(_in_child(child), timeout_s=30) == 0
+        assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)] == ["child"]
+
+
+class _BlockedInParent:
+    """A Redis client whose pipelines' writes wait for `go` in the process that made it (the flush
+    thread then holds the trail's write lock), and go straight through in a forked child."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client, self.parent, self.go, self.blocked = client, os.getpid(), threading.Event(), threading.Event()
+
+    def pipeline(self, transaction: bool = True):  # noqa: ANN201
+        pipe = self.client.pipeline(transaction=transaction)
+        if os.getpid() == self.parent:
+            execute = pipe.execute
+
+            def execute_when_let_go() -> list:
+                self.blocked.set()
+                self.go.wait(30)
+                return execute()
+            pipe.execute = execute_when_let_go
+        return pipe
+
+
+def test_a_child_forked_while_a_batch_is_being_written_neither_hangs_nor_writes_the_parents_lines(redis_client):
+    blocked = _BlockedInParent(redis_client)
+    with audit_logger(blocked, "test-fork-lock", flush_delay_s=0.01) as (logger, trail):
+        parent_job, child_job = new_job_id("aud-fork-p"), new_job_id("aud-fork-c")
+        logger.info(json.dumps({"op": "put", "job_id": parent_job, "n": "parent"}))
+        assert blocked.blocked.wait(10)  # the flush thread holds the write lock now
+        logger.info(json.dumps({"op": "put", "job_id": parent_job, "n": "parent-2"}))  # waits in memory
+
+        def child() -> int:
+            logger.info(json.dumps({"op": "put", "job_id": child_job, "n": "child"}))
+            trail.flush(child_job)  # the parent's thread holds the lock it inherited: it must not wait for it
+            trail.flush()
+            return 0
+
+        code = _exit_code(_in_child(child), timeout_s=20)
+        blocked.go.set()
+        assert code == 0, "the child hung on a lock held by a thread it does not have"
+        trail.flush()
+        assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(child_job), 0, -1)] == ["child"]
+        # the parent's lines once each: the child did not write its copy of them too
+        assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(parent_job), 0, -1)] == \
+            ["parent", "parent-2"]
