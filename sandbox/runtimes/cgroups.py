@@ -11,7 +11,7 @@ import signal
 import stat
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from sandbox.errors import SandboxFailure
 
@@ -86,6 +86,11 @@ def _pids_in(procs_file: str) -> list[int]:
         return [int(p) for p in _read(procs_file).split()]
     except FileNotFoundError:
         return []
+
+
+def _populated(group_dir: str) -> bool:
+    """cgroup v2's own answer: a process in the group or any group below it."""
+    return _keyed(_read(os.path.join(group_dir, "cgroup.events"))).get("populated", 0) == 1
 
 
 def _rmdir(path: str) -> None:
@@ -189,6 +194,12 @@ class CgroupV1:
         for d in self._dirs(name):
             _rmdir(d)
 
+    def idle_groups(self, prefix: str) -> dict[str, float]:
+        """Groups named `prefix`... with no process listed in any hierarchy (v1 has no `populated`
+        flag; a group only some hierarchies hold still counts): name -> when made."""
+        return _idle_under(sorted(set(self.parents.values())), prefix,
+                           lambda d: bool(_pids_in(os.path.join(d, "cgroup.procs"))))
+
 
 class CgroupV2:
     """cgroup v2: one unified directory per group; `parent` must have the controllers delegated."""
@@ -235,7 +246,7 @@ class CgroupV2:
     def populated(self, name: str) -> bool:
         """The kernel's own answer (cgroup.events), which also counts processes in sub-groups."""
         try:
-            return _keyed(_read(os.path.join(self._dir(name), "cgroup.events"))).get("populated", 0) == 1
+            return _populated(self._dir(name))
         except FileNotFoundError:
             return False
 
@@ -274,6 +285,11 @@ class CgroupV2:
     def remove(self, name: str) -> None:
         """rmdir the group."""
         _rmdir(self._dir(name))
+
+    def idle_groups(self, prefix: str) -> dict[str, float]:
+        """Groups named `prefix`... the kernel says are not populated (cgroup.events: one small read,
+        and it counts processes in sub-groups, which cgroup.procs does not list): name -> when made."""
+        return _idle_under([self.parent], prefix, _populated)
 
 
 def _own_paths(proc_cgroup: str) -> dict[str, str]:
@@ -350,19 +366,18 @@ def _delegate_v2(parent: str, controllers: tuple[str, ...] = V2_CONTROLLERS) -> 
 
 
 def idle_groups(groups: Cgroups, prefix: str) -> dict[str, float]:
-    """Groups under the parent named `prefix`... with no process in any hierarchy: name -> when made.
+    """Groups named `prefix`... under the parent(s) with no process: name -> when made (mtime).
 
     When made is the directory's mtime: the kernel sets it at mkdir, and neither a process joining
-    nor a limit written changes it (checked on v1). A group only some hierarchies hold still counts.
-    """
-    if isinstance(groups, CgroupV1):
-        parents = sorted(set(groups.parents.values()))
-    elif isinstance(groups, CgroupV2):
-        parents = [groups.parent]
-    else:
-        return {}
+    nor a limit written changes it (checked on v1). {} for a hierarchy that cannot tell."""
+    idle = getattr(groups, "idle_groups", None)
+    return idle(prefix) if idle is not None else {}
+
+
+def _idle_under(parents: list[str], prefix: str, busy: Callable[[str], bool]) -> dict[str, float]:
+    """Groups named `prefix`... in any of `parents` that `busy(dir)` is False for in every one of them."""
     made: dict[str, float] = {}
-    busy: set[str] = set()
+    busy_names: set[str] = set()
     for parent in parents:
         try:
             names = [n for n in os.listdir(parent) if n.startswith(prefix)]
@@ -374,9 +389,9 @@ def idle_groups(groups: Cgroups, prefix: str) -> dict[str, float]:
                 st = os.lstat(path)
                 if not stat.S_ISDIR(st.st_mode):
                     continue
-                if _pids_in(os.path.join(path, "cgroup.procs")):
-                    busy.add(name)
+                if busy(path):
+                    busy_names.add(name)
             except (FileNotFoundError, ValueError):
                 continue  # removed meanwhile
             made[name] = max(made.get(name, 0.0), st.st_mtime)
-    return {name: at for name, at in made.items() if name not in busy}
+    return {name: at for name, at in made.items() if name not in busy_names}

@@ -235,6 +235,35 @@ def test_an_empty_group_is_not_populated_and_kill_is_a_no_op(scratch: Path) -> N
     assert not cg.populated("job")
 
 
+def test_idle_groups_are_those_the_kernel_says_are_unpopulated_a_process_in_a_sub_group_included(
+        scratch: Path) -> None:
+    # Given empty, busy and nested-busy groups (the process in a sub-group is in no cgroup.procs of
+    # the group itself: only cgroup.events' populated counts it), and a group of another prefix
+    cg = CgroupV2(str(scratch))
+    for name in ("sbx-idle", "sbx-busy", "sbx-nested", "sbx-nested/inner", "other"):
+        (scratch / name).mkdir()
+    sleep = "import os, time; print(os.getpid(), flush=True); time.sleep(300)"
+    procs = [_spawn(str(scratch / where / "cgroup.procs"), sleep)[0] for where in ("sbx-busy", "sbx-nested/inner")]
+    try:
+        assert (scratch / "sbx-nested" / "cgroup.procs").read_text() == ""
+        # When the sweep asks which groups are idle; Then only the empty one, with its mkdir time
+        idle = cgroups.idle_groups(cg, "sbx-")
+        assert idle == {"sbx-idle": (scratch / "sbx-idle").stat().st_mtime}
+        # and once their processes are gone, the others too
+        for where in ("sbx-busy", "sbx-nested"):
+            (scratch / where / "cgroup.kill").write_text("1")
+        for p in procs:
+            p.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while set(cgroups.idle_groups(cg, "sbx-")) != {"sbx-idle", "sbx-busy", "sbx-nested"}:
+            assert time.monotonic() < deadline, cgroups.idle_groups(cg, "sbx-")
+            time.sleep(0.005)  # populated drops a moment after the last task's exit
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def test_a_group_left_behind_by_a_dead_worker_is_killed_and_removed_by_a_fresh_one(scratch: Path) -> None:
     # Given a worker that put a job's setsid daemon in a group and died without cleaning up
     job = scratch / "job"
