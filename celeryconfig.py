@@ -1,7 +1,7 @@
 """Celery's own settings, built from Settings (the SANDBOX_* variables)."""
 from config import load_settings
 from config.settings import LONGEST_OTHER_STAGE_S
-from sandbox.nodes import ARTIFACTS_SWEEP_PERIOD_S
+from sandbox import nodes as _nodes
 
 _settings = load_settings()
 
@@ -83,8 +83,4 @@ task_annotations = {
 
 # One beat is enough; a second (or a restarted one) sends every sweep twice, but each sweep takes a
 # Redis lock for its period (tasks.sweeps), so only one of the two does the work.
-beat_schedule = {
-    "sweep-orphaned-sandboxes": {"task": "sandbox.sweep_orphans", "schedule": _settings.orphan_sweep_interval_s},
-    "sweep-stuck-jobs": {"task": "sandbox.sweep_stuck", "schedule": _settings.stuck_sweep_interval_s},
-    "sweep-expired-artifacts": {"task": "sandbox.sweep_artifacts", "schedule": ARTIFACTS_SWEEP_PERIOD_S},
-}
+beat_schedule = _nodes.beat_schedule(_settings)  # sandbox.nodes lists the sweeps (health checks the same list)

@@ -35,12 +35,27 @@ def sweep_last_key(name: str) -> str:
 
 BEAT_STARTED_KEY = "sandbox:beat:started"
 ARTIFACTS_SWEEP_PERIOD_S = 3600.0  # retention is counted in days: once an hour is plenty
+# Beat's sweeps, the one list of them (celeryconfig's beat_schedule, beat's announcement, health's
+# "missed sweep" check, the metrics): name -> the setting holding its period in seconds (None: fixed).
+_SWEEP_PERIOD_SETTINGS = {"orphans": "orphan_sweep_interval_s", "stuck": "stuck_sweep_interval_s", "artifacts": None}
+SWEEPS = tuple(_SWEEP_PERIOD_SETTINGS)
+
+
+def sweep_task(name: str) -> str:
+    """The task beat sends for the sweep `name`."""
+    return f"sandbox.sweep_{name}"
 
 
 def sweep_periods(settings: Any) -> dict[str, float]:
     """Every sweep beat sends, and how often (seconds), as celeryconfig's beat_schedule sets them."""
-    return {"orphans": float(settings.orphan_sweep_interval_s), "stuck": float(settings.stuck_sweep_interval_s),
-            "artifacts": ARTIFACTS_SWEEP_PERIOD_S}
+    return {name: float(getattr(settings, field)) if field else ARTIFACTS_SWEEP_PERIOD_S
+            for name, field in _SWEEP_PERIOD_SETTINGS.items()}
+
+
+def beat_schedule(settings: Any) -> dict[str, dict[str, Any]]:
+    """Celery's beat_schedule: every sweep, every period."""
+    return {f"sweep-{name}": {"task": sweep_task(name), "schedule": period}
+            for name, period in sweep_periods(settings).items()}
 
 
 def beat_started(client: Any, periods_s: dict[str, float], host: str) -> None:

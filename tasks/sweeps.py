@@ -16,8 +16,7 @@ from tasks.app import app, node_queue, services
 
 log = logging.getLogger("sandbox.sweeps")
 STUCK_MARGIN_S = 600
-_SWEEP_OF_TASK = {"sandbox.sweep_orphans": "orphans", "sandbox.sweep_stuck": "stuck",
-                  "sandbox.sweep_artifacts": "artifacts"}
+_SWEEP_OF_TASK = {nodes.sweep_task(name): name for name in nodes.SWEEPS}
 
 
 @beat_init.connect
@@ -36,17 +35,22 @@ def _announce_beat(sender: Any = None, **_: object) -> None:
         log.warning("could not record beat's start in Redis: %s", e)
 
 
+def _this_period(svc: Any, name: str) -> bool:
+    """True if this run may do the sweep `name`: one run per period, however many beats send it."""
+    return sweeps.sweep_lock(svc.store.redis, name, nodes.sweep_periods(svc.settings)[name])
+
+
 @app.task(name="sandbox.sweep_orphans")
 def sweep_orphans() -> list[str] | None:
     """Ask every live worker node to sweep its own sandboxes (None: this period's run was done)."""
     svc = services()
-    if not sweeps.sweep_lock(svc.store.redis, "orphans", svc.settings.orphan_sweep_interval_s):
+    if not _this_period(svc, "orphans"):
         return None
-    nodes = sorted({name for reply in (app.control.ping(timeout=2.0) or []) for name in reply})
-    for node in nodes:
+    live = sorted({name for reply in (app.control.ping(timeout=2.0) or []) for name in reply})
+    for node in live:
         sweep_node.apply_async(queue=node_queue(node))
-    sweeps.sweep_done(svc.store.redis, "orphans", len(nodes), svc.host)
-    return nodes
+    sweeps.sweep_done(svc.store.redis, "orphans", len(live), svc.host)
+    return live
 
 
 @app.task(name="sandbox.sweep_node", ignore_result=True)
@@ -65,7 +69,7 @@ def sweep_stuck() -> list[str] | None:
     from tasks.stages import announce_end
 
     svc = services()
-    if not sweeps.sweep_lock(svc.store.redis, "stuck", svc.settings.stuck_sweep_interval_s):
+    if not _this_period(svc, "stuck"):
         return None
     ended = sweeps.sweep_stuck(svc, max_idle_s=svc.settings.visibility_timeout_s + STUCK_MARGIN_S)
     for record in ended:
@@ -78,7 +82,7 @@ def sweep_stuck() -> list[str] | None:
 def sweep_artifacts() -> int | None:
     """Re-assert the bucket's lifecycle rules, then delete what is past retention anyway."""
     svc = services()
-    if not sweeps.sweep_lock(svc.store.redis, "artifacts", nodes.ARTIFACTS_SWEEP_PERIOD_S):
+    if not _this_period(svc, "artifacts"):
         return None
     svc.artifacts.apply_lifecycle(svc.settings.retention_days)
     count = svc.artifacts.sweep_expired(svc.settings.retention_days)

@@ -15,10 +15,9 @@ import redis
 
 from sandbox.admission import admitted_key, capacity_key
 from sandbox.deadletters import DEAD_LIST as DEAD_LETTERS
-from sandbox.nodes import BEAT_STARTED_KEY, NODES_SET, SERVICE_QUEUES, heartbeat_key, node_queue, sweep_last_key
+from sandbox.nodes import BEAT_STARTED_KEY, NODES_SET, SERVICE_QUEUES, SWEEPS, heartbeat_key, node_queue, sweep_last_key
 from sandbox.state import ACTIVE_SET
 
-SWEEPS = ("orphans", "stuck", "artifacts")
 BASE_QUEUES = (*SERVICE_QUEUES, "sandbox.create")  # the intakes, Celery's default, control, creates
 SENT_AT_HEADER = "sandbox_sent_at"  # unix seconds, set by every producer we ship (see docs/operations.md)
 _KOMBU_BINDINGS = "_kombu.binding.*"

@@ -135,6 +135,27 @@ def test_beat_counts_a_sweep_missed_only_a_period_and_grace_after_it_was_due(sta
     assert check.status == status and words in check.detail, check
 
 
+def test_beat_sends_exactly_the_sweeps_health_checks_at_the_periods_it_judges_them_by():
+    # One list of sweeps (sandbox.nodes): beat's schedule, health's "missed sweep" check and the
+    # metrics' last-run gauge cannot disagree about which sweeps exist or how often they run.
+    import celeryconfig
+    from sandbox import nodes
+    from sandbox.observability.cluster import Cluster
+
+    class _Redis:
+        def mget(self, keys: list[str]) -> list[None]:
+            self.keys = keys
+            return [None] * len(keys)
+
+    settings = load_settings({"SANDBOX_ORPHAN_SWEEP_INTERVAL": "42", "SANDBOX_STUCK_SWEEP_INTERVAL": "7"})
+    periods = nodes.sweep_periods(settings)
+    assert periods == {"orphans": 42.0, "stuck": 7.0, "artifacts": nodes.ARTIFACTS_SWEEP_PERIOD_S}
+    assert {e["task"]: e["schedule"] for e in nodes.beat_schedule(settings).values()} == \
+        {nodes.sweep_task(name): period for name, period in periods.items()}
+    assert {e["task"] for e in celeryconfig.beat_schedule.values()} == {nodes.sweep_task(n) for n in periods}
+    assert set(Cluster(_Redis()).last_sweeps()) == set(periods)
+
+
 def test_celery_reprs_only_the_head_of_what_returns_a_job_record():
     # Celery reprs every return value for its success line and task-succeeded event, where a job
     # record is replaced anyway ("(the job record)", the job's summary): only its head is made.
