@@ -5,6 +5,8 @@ stages (a record gone, a stage that keeps killing its worker). They find work by
   terminal (unless one of the job's own stages still works on it in a live process, or its own
   collect and cleanup are still queued on its live node), or when the job outlived its expiry
   counted from the start of `execute` (a backlog before execute is no age).
+- node (the orphans' half that runs on each node): one listing of the node's sandboxes serves both
+  the admission reconcile (capacity no sandbox holds comes back) and the orphan sweep.
 - stuck: a job whose node stopped beating for SANDBOX_NODE_DEAD_AFTER ends `error` ("worker lost");
   a job that is only queued is never stuck.
 - Each check and its transition are one atomic step (sandbox.nodes.end_if).
@@ -44,7 +46,8 @@ def sweep_done(client: Any, name: str, count: int, node: str) -> None:
 
 
 def reconcile(svc: Services, booted_at: float) -> tuple[list[JobRecord], list[str]]:
-    """At start-up: end the jobs a dead process of this node was running, then sweep the host."""
+    """At start-up: end the jobs a dead process of this node was running, then sweep the node (its
+    admitted capacity, then its host's orphans: `sweep_node`)."""
     ended = []
     reason = "the worker was lost while a stage ran (the node restarted); the job is not run again"
     for job_id in svc.store.active_ids():
@@ -55,16 +58,40 @@ def reconcile(svc: Services, booted_at: float) -> tuple[list[JobRecord], list[st
         if done is not None:
             ended.append(done)
             log.warning("reconcile: job %s ended %s: %s", job_id, done["status"], reason)
-    return ended, sweep_orphans(svc, booted_at=booted_at)
+    return ended, sweep_node(svc, booted_at=booted_at)
+
+
+def sweep_node(svc: Services, booted_at: float = 0.0, now: float | None = None) -> list[str]:
+    """One sweep of this node from one listing of its sandboxes: give back the admitted capacity no
+    sandbox holds (a killed worker's), then destroy the sandboxes their jobs no longer need.
+
+    Capacity first, straight after the listing: a sandbox created after the listing is missing
+    from it, and its entry is kept only because it is young (admitted within ADMIT_GRACE_S) and its
+    job has not ended. Both are read right after the listing, as a second listing made just before
+    would see them: the window is the same few milliseconds as with two listings, not the length of
+    the orphan sweep's destroys. The orphans that follow give their capacity back as they go
+    (`_destroy`), and a sandbox created after the listing is not in it, so it is never destroyed."""
+    listed = svc.runtime.list_sandboxes()
+    reconcile_admission(svc, listed)
+    return sweep_orphans(svc, now, booted_at, listed=listed)
+
+
+def reconcile_admission(svc: Services, listed: list[SandboxInfo]) -> list[str]:
+    """Give back admitted capacity no sandbox of this node in `listed` holds (a killed worker's)."""
+    if getattr(svc, "admission", None) is None:
+        return []
+    live = [info.job_id for info in listed if info.host == svc.host]
+    return svc.admission.reconcile(live, lambda job_id: _job_ended(svc, job_id))
 
 
 def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.0,
-                  dead_after_s: float | None = None) -> list[str]:
-    """Destroy every sandbox in this host's work dir (whatever node it names) its job no longer needs."""
+                  dead_after_s: float | None = None, listed: list[SandboxInfo] | None = None) -> list[str]:
+    """Destroy every sandbox in this host's work dir (whatever node it names) its job no longer needs
+    (`listed`: the work dir's sandboxes as just listed)."""
     now = time.time() if now is None else now
     dead_after_s = svc.settings.node_dead_after_s if dead_after_s is None else dead_after_s
     destroyed = []
-    for info in svc.runtime.list_sandboxes():
+    for info in svc.runtime.list_sandboxes() if listed is None else listed:
         why = _orphaned(svc, info, now, booted_at, dead_after_s)
         if why is None:
             continue
@@ -85,8 +112,13 @@ def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.
 
 def _job_live(svc: Services, sandbox_id: str) -> bool:
     """True while the job a sandbox id names has a record that has not ended (it may be created now)."""
-    record = svc.store.find(sandbox_id.removeprefix("sbx-"))
-    return record is not None and not JobStatus(record["status"]).terminal
+    return not _job_ended(svc, sandbox_id.removeprefix("sbx-"))
+
+
+def _job_ended(svc: Services, job_id: str) -> bool:
+    """True when the job's record is gone or terminal."""
+    record = svc.store.find(job_id)
+    return record is None or JobStatus(record["status"]).terminal
 
 
 def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, dead_after_s: float) -> str | None:

@@ -11,7 +11,7 @@ import redis
 from celery.signals import beat_init
 
 from config import load_settings
-from sandbox import lifecycle, nodes, sweeps
+from sandbox import nodes, sweeps
 from tasks.app import app, node_queue, services
 
 log = logging.getLogger("sandbox.sweeps")
@@ -58,9 +58,7 @@ def sweep_node() -> list[str]:
     from tasks.nodes import booted_at
 
     # a stage of this node begun before this process started is judged by its own process's life
-    destroyed = sweeps.sweep_orphans(services(), booted_at=booted_at())
-    lifecycle.reconcile_admission(services())  # what the sweep destroyed (or a lost worker held) comes back
-    return destroyed
+    return sweeps.sweep_node(services(), booted_at=booted_at())
 
 
 @app.task(name="sandbox.sweep_stuck")

@@ -322,3 +322,66 @@ def test_a_sweeps_terminal_write_carries_its_status_event_in_the_same_transactio
     # a write that is refused (the job is terminal already) adds no event
     assert nodes.end_if(store, job_id, lambda record, _read: True, "again") is None
     assert len(redis_client.xrange(events_key(job_id))) == len(events)
+
+
+class _Interleaved:
+    """The runtime, counting its listings, with work done by others at two moments of a sweep: right
+    after the listing returns, and while the sweep destroys its first orphan."""
+
+    def __init__(self, runtime, after_listing, during_destroy) -> None:  # noqa: ANN001
+        self.runtime, self.after_listing, self.during_destroy, self.listings = runtime, after_listing, during_destroy, 0
+
+    def list_sandboxes(self):  # noqa: ANN201
+        listed = self.runtime.list_sandboxes()
+        self.listings += 1
+        if self.listings == 1:
+            self.after_listing()
+        return listed
+
+    def destroy(self, handle) -> None:  # noqa: ANN001
+        self.runtime.destroy(handle)
+        during, self.during_destroy = self.during_destroy, lambda: None
+        during()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.runtime, name)
+
+
+def test_a_node_sweep_lists_once_and_a_sandbox_created_after_the_listing_is_neither_destroyed_nor_released(
+        services, settings, redis_client):
+    from sandbox.admission import Admission, Request, admitted_key
+
+    node = new_job_id("node") + "@host"
+    admission = Admission(redis_client, node, settings)
+    ended, lost_create, late, cancelled = (new_job_id(k) for k in ("ended", "lostcreate", "late", "cancelled"))
+    services.store.create(new_record(ended, JobStatus.SUCCEEDED))
+    for job_id in (late, cancelled):
+        services.store.create(new_record(job_id, JobStatus.CREATING))  # admitted, their creates under way
+    small = Request(0.1, 16 << 20, 16 << 20)
+    for job_id in (ended, lost_create, late, cancelled):
+        assert admission.try_admit(job_id, small) == "ok"
+    stale = json.loads(redis_client.hget(admitted_key(node), lost_create))  # a killed worker's create
+    redis_client.hset(admitted_key(node), lost_create, json.dumps({**stale, "at": time.time() - 3600}))
+    ended_handle = services.runtime.create(spec_for(ended), node)
+
+    def cancel_as_its_create_ends() -> None:
+        # a job cancelled while its create finishes, during the sweep's destroys: its sandbox lives
+        # (its own cleanup is queued) and keeps its capacity; capacity judged after the destroys, from
+        # the older listing, would see an ended job without a sandbox and give the capacity back
+        services.runtime.create(spec_for(cancelled), node)
+        services.store.transition(cancelled, JobStatus.CANCELLED)
+
+    runtime = _Interleaved(services.runtime, lambda: services.runtime.create(spec_for(late), node),
+                           cancel_as_its_create_ends)
+    svc = Services(settings=settings, store=services.store, runtime=runtime, artifacts=None, events=None,
+                   host=node, admission=admission)
+    try:
+        destroyed = sweeps.sweep_node(svc, now=time.time() + sweeps.YOUNG_S)
+
+        assert runtime.listings == 1
+        assert destroyed == [ended_handle.sandbox_id]  # the ended job's sandbox, and its capacity with it
+        # created after the listing: neither destroyed nor released
+        assert sorted(i.job_id for i in services.runtime.list_sandboxes()) == sorted([late, cancelled])
+        assert set(admission.admitted()) == {late, cancelled}  # the dead create's capacity is back
+    finally:
+        redis_client.delete(admitted_key(node))
