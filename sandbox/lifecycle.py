@@ -127,19 +127,6 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec 
     return True
 
 
-def reconcile_admission(svc: Services) -> list[str]:
-    """Give back admitted capacity no sandbox on this node holds any more (a killed worker's)."""
-    if svc.admission is None:
-        return []
-    live = [info.job_id for info in svc.runtime.list_sandboxes() if info.host == svc.host]
-
-    def ended(job_id: str) -> bool:
-        record = svc.store.find(job_id)
-        return record is None or JobStatus(record["status"]).terminal
-
-    return svc.admission.reconcile(live, ended)
-
-
 def prepare(svc: Services, job_id: str) -> None:
     """Write every input file (inline or streamed from R2) into the sandbox's workspace."""
     record = begin(svc, job_id, "prepare", JobStatus.PREPARING)

@@ -4,13 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_ready
 
 from config.wiring import build_services
-from sandbox import lifecycle
 from sandbox.lifecycle import Services
 from sandbox.nodes import node_queue
 
@@ -38,20 +36,12 @@ def consumed_queues(node: str, intakes: Sequence[str] = ("sandbox",)) -> list[st
     return [node_queue(node), *intakes, *(create_queue(q) for q in intakes)]
 
 
-@celeryd_after_setup.connect
-def _consume_own_queues(sender: str, instance, **_: object) -> None:  # noqa: ANN001
-    _node["name"] = sender
-    queues = instance.app.amqp.queues
-    queues.select(consumed_queues(sender, list(queues.consume_from)))  # -Q names the intakes
-
-
-@worker_ready.connect
-def _reconcile_admission(**_: object) -> None:
-    # A worker killed while holding admitted capacity gets it back here (one process per node).
-    svc = services()
-    if svc.admission is not None:
-        svc.admission.publish_capacity()
-        lifecycle.reconcile_admission(svc)
+def consume_own_queues(node: str, worker: Any) -> None:
+    """Name this process's node and make `worker` consume the node's queues (at start-up, before it
+    consumes: tasks.nodes runs it first)."""
+    _node["name"] = node
+    queues = worker.app.amqp.queues
+    queues.select(consumed_queues(node, list(queues.consume_from)))  # -Q names the intakes
 
 
 def services() -> Services:

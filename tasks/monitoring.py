@@ -97,9 +97,10 @@ def _stamp_sent_at(headers: dict | None = None, **_: Any) -> None:
 
 # -- the node's endpoint ------------------------------------------------------------------------------
 
-@signals.celeryd_after_setup.connect
-def _start_endpoint(sender: str, instance: Any, **_: Any) -> None:
-    obs_logging.set_node(sender)
+def start_endpoint(node: str) -> None:
+    """Name the node in log lines, send audit lines to Redis, serve the metrics endpoint (at start-up,
+    before the reconcile logs anything: tasks.nodes runs it)."""
+    obs_logging.set_node(node)
     client = redis.Redis.from_url(_settings.redis_url, health_check_interval=30)
     audit.install(client, _settings.record_ttl_s)
     if not _settings.metrics_port or _endpoint:
@@ -108,8 +109,8 @@ def _start_endpoint(sender: str, instance: Any, **_: Any) -> None:
 
     fresh_s = 3 * float(getattr(_settings, "heartbeat_interval_s", 10.0))
     REGISTRY.register(ClusterCollector(Cluster(client), fresh_s))
-    REGISTRY.register(NodeCollector(sender, lambda: _services().runtime.list_sandboxes()))
-    _endpoint["liveness"] = liveness = Liveness(sender)
+    REGISTRY.register(NodeCollector(node, lambda: _services().runtime.list_sandboxes()))
+    _endpoint["liveness"] = liveness = Liveness(node)
     try:
         _endpoint["server"] = serve(_settings.metrics_host, _settings.metrics_port, liveness)
     except OSError as e:  # the worker still works; the scrape target's `up` == 0 pages someone
@@ -118,6 +119,7 @@ def _start_endpoint(sender: str, instance: Any, **_: Any) -> None:
 
 @signals.worker_ready.connect
 def _consuming(**_: Any) -> None:
+    # Not part of start-up (tasks.nodes): this is the later moment the consumer really consumes.
     if "liveness" in _endpoint:
         _endpoint["liveness"].consuming = True
 

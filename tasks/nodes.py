@@ -1,5 +1,8 @@
-"""Start-up of a worker node: consume Celery's default queue too, check the broker keeps what it is
-given, reconcile what a dead process of this node left, then keep a heartbeat in Redis."""
+"""Start-up of a worker node, in one handler and in this order: consume the node's queues, start the
+metrics endpoint and the audit trail, check the broker keeps what it is given, write a first
+heartbeat, reconcile what a dead process of this node left (its jobs, its admitted capacity, its
+sandboxes), publish the node's capacity, then keep a heartbeat in Redis. All of it before the worker
+consumes (celeryd_after_setup)."""
 from __future__ import annotations
 
 import logging
@@ -13,8 +16,9 @@ from celery.signals import celeryd_after_setup, worker_shutdown
 from config import load_settings
 from sandbox import nodes, sweeps
 from sandbox.errors import ConfigError
-from tasks.app import app, services
+from tasks.app import app, consume_own_queues, services
 from tasks.consumer import CONTROL_QUEUE, ControlConsumer
+from tasks.monitoring import start_endpoint
 
 app.steps["consumer"].add(ControlConsumer)
 
@@ -26,14 +30,20 @@ _booted: dict[str, float] = {}
 def booted_at() -> float:
     """When this worker process started (0 before its start-up ran)."""
     return _booted.get("at", 0.0)
+
+
 QUEUE_CHECK_EVERY = 6  # heartbeats between two checks for queues nobody consumes
 
 
 @celeryd_after_setup.connect
 def _start_node(sender: str, instance: Any, **_: object) -> None:
+    # The one start-up handler: its steps depend on each other's order (the services need the node
+    # name; the reconcile's audit lines need the trail), which receivers of one signal would get only
+    # from the order their modules happen to be imported in.
     booted_at = _booted["at"] = time.time()
+    consume_own_queues(sender, instance)  # Celery's default `celery` among them: stock producers
+    start_endpoint(sender)
     settings = load_settings()
-    # (tasks.app has chosen the queues by now, Celery's default `celery` among them: stock producers)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     try:
         nodes.check_durability(client, settings.require_durable_redis)
@@ -42,7 +52,10 @@ def _start_node(sender: str, instance: Any, **_: object) -> None:
         raise SystemExit(f"refusing to start: {e}") from e
     queues = sorted({*instance.app.amqp.queues.consume_from, CONTROL_QUEUE})  # + ControlConsumer's
     nodes.beat(client, sender, queues, booted_at, settings.node_dead_after_s)
-    ended, destroyed = sweeps.reconcile(services(), booted_at)
+    svc = services()
+    ended, destroyed = sweeps.reconcile(svc, booted_at)
+    if svc.admission is not None:
+        svc.admission.publish_capacity()
     for record in ended:
         from tasks.stages import announce_end
 
