@@ -16,6 +16,8 @@ from typing import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from sandbox.events import EventBus, events_key
 from sandbox.observability import audit
@@ -220,21 +222,36 @@ def test_audit_lines_reach_redis_without_any_flush_call(redis_client):
         assert sorted(lines) == list(range(20))
 
 
+class _TriedRedis(redis.Redis):
+    """A client that notes when each write was tried: every batch the trail writes opens one pipeline."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.tries_s: list[float] = []
+
+    def pipeline(self, *args: object, **kwargs: object) -> redis.client.Pipeline:
+        self.tries_s.append(time.monotonic())
+        return super().pipeline(*args, **kwargs)
+
+
 def test_an_unreachable_redis_is_warned_about_once_and_lines_land_when_it_answers_again(redis_client, caplog):
     from devstack.processes import free_port
 
-    down = redis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens there
-    with audit_logger(down, "test-outage", flush_delay_s=0.01) as (logger, trail):
+    flush_delay_s, tries = 0.01, 6
+    # nothing listens there; each try fails at once (redis-py's own retries would take seconds a try)
+    down = _TriedRedis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    with audit_logger(down, "test-outage", flush_delay_s=flush_delay_s) as (logger, trail):
         job_id = new_job_id("aud-out")
         with caplog.at_level(logging.WARNING, logger=audit.log.name):
             logger.info(json.dumps({"op": "put", "job_id": job_id, "n": 0}))
-
-            def failed() -> int:
-                return sum("could not write" in r.getMessage() for r in caplog.records)
-
-            wait_for(lambda: failed() >= 1, timeout_s=30)
-            time.sleep(2)  # without the backoff and once-per-outage rule: a warning every 0.1 s or so
-            assert failed() == 1
+            # Given an outage the trail has retried a write of the same line several times
+            wait_for(lambda: len(down.tries_s) >= tries, timeout_s=30)
+            # Then it warned once for all of them (without the once-per-outage rule: once a try)
+            assert sum("could not write" in r.getMessage() for r in caplog.records) == 1
+            # and backed off: the wait before try k+1 is at least the doubled retry delay (a sleep
+            # never ends early, so this lower bound holds on any machine, however loaded)
+            gaps_s = [b - a for a, b in zip(down.tries_s, down.tries_s[1:])]
+            assert all(gap_s >= flush_delay_s * 2 ** k for k, gap_s in enumerate(gaps_s[:tries - 1])), gaps_s
             trail.redis = redis_client  # Redis is back
             wait_for(lambda: redis_client.llen(audit.audit_list_key(job_id)) >= 1, timeout_s=30)
         assert [json.loads(x)["n"] for x in redis_client.lrange(audit.audit_list_key(job_id), 0, -1)] == [0]
