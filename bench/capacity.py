@@ -42,31 +42,51 @@ NODE = "cap@host"
 SMALL = {"cpu": "0.1", "memory": "64Mi", "disk": "16Mi"}
 
 
-def rss_bytes(pid: int) -> int:
-    """RSS of the worker: its process and every descendant running the same program (prefork
-    children), not the sandboxes' own processes."""
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The worker and its children running the same program (prefork's pool processes), found
+    once: a sample then reads one small file per process. Walking every thread's children and
+    every sandbox's processes each 10 ms took a quarter of a core from the 2-core node measured."""
     exe = os.readlink(f"/proc/{pid}/exe")
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            if os.readlink(f"/proc/{p}/exe") == exe:
-                with open(f"/proc/{p}/status", encoding="ascii") as f:
-                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children", encoding="ascii") as f:
-                    todo.extend(int(c) for c in f.read().split())
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                children += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+    same = []
+    for child in children:
+        try:
+            if os.readlink(f"/proc/{child}/exe") == exe:
+                same.append(child)
+        except (FileNotFoundError, PermissionError):
+            continue  # a sandbox that ended meanwhile, or one whose exe is not ours to read
+    return [pid, *same]
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes (statm's second field: VmRSS, in pages)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * PAGE_BYTES
         except (FileNotFoundError, ProcessLookupError):
-            continue
+            continue  # a pool process that ended; the sample counts the ones alive
     return total
 
 
 class Sampler:
-    """Samples live sandbox dirs, admitted entries and the worker's RSS every 10 ms."""
+    """Samples live sandbox dirs, admitted entries and the worker's RSS every 10 ms, and what the
+    sampling itself cost (CPU seconds of its thread, taken from the node it measures)."""
 
     def __init__(self, work: Path, client: redis.Redis, pid: int) -> None:
-        self.work, self.client, self.pid = work, client, pid
+        self.run_dir, self.client, self.pids = work / "run", client, worker_pids(pid)
         self.peak_live = self.peak_admitted = self.peak_rss = 0
+        self.cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -79,12 +99,15 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
+        start_cpu_s = time.thread_time()
         while not self._stop.is_set():
-            live = sum(1 for p in (self.work / "run").iterdir() if p.name.startswith("sbx-"))
+            with os.scandir(self.run_dir) as entries:
+                live = sum(1 for e in entries if e.name.startswith("sbx-"))
             self.peak_live = max(self.peak_live, live)
             self.peak_admitted = max(self.peak_admitted, self.client.hlen(admitted_key(NODE)))
-            self.peak_rss = max(self.peak_rss, rss_bytes(self.pid))
+            self.peak_rss = max(self.peak_rss, rss_bytes(self.pids))
             time.sleep(0.01)
+        self.cpu_s = time.thread_time() - start_cpu_s
 
 
 def run_jobs(client: Celery, jobs: list[dict]) -> tuple[list[dict], list[float], float]:
@@ -122,7 +145,7 @@ def admitted_at_once(settings: Any, n: int) -> int:
 
 
 def scenario_sleepers(client: Celery, rc: redis.Redis, work: Path, worker: Worker, n: int, settings: Any) -> dict:
-    idle_rss = rss_bytes(worker.proc.pid)
+    idle_rss = rss_bytes(worker_pids(worker.proc.pid))
     with Sampler(work, rc, worker.proc.pid) as s:
         records, _, makespan = run_jobs(client, [job("sleep 2") for _ in range(n)])
     assert all(r["status"] == "succeeded" for r in records), [r["error"] for r in records if r["status"] != "succeeded"]
@@ -131,7 +154,8 @@ def scenario_sleepers(client: Celery, rc: redis.Redis, work: Path, worker: Worke
     return {"jobs": n, "makespan_s": makespan, "ideal_s": ideal, "ratio": makespan / ideal,
             "peak_admitted": s.peak_admitted, "admissible": at_once, "idle_rss_mib": idle_rss / 2**20,
             "peak_rss_mib": s.peak_rss / 2**20,
-            "rss_per_sandbox_mib": (s.peak_rss - idle_rss) / max(1, s.peak_admitted) / 2**20}
+            "rss_per_sandbox_mib": (s.peak_rss - idle_rss) / max(1, s.peak_admitted) / 2**20,
+            "sampler_cpu_s": s.cpu_s}
 
 
 def scenario_mix(client: Celery, settings: Any) -> dict:
@@ -152,7 +176,7 @@ def scenario_burst(client: Celery, rc: redis.Redis, work: Path, worker: Worker, 
     return {"jobs": n, "succeeded": sum(r["status"] == "succeeded" for r in records), "makespan_s": makespan,
             "per_s": n / makespan, "peak_live": s.peak_live, "peak_admitted": s.peak_admitted,
             "limit": Capacity.of(settings).max_sandboxes, "left_sandboxes": len(left),
-            "left_admitted": rc.hlen(admitted_key(NODE))}
+            "left_admitted": rc.hlen(admitted_key(NODE)), "sampler_cpu_s": s.cpu_s}
 
 
 def main() -> None:
@@ -187,7 +211,10 @@ def main() -> None:
                 worker.stop()
             if args.prefork:
                 old = Worker(env, node=NODE, log_path=base / "worker-prefork.log", concurrency=args.prefork)
-                old.extra_args = ["--pool=prefork"]
+                # "processes", Celery's other name for prefork: it reads "--pool=prefork" as "the
+                # default" and takes celeryconfig's worker_pool (threads) instead, so that flag
+                # measured the threads pool again
+                old.extra_args = ["--pool=processes"]
                 old.start(client)
                 try:
                     results["prefork"] = scenario_sleepers(client, rc, work, old, args.sleepers, settings)
@@ -201,7 +228,7 @@ def main() -> None:
     print(f"\n{s['jobs']} x sleep 2: makespan {s['makespan_s']:.1f} s, ideal {s['ideal_s']:.1f} s "
           f"({s['admissible']} admitted at once) -> {s['ratio']:.2f}x; peak admitted {s['peak_admitted']}; "
           f"worker RSS {s['idle_rss_mib']:.0f} -> {s['peak_rss_mib']:.0f} MiB, "
-          f"{s['rss_per_sandbox_mib']:.2f} MiB per admitted sandbox")
+          f"{s['rss_per_sandbox_mib']:.2f} MiB per admitted sandbox (the sampler took {s['sampler_cpu_s']:.2f} s CPU)")
     if "prefork" in results:
         p = results["prefork"]
         print(f"  prefork -c {args.prefork} baseline: makespan {p['makespan_s']:.1f} s "
@@ -210,7 +237,8 @@ def main() -> None:
           f"(a sleeper lasts {m['sleeper_s']:.0f} s; one admission slot implies {m['one_slot_s']:.0f} s)")
     print(f"burst of {b['jobs']}: {b['succeeded']} succeeded in {b['makespan_s']:.1f} s ({b['per_s']:.1f}/s); "
           f"peak live sandboxes {b['peak_live']}, peak admitted {b['peak_admitted']}, limit {b['limit']}; "
-          f"left on the host: {b['left_sandboxes']} sandboxes, {b['left_admitted']} admitted entries")
+          f"left on the host: {b['left_sandboxes']} sandboxes, {b['left_admitted']} admitted entries "
+          f"(the sampler took {b['sampler_cpu_s']:.2f} s CPU)")
 
 
 if __name__ == "__main__":
