@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -12,8 +9,9 @@ import pytest
 import redis
 from celery import Celery
 
+from tests.support.jobs import client_app, new_job_id, wait_for  # noqa: F401  (tests import these from here)
 from tests.support.seaweed import SeaweedUnavailable, seaweed_server
-from tests.support.services import RedisServer, ServiceUnavailable, Worker, remove_work_dir, unavailable
+from tests.support.services import RedisServer, ServiceUnavailable, Worker, sandbox_work_dir, unavailable
 
 E2E_COMMANDS = "ls,cat,grep,curl,wget,python3,sleep"
 WEBHOOK_SECRET = "e2e-webhook-secret"
@@ -24,13 +22,18 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
 
 
-def running_redis(data_dir: Path) -> Iterator[RedisServer]:
-    """A real Redis (AOF on) in `data_dir` for a fixture to yield from; fails under CI if missing."""
+def running_redis(data_dir: Path, config: dict[str, str] | None = None) -> Iterator[RedisServer]:
+    """A real Redis (AOF on) in `data_dir`, with `config` set on it, for a fixture to yield from;
+    fails under CI if missing."""
     server = RedisServer(data_dir)
     try:
         server.start()
     except ServiceUnavailable as e:
         unavailable(str(e))
+    client = redis.Redis.from_url(server.url)
+    for key, value in (config or {}).items():
+        client.config_set(key, value)
+    client.close()
     yield server
     server.stop()
 
@@ -61,11 +64,8 @@ def s3(session_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def work_dir() -> Iterator[Path]:
-    """A sandbox work dir the unprivileged sandbox uid can traverse (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="sandbox-work-", dir="/var/tmp"))
-    path.chmod(0o711)
-    yield path
-    remove_work_dir(str(path))
+    with sandbox_work_dir("sandbox-work-") as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -88,11 +88,7 @@ def stack_env(redis_url: str, s3: Any, work_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def celery_client(redis_url: str) -> Celery:
-    """A client-side Celery app, as the Node.js API or the CLI would be: it only sends and waits."""
-    app = Celery("client", broker=redis_url, backend=redis_url)
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    result_accept_content=["json"], task_default_queue="sandbox")
-    return app
+    return client_app("client", redis_url)
 
 
 @pytest.fixture(scope="session")
@@ -118,17 +114,3 @@ def submit(celery_client: Celery, worker: Worker) -> Callable[..., dict]:
 
     return run
 
-
-def new_job_id(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30, interval_s: float = 0.05) -> Any:
-    """Poll until `predicate` returns something truthy; fail the test on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"condition not met within {timeout_s} s")

@@ -11,12 +11,12 @@ from sandbox import collecting, lifecycle
 from tests.conftest import new_job_id, wait_for
 from tests.e2e.conftest import sandbox_left
 from tests.e2e.test_pipeline import assert_cleaned_up
+from tests.support.jobs import record_of
 from tests.support.services import Worker
 
 
 def status_of(redis_client, job_id: str) -> str | None:
-    raw = redis_client.get(f"sandbox:job:{job_id}")
-    return json.loads(raw)["status"] if raw else None
+    return record_of(redis_client, job_id).get("status")
 
 
 def test_cancel_running_job_kills_it_and_cleans_up(celery_client, worker, stack_env, redis_client):

@@ -7,6 +7,7 @@ import pytest
 import requests
 
 from tests.conftest import new_job_id, wait_for
+from tests.support.jobs import record_of
 
 pytestmark = pytest.mark.runtimes("local")  # nothing here depends on the runtime
 
@@ -17,8 +18,7 @@ def test_collect_retries_through_an_s3_outage_and_loses_no_output(celery_client,
     s3.stop()
     try:
         pending = celery_client.send_task("sandbox.submit", args=[json.dumps(job)])
-        record = lambda: json.loads(redis_client.get(f"sandbox:job:{job_id}") or b"{}")  # noqa: E731
-        wait_for(lambda: record().get("stages", {}).get("collect", {}).get("attempts", 0) >= 1, timeout_s=60)
+        wait_for(lambda: record_of(redis_client, job_id).get("stages", {}).get("collect", {}).get("attempts", 0) >= 1, timeout_s=60)
     finally:
         s3.start()
     final = pending.get(timeout=180)

@@ -8,6 +8,7 @@ from kombu import Connection
 
 from tests.conftest import new_job_id, wait_for
 from tests.e2e.conftest import sandbox_left
+from tests.support.jobs import record_of
 from tests.support.services import Worker
 
 NODE = "w-lost@host-c"
@@ -25,10 +26,6 @@ def restore_unacked_now(redis_url: str) -> None:
         conn.default_channel.qos.restore_visible(num=1000)
 
 
-def read(redis_client, job_id: str) -> dict:
-    return json.loads(redis_client.get(f"sandbox:job:{job_id}") or b"{}")
-
-
 def test_killed_worker_mid_execute_ends_error_without_rerunning(celery_client, stack_env, session_dir,
                                                                  redis_client, redis_url):
     first = Worker(stack_env, node=NODE, log_path=session_dir / "worker-lost-1.log", queue=QUEUE)
@@ -43,7 +40,7 @@ def test_killed_worker_mid_execute_ends_error_without_rerunning(celery_client, s
     second = Worker(stack_env, node=NODE, log_path=session_dir / "worker-lost-2.log", queue=QUEUE)
     second.start(celery_client)
     try:
-        record = wait_for(lambda: (r := read(redis_client, job_id)).get("finished_at") and r, timeout_s=300)
+        record = wait_for(lambda: (r := record_of(redis_client, job_id)).get("finished_at") and r, timeout_s=300)
     finally:
         second.stop()
 

@@ -2,7 +2,6 @@
 and real worker processes on Celery's threads pool with short heartbeats (the session's S3)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import tempfile
@@ -14,8 +13,11 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.conftest import E2E_COMMANDS, running_redis, wait_for
-from tests.support.services import RedisServer, Worker, remove_work_dir
+from tests.conftest import E2E_COMMANDS, running_redis
+from tests.support.jobs import (  # noqa: F401  (the fault tests import these from here)
+    TERMINAL, client_app, lines_of, normal_job_succeeds, record_of, wait_terminal,
+)
+from tests.support.services import RedisServer, Worker, sandbox_work_dir
 
 HEARTBEAT_S = "1"
 DEAD_AFTER_S = "3"
@@ -23,7 +25,6 @@ DEAD_AFTER_S = "3"
 # appended to by an earlier run, or by another suite running at the same time, would be miscounted.
 LOG_DIR = Path(os.environ.get("SANDBOX_FAULT_LOGS") or tempfile.mkdtemp(prefix="sandbox-fault-logs-", dir="/var/tmp"))
 LOG_DIR.mkdir(parents=True, exist_ok=True)
-TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "rejected", "error"}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,9 @@ def fault_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
 
 @pytest.fixture(scope="module")
 def fault_work_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sandbox-faults-", dir="/var/tmp"))
-    path.chmod(0o711)
-    yield path
-    _destroy_left_sandboxes(path)
-    remove_work_dir(str(path))
+    with sandbox_work_dir("sandbox-faults-") as path:
+        yield path
+        _destroy_left_sandboxes(path)
 
 
 def _destroy_left_sandboxes(path: Path) -> None:
@@ -72,10 +71,7 @@ def fault_env(fault_redis: RedisServer, s3: Any, fault_work_dir: Path) -> dict[s
 
 @pytest.fixture(scope="module")
 def fault_client(fault_redis: RedisServer) -> Celery:
-    app = Celery("fault-client", broker=fault_redis.url, backend=fault_redis.url)
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    result_accept_content=["json"], task_default_queue="sandbox")
-    return app
+    return client_app("fault-client", fault_redis.url)
 
 
 @pytest.fixture()
@@ -112,19 +108,6 @@ def start_worker(fault_env: dict[str, str], fault_client: Celery, tmp_path: Path
     yield start
     for worker in started:
         worker.stop()
-
-
-def record_of(client: redis.Redis, job_id: str) -> dict:
-    return json.loads(client.get(f"sandbox:job:{job_id}") or b"{}")
-
-
-def wait_terminal(client: redis.Redis, job_id: str, timeout_s: float = 90) -> dict:
-    return wait_for(lambda: (r := record_of(client, job_id)).get("status") in TERMINAL and r, timeout_s=timeout_s)
-
-
-def lines_of(client: redis.Redis, job_id: str, text: bytes) -> int:
-    """How many log lines of the job contain `text` (a command that ran twice prints twice)."""
-    return sum(text in e.get(b"line", b"") for _, e in client.xrange(f"sandbox:job:{job_id}:logs"))
 
 
 def sandbox_dirs(work_dir: Path) -> list[str]:
@@ -167,10 +150,3 @@ def assert_host_clean(work_dir: Path) -> None:
             continue
     assert not procs, f"processes of sandboxes still running: {procs}"
 
-
-def normal_job_succeeds(client: Celery, job_id: str, timeout_s: float = 90) -> dict:
-    """The worker still runs an ordinary job end to end."""
-    record = client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})]).get(
-        timeout=timeout_s)
-    assert record["status"] == "succeeded", record
-    return record

@@ -7,7 +7,8 @@ import threading
 import time
 
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, lines_of, record_of, wait_terminal
+from tests.faults.conftest import assert_host_clean
+from tests.support.jobs import lines_of, normal_job_succeeds, record_of, wait_terminal
 
 SLOTS = 20
 SLEEPER = "python3 -c \"import time; print('started', flush=True); time.sleep(60)\""
@@ -57,8 +58,7 @@ def test_a_command_that_ended_before_the_cancel_is_recorded_as_it_ended(start_wo
     client = fault_redis_client
     start_worker("fw-late@host-l", queue="faults-late")
     job_id = new_job_id("f-late")
-    record = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})],
-                                    queue="faults-late").get(timeout=60)
+    record = normal_job_succeeds(fault_client, job_id, "faults-late", timeout_s=60)
     answer = fault_client.send_task("sandbox.cancel", args=[job_id], queue="sandbox.control").get(timeout=30)
     assert answer["cancelled"] is False and "succeeded" in answer["message"]
     assert wait_terminal(client, job_id)["status"] == record["status"] == "succeeded"

@@ -23,7 +23,8 @@ from sandbox import lifecycle
 from sandbox.admission import Request, admitted_key
 from sandbox.state import JobStatus
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, lines_of, sandbox_dirs, record_of, wait_terminal
+from tests.faults.conftest import assert_host_clean, sandbox_dirs
+from tests.support.jobs import lines_of, normal_job_succeeds, record_of, wait_terminal
 
 
 def _recorded(fault_env: dict, node: str, task_id: str) -> tuple[object, str, str]:
@@ -117,8 +118,6 @@ def test_with_create_in_submit_off_every_create_is_a_task_of_its_own(start_worke
     node, queue = "fw-inline-off@host-i", "faults-inline-off"
     start_worker(node, queue=queue, SANDBOX_CREATE_IN_SUBMIT="false")
     job_id = new_job_id("f-off")
-    record = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})],
-                                    queue=queue).get(timeout=60)
-    assert record["status"] == "succeeded", record
+    record = normal_job_succeeds(fault_client, job_id, queue, timeout_s=60)
     assert record["dispatched_at"] <= record["stages"]["create"]["started_at"]  # sent whole, created after
     assert_host_clean(fault_work_dir)

@@ -15,7 +15,8 @@ from config import load_settings
 from sandbox.spec import parse_job
 from sandbox.state import JobStatus, JobStore, new_record
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, record_of, wait_terminal
+from tests.faults.conftest import assert_host_clean
+from tests.support.jobs import record_of, wait_terminal
 
 
 def _recorded_job(fault_env: dict) -> tuple[str, object]:

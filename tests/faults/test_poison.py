@@ -12,7 +12,8 @@ import uuid
 import pytest
 
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, normal_job_succeeds
+from tests.faults.conftest import assert_host_clean
+from tests.support.jobs import normal_job_succeeds
 from tests.support.services import ROOT
 
 MAX_MESSAGE_BYTES = 256 * 1024

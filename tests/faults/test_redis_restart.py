@@ -7,10 +7,10 @@ import json
 import time
 
 import requests
-from celery import Celery
 
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import TERMINAL, assert_host_clean, lines_of, record_of, sandbox_dirs
+from tests.faults.conftest import assert_host_clean, sandbox_dirs
+from tests.support.jobs import TERMINAL, client_app, lines_of, normal_job_succeeds, record_of
 
 JOBS = 20
 WORK = "python3 -c \"import time; print('started', flush=True); time.sleep(3); print('finished', flush=True)\""
@@ -49,8 +49,7 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(start_worker, fault_cl
 
     # A result subscription open across the restart may have given up reconnecting (a client-side
     # Celery limit, see the CLI's submit --wait for how a real waiter copes): read with a fresh one.
-    fresh = Celery("after-restart", broker=fault_redis.url, backend=fault_redis.url)
-    fresh.conf.update(result_serializer="json", accept_content=["json"], result_accept_content=["json"])
+    fresh = client_app("after-restart", fault_redis.url)
     finals = {}
     for job_id, result in pending.items():
         finals[job_id] = fresh.AsyncResult(result.id).get(timeout=120)  # every submitter gets its answer
@@ -67,6 +66,4 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(start_worker, fault_cl
     print("statuses after the restart:", statuses)
     wait_for(lambda: not sandbox_dirs(fault_work_dir), timeout_s=30)
     assert_host_clean(fault_work_dir)
-    record = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": new_job_id("f-after"),
-                                                                          "command": "ls"})], queue=queue).get(timeout=90)
-    assert record["status"] == "succeeded"
+    normal_job_succeeds(fault_client, queue=queue)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from tests.conftest import new_job_id, wait_for
-from tests.faults.conftest import assert_host_clean, lines_of, record_of, sandbox_dirs, wait_terminal
+from tests.faults.conftest import assert_host_clean, sandbox_dirs
+from tests.support.jobs import lines_of, normal_job_succeeds, record_of, wait_terminal
 
 SLOW = "python3 -c \"import time; print('started', flush=True); time.sleep(20); print('finished', flush=True)\""
 
@@ -35,7 +36,7 @@ def test_a_killed_worker_restarted_under_its_name_ends_the_job_at_start_up(start
     assert [t["status"] for t in record["timeline"]].count("error") == 1
     assert lines_of(client, job_id, b"started") == 1 and lines_of(client, job_id, b"finished") == 0
     assert_host_clean(fault_work_dir)
-    assert_normal_job(fault_client, queue)
+    normal_job_succeeds(fault_client, queue=queue)
 
 
 def test_a_killed_worker_that_never_returns_has_its_job_ended_by_the_stuck_sweep(start_worker, fault_client,
@@ -65,12 +66,5 @@ def test_a_killed_worker_that_never_returns_has_its_job_ended_by_the_stuck_sweep
     fault_client.send_task("sandbox.sweep_node", queue="faults-survivor")  # (its result is not stored)
     wait_for(lambda: not sandbox_dirs(fault_work_dir), timeout_s=30)
     assert_host_clean(fault_work_dir)
-    assert_normal_job(fault_client, "faults-survivor")
-
-
-def assert_normal_job(fault_client, queue: str) -> None:
-    job_id = new_job_id("f-after")
-    record = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})],
-                                    queue=queue).get(timeout=90)
-    assert record["status"] == "succeeded", record
+    normal_job_succeeds(fault_client, queue="faults-survivor")
 

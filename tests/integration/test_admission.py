@@ -15,14 +15,11 @@ from sandbox import lifecycle
 from sandbox.admission import Admission, Request, admitted_key, capacity_key
 from sandbox.state import JobStore
 from tests.conftest import new_job_id, wait_for
+from tests.support.jobs import record_of
 from tests.e2e.test_worker_lost import restore_unacked_now
 from tests.support.services import Worker
 
 SMALL = Request(cpu=0.1, memory_bytes=64 << 20, disk_bytes=16 << 20)
-
-
-def record_of(redis_client, job_id: str) -> dict:
-    return json.loads(redis_client.get(f"sandbox:job:{job_id}") or b"{}")
 
 
 # -- the ledger itself (real Redis, no worker) ----------------------------------------------------

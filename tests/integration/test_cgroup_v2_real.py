@@ -26,15 +26,10 @@ import pytest
 from sandbox.errors import SandboxFailure
 from sandbox.runtimes import cgroups
 from sandbox.runtimes.cgroups import CgroupV1, CgroupV2
+from tests.support.services import unavailable
 
 PREFIX = "pytest-cgv2-"
 LOCK = "/run/lock/sandbox-cgv2-test.lock"
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 def _v2_mount() -> Path | None:
@@ -70,9 +65,9 @@ def scratch() -> Iterator[Path]:
     """A fresh group under this process's own v2 cgroup, removed with all it holds afterwards."""
     mount = _v2_mount()
     if mount is None:
-        _unavailable("no cgroup2 hierarchy is mounted")
+        unavailable("no cgroup2 hierarchy is mounted")
     if os.geteuid() != 0:
-        _unavailable("managing cgroups needs root")
+        unavailable("managing cgroups needs root")
     own = cgroups._own_paths(Path("/proc/self/cgroup").read_text()).get("", "/")
     base = mount / own.lstrip("/")
     _sweep_dead_runs(base)
@@ -302,7 +297,7 @@ def test_create_refuses_a_real_group_without_the_limit_controllers(scratch: Path
 def test_detection_on_this_hybrid_host_picks_v1_and_the_bare_v2_mount_fails_clearly() -> None:
     mount = _v2_mount()
     if mount is None:
-        _unavailable("no cgroup2 hierarchy is mounted")
+        unavailable("no cgroup2 hierarchy is mounted")
     if mount == Path("/sys/fs/cgroup"):
         pytest.skip("a pure v2 host: nothing hybrid to check")
     assert isinstance(cgroups.detect(), CgroupV1)

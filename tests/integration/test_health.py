@@ -20,7 +20,8 @@ from celery import Celery
 
 from sandbox.nodes import BEAT_STARTED_KEY
 from sandbox.observability.cluster import NODES_SET, SENT_AT_HEADER, heartbeat_key, sweep_last_key
-from tests.support.services import ROOT, RedisServer, ServiceUnavailable, stop_process, unavailable
+from tests.conftest import running_redis
+from tests.support.services import ROOT, RedisServer, stop_process
 
 NODE = "w1@health"
 
@@ -28,16 +29,7 @@ NODE = "w1@health"
 @pytest.fixture()
 def health_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis set up as production's should be: AOF on, noeviction."""
-    server = RedisServer(tmp_path)
-    try:
-        server.start()
-    except ServiceUnavailable as e:
-        unavailable(str(e))
-    client = redis.Redis.from_url(server.url)
-    client.config_set("appendonly", "yes")
-    client.config_set("maxmemory-policy", "noeviction")
-    yield server
-    server.stop()
+    yield from running_redis(tmp_path, {"appendonly": "yes", "maxmemory-policy": "noeviction"})
 
 
 @pytest.fixture()

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -25,6 +29,18 @@ def require(binary: str) -> str:
     except ServiceUnavailable as e:
         unavailable(str(e))
         raise
+
+
+@contextmanager
+def sandbox_work_dir(prefix: str, parent: str = "/var/tmp") -> Iterator[Path]:
+    """A fresh work dir the unprivileged sandbox uid can traverse (pytest's tmp dirs are 0700),
+    removed afterwards as `remove_work_dir` does."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        remove_work_dir(str(path))
 
 
 def remove_work_dir(work: str) -> None:
