@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,28 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from config.settings import load_settings
 from sandbox.storage import ArtifactStore
 from tests.conftest import new_job_id, wait_for
+from tests.support.hooks import HookReceiver
+from tests.support.jobs import record_of
 from tests.support.services import Worker
 
 QUEUE = "sandbox.obs"  # this worker's own intake: the session's worker must not take these jobs
 ALLOC = "import sys\nb = []\nfor _ in range(400):\n    b.append(bytearray(1 << 20))\n"
-
-
-class Hook(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Accept)
-        self.bodies: list[bytes] = []
-
-
-class _Accept(BaseHTTPRequestHandler):
-    server: Hook
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.server.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +64,7 @@ def run_every_ending(celery_client: Any, redis_client: Any, hook_url: str) -> di
             {"path": "data.txt", "r2_key": f"jobs/{ids['error']}/input/missing.txt"}]}),
         "hook": send({"id": ids["hook"], "command": "ls", "callback_url": hook_url}),
     }
-    wait_for(lambda: json.loads(redis_client.get(f"sandbox:job:{ids['cancelled']}") or "{}").get("status") == "running")
+    wait_for(lambda: record_of(redis_client, ids["cancelled"]).get("status") == "running")
     # a rejection naming a running job's id is counted, and must not take that job's count
     pending["rejected_same_id"] = send({"id": ids["cancelled"], "command": "ls", "resources": {"memory": "lots"}})
     pending["rejected_same_id"].get(timeout=60)
@@ -95,19 +77,17 @@ def mixed_run(obs_worker: Worker, celery_client: Any, redis_url: str) -> dict[st
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    hook = Hook()
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    before = scrape(obs_worker)
-    log_start = obs_worker.log_path.stat().st_size
-    records = run_every_ending(celery_client, client, f"http://127.0.0.1:{hook.server_address[1]}/hook")
-    # The job's own notify goes to the shared `sandbox` queue (any worker may deliver it); this one
-    # is sent to this worker, so its delivery is counted here.
-    celery_client.send_task("sandbox.notify", args=[records["hook"]["id"]], queue=QUEUE).get(timeout=60)
-    wait_for(lambda: hook.bodies, timeout_s=60)
-    wait_for(lambda: moved(before, scrape(obs_worker), "sandbox_webhook_deliveries_total", outcome="delivered") == 1,
-             timeout_s=30)
-    after = scrape(obs_worker)
-    hook.shutdown()
+    with HookReceiver() as hook:
+        before = scrape(obs_worker)
+        log_start = obs_worker.log_path.stat().st_size
+        records = run_every_ending(celery_client, client, hook.url)
+        # The job's own notify goes to the shared `sandbox` queue (any worker may deliver it); this one
+        # is sent to this worker, so its delivery is counted here.
+        celery_client.send_task("sandbox.notify", args=[records["hook"]["id"]], queue=QUEUE).get(timeout=60)
+        wait_for(lambda: hook.posts, timeout_s=60)
+        wait_for(lambda: moved(before, scrape(obs_worker), "sandbox_webhook_deliveries_total",
+                               outcome="delivered") == 1, timeout_s=30)
+        after = scrape(obs_worker)
     lines = obs_worker.log_path.read_bytes()[log_start:].decode("utf-8", "replace").splitlines()
     return {"before": before, "after": after, "records": records, "lines": lines}
 

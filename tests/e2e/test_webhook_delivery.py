@@ -2,52 +2,35 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from sandbox import webhooks
 from tests.conftest import WEBHOOK_SECRET, new_job_id, wait_for
+from tests.support.hooks import HookReceiver, Post
 
 
-class Receiver(ThreadingHTTPServer):
+class Receiver(HookReceiver):
     """Answers 500 to the first delivery, then verifies every signature and keeps what it accepts."""
 
     def __init__(self, fail_first: bool = True) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(self._judge)
         self.fail_first = fail_first
-        self.attempts: list[dict] = []
         self.accepted: list[dict] = []
 
-
-class Handler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.attempts.append({"delivery": self.headers["X-Sandbox-Delivery"]})
+    def _judge(self, post: Post) -> int:
         try:
-            webhooks.verify(WEBHOOK_SECRET.encode(), self.headers["X-Sandbox-Signature"], body)
+            webhooks.verify(WEBHOOK_SECRET.encode(), post.headers["X-Sandbox-Signature"], post.body)
         except ValueError:
-            self.send_response(401)
-        else:
-            if self.server.fail_first and len(self.server.attempts) == 1:
-                self.send_response(500)
-            else:
-                self.server.accepted.append(json.loads(body))
-                self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return None
+            return 401
+        if self.fail_first and len(self.posts) == 1:
+            return 500
+        self.accepted.append(json.loads(post.body))
+        return 204
 
 
 def test_terminal_record_reaches_the_receiver_after_a_failed_first_delivery(submit, redis_client):
-    receiver = Receiver()
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
+    with Receiver() as receiver:
         job_id = new_job_id("hook")
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/sandbox"
-        record = submit({"id": job_id, "command": "ls", "callback_url": url})
+        record = submit({"id": job_id, "command": "ls", "callback_url": receiver.url})
         assert record["status"] == "succeeded"
 
         wait_for(lambda: receiver.accepted, timeout_s=60)
@@ -55,11 +38,9 @@ def test_terminal_record_reaches_the_receiver_after_a_failed_first_delivery(subm
         assert envelope["event"] == "job.terminal"
         assert envelope["data"]["id"] == job_id and envelope["data"]["status"] == "succeeded"
         # One delivery id across the retry, so a receiver can drop duplicates.
-        assert {a["delivery"] for a in receiver.attempts} == {envelope["delivery_id"]}
+        assert {p.headers["X-Sandbox-Delivery"] for p in receiver.posts} == {envelope["delivery_id"]}
         deliveries = wait_for(lambda: json.loads(redis_client.get(f"sandbox:job:{job_id}"))["webhook_deliveries"])
         assert [d["status_code"] for d in deliveries] == [500, 204]
-    finally:
-        receiver.shutdown()
 
 
 def test_callback_host_off_the_allow_list_is_rejected(submit):
@@ -69,16 +50,12 @@ def test_callback_host_off_the_allow_list_is_rejected(submit):
 
 
 def test_callback_events_all_posts_every_transition_once_then_the_record(submit):
-    receiver = Receiver(fail_first=False)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    try:
+    with Receiver(fail_first=False) as receiver:
         job_id = new_job_id("hookall")
-        url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks"
-        record = submit({"id": job_id, "command": "ls", "callback_url": url, "callback_events": "all"})
+        record = submit({"id": job_id, "command": "ls", "callback_url": receiver.url,
+                         "callback_events": "all"})
         wait_for(lambda: any(e["event"] == "job.terminal" for e in receiver.accepted), timeout_s=60)
         wait_for(lambda: len(receiver.accepted) >= 7, timeout_s=30)
         statuses = sorted((e["data"]["at"], e["data"]["status"]) for e in receiver.accepted if e["event"] == "job.status")
         assert [s for _, s in statuses] == ["queued", "creating", "preparing", "running", "collecting", "cleaning"]
         assert [e["data"]["status"] for e in receiver.accepted if e["event"] == "job.terminal"] == [record["status"]]
-    finally:
-        receiver.shutdown()

@@ -8,12 +8,12 @@ import socket
 import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 import pytest
 
 from sandbox.webhooks import delivery_id_for, deliver
+from tests.support.hooks import HookReceiver
 
 SECRET = b"egress-webhook-secret"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -21,40 +21,22 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 # for https (tested in test_webhooks.py); the address rule is what these tests are about.
 
 
-class Receiver(ThreadingHTTPServer):
+class Receiver(HookReceiver):
     """Keeps the Host header and delivery id of every POST; answers from a script (default 204)."""
 
     def __init__(self, script: list[int] | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(lambda post: self.script.pop(0) if self.script else 204)
         self.script = list(script or [])
-        self.seen: list[dict[str, Any]] = []
 
     @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append({"host": self.headers["Host"], "delivery_id": body["delivery_id"]})
-        self.send_response(self.server.script.pop(0) if self.server.script else 204)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return None
+    def seen(self) -> list[dict[str, Any]]:
+        return [{"host": p.headers["Host"], "delivery_id": json.loads(p.body)["delivery_id"]} for p in self.posts]
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with Receiver() as server:
+        yield server
 
 
 def _resolver(*answers: list[str]):  # type: ignore[no-untyped-def]
@@ -115,19 +97,15 @@ def test_https_is_verified_for_the_name_while_connecting_to_the_pinned_address(t
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    try:
+    with server:
         common = dict(allowed_hosts=(f"hooks.test:{server.port}", f"other.test:{server.port}"),
                       allow_cidrs=LOOPBACK, ca_bundle=str(ca_file), sleep=lambda s: None, max_attempts=1)
         ok = deliver(f"https://hooks.test:{server.port}/h", "job.terminal", {"id": "j"}, SECRET,
                      resolve=_resolver(["127.0.0.1"]), **common)
         wrong = deliver(f"https://other.test:{server.port}/h", "job.terminal", {"id": "j"}, SECRET,
                         resolve=_resolver(["127.0.0.1"]), **common)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [e["status_code"] for e in ok] == [204]
     assert wrong[0]["status_code"] is None and "SSLError" in wrong[0]["error"]  # cert is not other.test's
 

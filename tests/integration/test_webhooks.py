@@ -1,9 +1,7 @@
 """Webhooks end to end over real HTTP: a loopback receiver that verifies every delivery."""
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 from typing import Any, Iterator
 
@@ -12,78 +10,52 @@ import requests
 
 from sandbox.errors import JobRejected
 from sandbox.webhooks import deliver, headers, sign, verify
+from tests.support.hooks import HookReceiver, Post
 
 SECRET = b"integration-secret"
 
 
-class Receiver(http.server.ThreadingHTTPServer):
+class Receiver(HookReceiver):
     """Verifies signatures, refuses stale or forged ones, keeps each delivery id once."""
 
     def __init__(self, fail_first: int = 0) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(self._judge)
         self.fail_first = fail_first
-        self.requests = 0
         self.accepted: dict[str, dict[str, Any]] = {}
         self.refused: list[str] = []
-        self.lock = threading.Lock()
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+    def requests(self) -> int:
+        return len(self.posts)
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        with self.server.lock:
-            self.server.requests += 1
-            status = self._judge(body)
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _judge(self, body: bytes) -> int:
-        if self.server.requests <= self.server.fail_first:
+    def _judge(self, post: Post) -> int:
+        if self.requests <= self.fail_first:
             return 500
         try:
-            verify(SECRET, self.headers.get("X-Sandbox-Signature", ""), body, tolerance_s=300)
+            verify(SECRET, post.headers.get("X-Sandbox-Signature", ""), post.body, tolerance_s=300)
         except ValueError as e:
-            self.server.refused.append(str(e))
+            self.refused.append(str(e))
             return 401
-        envelope = json.loads(body)
+        envelope = json.loads(post.body)
         # The id is taken from the signed body; the header is only a convenience copy.
         delivery_id = envelope["delivery_id"]
-        if delivery_id in self.server.accepted:
-            self.server.refused.append("duplicate delivery")
+        if delivery_id in self.accepted:
+            self.refused.append("duplicate delivery")
             return 409
-        self.server.accepted[delivery_id] = envelope
+        self.accepted[delivery_id] = envelope
         return 204
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def _serve(receiver: Receiver) -> Iterator[Receiver]:
-    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield receiver
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
-        thread.join(10)
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    yield from _serve(Receiver())
+    with Receiver() as server:
+        yield server
 
 
 @pytest.fixture
 def flaky_receiver() -> Iterator[Receiver]:
-    yield from _serve(Receiver(fail_first=1))
+    with Receiver(fail_first=1) as server:
+        yield server
 
 
 RECORD = {"id": "job-1", "status": "succeeded", "exit_code": 0,
@@ -143,8 +115,8 @@ def test_a_receiver_that_refuses_with_4xx_is_not_retried(receiver):
 
 
 def test_an_unreachable_receiver_is_retried_then_logged():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server = HookReceiver()
+    url = server.url
     server.server_close()  # the port is now closed: connection refused
     log = _deliver(url, max_attempts=3)
     assert len(log) == 3 and all(e["status_code"] is None and e["error"] for e in log)
