@@ -133,12 +133,15 @@ class Agent:
         return self.runtime.put_file(handle, relpath, src, mode)
 
     def start(self, want_events: bool = False) -> ExecRun:
-        """Start the command in a thread of its own; a second start is a Conflict carrying the result."""
+        """Start the command in a thread of its own; a second start (or one during the setup) is a Conflict."""
         with self.lock:
             handle = self._handle()
             if self.run is not None:
                 result = self.run.result.to_dict() if self.run.result else None
                 raise Conflict("already_started", "the command runs at most once per machine", result)
+            if self.setup_run is not None and not self.setup_run.done.is_set():
+                # LocalRuntime runs one command per sandbox at a time: started now, it would end `error`
+                raise Conflict("setup_running", "the setup command is still running: the command starts after it")
             run = self.run = ExecRun()
             run.want_events = want_events
         assert self.spec is not None

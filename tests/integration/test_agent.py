@@ -396,3 +396,31 @@ def test_setup_runs_once_under_its_own_policy_with_its_events_then_the_command(s
     with pytest.raises(SandboxFailure, match="never after"):
         c.setup(_EventSink())
     c.destroy()
+
+
+def test_exec_while_the_setup_runs_is_refused_like_the_other_busy_answers(start_agent) -> None:  # type: ignore[no-untyped-def]
+    # Given a setup command still running, when /exec is asked for, then it is refused with 409 and
+    # the body shape of every busy answer (nothing started), and runs normally once the setup ended.
+    agent = start_agent()
+    c = client(agent)
+    setup = SetupSpec(command="sh", argv=("/bin/sh", "-c", "echo setting; sleep 2; echo set > dep.txt"), timeout_s=20)
+    c.create(replace(sh("cat dep.txt; echo ran >> runs; cat runs"), setup=setup))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with requests.post(f"{agent.url}/setup", headers=auth, json={"events": True}, stream=True, timeout=10) as follow:
+        lines = follow.iter_lines()
+        assert json.loads(next(lines))["type"] == "start"  # the setup runs now
+        busy_setup = requests.post(f"{agent.url}/setup", headers=auth, json={"events": True}, timeout=5)
+        refused = requests.post(f"{agent.url}/exec", headers=auth, json={"events": True}, timeout=5)
+        assert (busy_setup.status_code, refused.status_code) == (409, 409), refused.text[:500]
+        assert set(refused.json()) == set(busy_setup.json()) == {"error", "message"}
+        assert refused.json()["error"] == "setup_running" and busy_setup.json()["error"] == "already_started"
+        assert c.health()["state"] == "created"  # the refused exec started nothing
+        with pytest.raises(SandboxFailure, match="setup_running"):
+            c.execute(lambda s, d: None)
+        ended = [json.loads(line) for line in lines if line]
+    assert ended[-1]["type"] == "end" and ended[-1]["result"]["outcome"] == "succeeded"
+    out = _EventSink()
+    result = c.execute(out)
+    assert result.outcome == "succeeded", result
+    assert b"".join(d for s, d in out.out if s == "stdout") == b"set\nran\n"  # once, after the setup
+    c.destroy()
