@@ -9,6 +9,7 @@ SandboxError
  │         └── AgentUnavailable the in-machine agent did not answer, was busy (429, 502-504), or broke a stream
  ├── StorageError         a permanent storage failure (missing key, access denied, wrong SSE-C key)
  ├── SandboxFailure       the sandbox could not be created, prepared or run (not the job's own exit)
+ │    └── AgentConflict    the agent refused a request that does not fit its state (409; `reason` says which)
  ├── PlacementError       a stage ran on a host other than the one holding its sandbox
  └── JobNotFound          no record for that job id
 
@@ -84,6 +85,14 @@ class SandboxFailure(SandboxError):
     """The sandbox itself failed (not the job's command)."""
 
     code = "sandbox"
+
+
+class AgentConflict(SandboxFailure):
+    """The agent answered 409: the request does not fit its state; `reason` is its code (e.g. `running`)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PlacementError(SandboxError):

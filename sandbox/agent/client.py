@@ -20,7 +20,7 @@ import requests
 import requests.adapters
 
 from sandbox.agent.protocol import CHUNK, MAX_EVENT_LINE_BYTES, STREAMS
-from sandbox.errors import AgentUnavailable, JobRejected, SandboxFailure
+from sandbox.errors import AgentConflict, AgentUnavailable, JobRejected, SandboxFailure
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle
 from sandbox.spec import JobSpec
 
@@ -62,7 +62,7 @@ class AgentClient:
 
     # -- the protocol ----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """{"ok", "job_id", "state"}."""
+        """{"ok", "job_id", "state", "protocol", "setup"}."""
         return self._json("GET", "/health")
 
     def create(self, spec: JobSpec) -> SandboxHandle:
@@ -134,7 +134,11 @@ class AgentClient:
         return {stream: RemoteFile(self, f"/logs/{stream}") for stream in streams}
 
     def outputs(self, dirs: tuple[str, ...] | list[str]) -> OutputList:
-        """The regular files under `dirs` (after killing what is left); each .open() streams it."""
+        """The regular files under `dirs` (after killing what is left); each .open() streams it.
+
+        AgentConflict with reason `running` while the command still runs (the agent never lists a
+        workspace the command is still writing).
+        """
         raw = self._json("GET", f"/outputs?dirs={_q(','.join(dirs))}")
         files = OutputList()
         for entry in raw.get("files", []):
@@ -173,6 +177,9 @@ class AgentClient:
                               str(body.get("message") or "refused by the agent"))
         if resp.status_code in (429, 502, 503, 504):  # busy, or a proxy could not reach it: try again
             raise AgentUnavailable(f"agent {method} {_route(path)}: {resp.status_code} {_describe(body)}")
+        if resp.status_code == 409:  # not an error of the sandbox: the caller may act on the state named
+            raise AgentConflict(str(body.get("error", ""))[:64],
+                                f"agent {method} {_route(path)}: 409 {_describe(body)}")
         raise SandboxFailure(f"agent {method} {_route(path)}: {resp.status_code} {_describe(body)}")
 
     def _json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:

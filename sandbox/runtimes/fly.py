@@ -21,7 +21,7 @@ from typing import IO, Any, Iterator
 
 from config.settings import Settings
 from sandbox.agent.protocol import machine_env
-from sandbox.errors import SandboxError, SandboxFailure, TransientError
+from sandbox.errors import AgentConflict, SandboxError, SandboxFailure, TransientError
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
 from sandbox.spec import JobSpec
@@ -235,9 +235,14 @@ class FlyRuntime:
         """The agent's output files (each opened as a stream), after killing anything left, as locally."""
         agent = self._agent(handle)
         with self._unless_gone(handle):
-            if agent.health().get("state") == "running":  # its worker was lost: the command ran on alone
-                agent.kill()
-                agent.wait_result(COLLECT_KILL_WAIT_S)
+            try:
+                return agent.outputs(dirs)  # one request: the agent itself refuses while the command runs
+            except AgentConflict as e:
+                if e.reason != "running":
+                    raise
+            # its worker was lost and the command ran on alone: end it as locally, then list
+            agent.kill()
+            agent.wait_result(COLLECT_KILL_WAIT_S)
             return agent.outputs(dirs)
 
     @contextmanager

@@ -3,7 +3,9 @@ starts, an agent that dies mid-job, the orphan sweep by metadata, API calls per 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -11,7 +13,7 @@ from sandbox.runtimes.fly import SERVICE, agent_token, machine_name
 from tests.conftest import new_job_id, wait_for
 from tests.e2e.conftest import FLY_AGENT_SECRET, FLY_APP, FLY_TOKEN
 from tests.e2e.test_pipeline import HELLO, assert_cleaned_up
-from tests.support.fakefly import kill_agent
+from tests.support.fakefly import agent_requests, kill_agent
 
 pytestmark = pytest.mark.runtimes("fly")
 
@@ -22,6 +24,12 @@ def test_happy_path_takes_four_machines_api_calls(submit, fake_fly, stack_env, r
     assert record["status"] == "succeeded", record
     ops = [r["op"] for r in fake_fly.requests]
     assert ops == ["Machines_list", "Machines_create", "Machines_wait", "Machines_delete"], ops
+    # the agent: /health once when create waits for it and once when the logs are opened (did a setup
+    # run?); collect asks none (the agent itself answers 409 on /outputs while the command runs)
+    [machine] = fake_fly.machine_of(record["id"])
+    routes = Counter(agent_requests(machine))
+    assert routes["GET /health 200"] == 2 and routes["GET /outputs 200"] == 1, routes
+    assert not [r for r in routes if not r.endswith(" 200")], routes
     assert record["sandbox"]["runtime"] == "fly" and "rounded up" in record["sandbox"]["data"]["sizing"]
     assert_cleaned_up(record, stack_env, redis_client)
 
@@ -162,3 +170,34 @@ def test_throttling_past_the_budget_ends_the_job_error_with_the_reason_on_its_re
     assert record["status"] == "error"
     message = record["error"]["message"]
     assert "gave up after" in message and "429" in message and FLY_TOKEN not in json.dumps(record)
+
+
+def test_collect_ends_a_command_its_lost_worker_left_running_then_lists_its_outputs(stack_env, fake_fly):
+    # Given a command running on alone in its machine (the worker driving execute was lost), when
+    # collect runs, then the agent's 409 on /outputs makes it kill the command, wait for its ending
+    # and list what it wrote, as the local runtime's collect does.
+    from config.settings import load_settings
+    from sandbox.runtimes.fly import FlyRuntime
+    from sandbox.spec import parse_job
+
+    settings = load_settings(stack_env)
+    runtime = FlyRuntime(settings)
+    job = parse_job({"id": new_job_id("ranon"), "timeout": 60, "command": (
+        "python3 -c \"import os, time; os.makedirs('output'); open('output/p.txt', 'w').write('partial'); "
+        "print('up', flush=True); time.sleep(50)\"")}, settings)
+    handle = runtime.create(job, "test-host")
+    try:
+        up, ended = threading.Event(), []
+        follower = threading.Thread(target=lambda: ended.append(runtime._agent(handle).execute(
+            lambda stream, data: up.set())), daemon=True)
+        follower.start()
+        assert up.wait(30)
+        files = runtime.collect(handle, ("output",))
+        assert [(f.relpath, f.size) for f in files] == [("output/p.txt", 7)]
+        follower.join(10)
+        assert ended and ended[0].outcome == "cancelled", ended
+        [machine] = fake_fly.machine_of(job.id)
+        routes = [r for r in agent_requests(machine) if "/outputs" in r or "/kill" in r]
+        assert routes == ["GET /outputs 409", "POST /kill 200", "GET /outputs 200"], routes
+    finally:
+        runtime.destroy(handle)

@@ -15,7 +15,7 @@ import requests
 
 from config.settings import Settings
 from sandbox.agent.client import AgentClient, RemoteFile
-from sandbox.errors import AgentUnavailable, JobRejected, SandboxFailure
+from sandbox.errors import AgentConflict, AgentUnavailable, JobRejected, SandboxFailure
 from sandbox.spec import JobSpec, NetworkPolicy, ResourceLimits, SetupSpec
 from tests.support.agent import AgentProcess
 
@@ -165,6 +165,9 @@ def test_disconnect_mid_exec_then_result(start_agent) -> None:  # type: ignore[n
     assert events[0] == "start" and "data" in events
     assert c.health()["state"] == "running"
     assert c.result() is None
+    with pytest.raises(AgentConflict) as refused:  # what FlyRuntime.collect acts on: never a half-written list
+        c.outputs(("output",))
+    assert refused.value.reason == "running"
     result = c.execute(lambda s, d: None)  # 409 already_started, then waits for the ending
     assert result.outcome == "succeeded"
     assert c.result(wait_s=1) == result

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from config.settings import Settings, load_settings
-from sandbox.errors import RuntimeUnavailable, SandboxFailure
+from sandbox.errors import AgentConflict, RuntimeUnavailable, SandboxFailure
 from sandbox.runtimes import fly as flymod
 from sandbox.runtimes.fly import SERVICE, FlyRuntime, machine_name
 from sandbox.runtimes.flyapi import FlyAPIError, MachinesAPI
@@ -310,3 +310,38 @@ def test_one_client_serves_many_threads_at_once(fake):
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda _: api.list(), range(64)))
     assert answers == [[]] * 64 and len(fake.requests) == 72
+
+
+class ListingAgent(StubAgent):
+    """Lists one output; answers 409 `conflict` to the first `conflicts` listings."""
+
+    conflicts = 0
+    conflict = "running"
+
+    def outputs(self, dirs: tuple[str, ...]) -> list[str]:
+        StubAgent.calls.append("outputs")
+        if ListingAgent.conflicts:
+            ListingAgent.conflicts -= 1
+            raise AgentConflict(ListingAgent.conflict, f"agent GET /outputs: 409 {ListingAgent.conflict}: busy")
+        return ["output/r.txt"]
+
+
+@pytest.mark.parametrize(("conflict", "conflicts", "calls"), [
+    ("running", 0, ["outputs"]),  # the happy path: one request, no /health first
+    ("running", 1, ["outputs", "kill", "wait_result", "outputs"]),  # its worker was lost mid-command
+    ("no_sandbox", 1, ["outputs"]),  # any other refusal is the sandbox failing: nothing is killed
+])
+def test_collect_lists_at_once_and_ends_a_command_still_running_first(fake, runtime, monkeypatch, conflict,
+                                                                      conflicts, calls):
+    handle = runtime.create(spec("j-collect"), "w1")
+    monkeypatch.setattr(flymod, "_agent_client", ListingAgent)
+    ListingAgent.conflict, ListingAgent.conflicts, StubAgent.calls = conflict, conflicts, []
+    try:
+        if conflict == "running":
+            assert runtime.collect(handle, ("output",)) == ["output/r.txt"]
+        else:
+            with pytest.raises(AgentConflict, match="no_sandbox"):
+                runtime.collect(handle, ("output",))
+        assert StubAgent.calls == calls
+    finally:
+        runtime.destroy(handle)

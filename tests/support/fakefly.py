@@ -13,6 +13,7 @@ import json
 import atexit
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -355,6 +356,17 @@ def agent_processes_alive(fly: FakeFly) -> list[str]:
     """Ids of machines, destroyed or not, whose agent process still runs."""
     everything = list(fly.machines.values()) + list(fly.destroyed.values())
     return [m.id for m in everything if m.proc is not None and m.proc.poll() is None]
+
+
+AGENT_REQUEST = re.compile(r" INFO sandbox\.agent (GET|POST|PUT|DELETE) (\S+) (\d+)$")
+
+
+def agent_requests(machine: FakeMachine) -> list[str]:
+    """"METHOD /route status" of every request the machine's agent answered, in order (from its log)."""
+    if not machine.log_path:
+        return []
+    with open(machine.log_path, errors="replace") as log:
+        return [" ".join(m.groups()) for line in log if (m := AGENT_REQUEST.search(line.rstrip("\n")))]
 
 
 def kill_agent(machine: FakeMachine) -> None:
