@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import redis
 
@@ -219,12 +219,28 @@ def end_if(store: JobStore, job_id: str, still: Any, reason: str,
 # -- a waiter whose job Redis lost ---------------------------------------------------------------
 
 class SubmissionWatch:
-    """Tells a submitter waiting for a job when that job can no longer end (Redis lost it)."""
+    """Tells a submitter waiting for a job when that job can no longer end (Redis lost it).
 
-    def __init__(self, client: redis.Redis, job_id: str, task_id: str, queue: str = "sandbox") -> None:
+    Each check reads the record once. Only a Redis restart (its `run_id` changed) while the job was
+    never recorded is a reason to look for its message in the queue and `unacked`: at once, then
+    again after RESCAN_FIRST_S doubling up to RESCAN_MAX_S while it stays unrecorded (a queue of
+    thousands is not read on every tick). A scan that misses it is confirmed by one more scan
+    RESCAN_FIRST_S later before the job is called lost: kombu moves a restored or just-fetched
+    message between the queue and `unacked` in two steps, so one scan can fall between them.
+    """
+
+    RESCAN_FIRST_S = 1.0
+    RESCAN_MAX_S = 60.0
+
+    def __init__(self, client: redis.Redis, job_id: str, task_id: str, queue: str = "sandbox",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client, self.job_id, self.task_id, self.queue = client, job_id, task_id, queue
+        self.clock = clock
         self.run_id = self._run_id()
         self.seen = False
+        self.next_scan_at: float | None = None  # set by a restart; None: no reason to scan
+        self.rescan_s = self.RESCAN_FIRST_S
+        self.missed = False  # the last scan did not find the message: the next one confirms
 
     def _run_id(self) -> str | None:
         try:
@@ -236,21 +252,36 @@ class SubmissionWatch:
         """("ended", record), ("vanished", reason), or None while the job may still end."""
         try:
             raw = self.client.get(f"sandbox:job:{self.job_id}")
-            run_id = self._run_id()
             if raw is not None:
                 self.seen = True
                 record = json.loads(raw)
                 return ("ended", record) if JobStatus(record["status"]).terminal else None
             if self.seen:
                 return "vanished", f"job {self.job_id}'s record disappeared from Redis (data lost)"
-            if run_id is not None and self.run_id is not None and run_id != self.run_id and not self._in_flight():
-                return "vanished", (f"Redis restarted and job {self.job_id} was lost with it (never recorded, "
-                                    "no longer queued): submit it again")
-            if self.run_id is None:
-                self.run_id = run_id
+            return self._check_unrecorded()
         except redis.RedisError:
             return None  # Redis is down: keep waiting, it may come back with everything
-        return None
+
+    def _check_unrecorded(self) -> tuple[str, Any] | None:
+        run_id = self._run_id()
+        if self.run_id is None:
+            self.run_id = run_id  # Redis was down when the wait began: this is the first run seen
+        elif run_id is not None and run_id != self.run_id:
+            self.run_id, self.missed = run_id, False  # restarted (again): look at once
+            self.next_scan_at, self.rescan_s = self.clock(), self.RESCAN_FIRST_S
+        if self.next_scan_at is None or self.clock() < self.next_scan_at:
+            return None
+        if self._in_flight():
+            self.missed = False
+            self.next_scan_at = self.clock() + self.rescan_s
+            self.rescan_s = min(self.rescan_s * 2, self.RESCAN_MAX_S)
+            return None
+        if not self.missed:
+            self.missed = True
+            self.next_scan_at = self.clock() + self.RESCAN_FIRST_S
+            return None
+        return "vanished", (f"Redis restarted and job {self.job_id} was lost with it (never recorded, "
+                            "no longer queued): submit it again")
 
     def _in_flight(self) -> bool:
         needle = self.task_id.encode()
