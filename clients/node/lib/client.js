@@ -3,6 +3,7 @@
 const { randomUUID } = require('node:crypto');
 const Redis = require('ioredis');
 const { buildTaskMessage, QUEUE } = require('./message');
+const { VanishWatch, JobVanished } = require('./vanish');
 
 const CONTROL_QUEUE = 'sandbox.control';
 const { validateJob } = require('./schema');
@@ -28,16 +29,6 @@ class TaskFailed extends Error {
     this.name = 'TaskFailed';
     this.taskId = taskId;
     this.result = result;
-  }
-}
-
-/** The job can no longer end: Redis lost it (a restart without its data, or the last second of
- * submissions before a crash with AOF everysec). Submit it again. */
-class JobVanished extends Error {
-  constructor(jobId, message) {
-    super(message);
-    this.name = 'JobVanished';
-    this.jobId = jobId;
   }
 }
 
@@ -125,12 +116,15 @@ class SandboxClient {
     const onAbort = () => controller.abort(signal.reason);
     if (signal) signal.addEventListener('abort', onAbort, { once: true });
     try {
-      const watch = { seen: false, runId: await this.#runId() };
-      const onIdle = async () => {
+      const watch = await new VanishWatch(this.redis, jobId, taskId, this.queue).begin();
+      // one idle tick: the task's result, then the record once (the follow's end and the watch share it)
+      const idle = async () => {
         if (taskId) await this.#checkTask(taskId);
-        await this.#checkVanished(jobId, taskId, watch);
+        const record = await this.getRecord(jobId);
+        await watch.check(record);
+        return record;
       };
-      for await (const item of this.follow(jobId, { signal: controller.signal, onIdle })) {
+      for await (const item of this.#follow(jobId, { signal: controller.signal }, idle)) {
         if (item.kind === 'log' && onLog) onLog(item);
         if (item.kind === 'event' && onEvent) onEvent(item);
       }
@@ -141,29 +135,6 @@ class SandboxClient {
     } finally {
       clearTimeout(timer);
       if (signal) signal.removeEventListener('abort', onAbort);
-    }
-  }
-
-  async #runId() {
-    const info = await this.redis.info('server');
-    const match = /^run_id:(\S+)/m.exec(info);
-    return match ? match[1] : null;
-  }
-
-  /** Throws JobVanished once the record that existed is gone, or Redis restarted without the job. */
-  async #checkVanished(jobId, taskId, watch) {
-    const record = await this.getRecord(jobId);
-    if (record) {
-      watch.seen = true;
-      return;
-    }
-    if (watch.seen) throw new JobVanished(jobId, `job ${jobId}'s record disappeared from Redis (data lost)`);
-    const runId = await this.#runId();
-    if (!taskId || runId === watch.runId) return;
-    const queued = await this.redis.lrange(this.queue, 0, -1);
-    const unacked = await this.redis.hvals('unacked');
-    if (![...queued, ...unacked].some((item) => item.includes(taskId))) {
-      throw new JobVanished(jobId, `Redis restarted and job ${jobId} was lost with it (never recorded, no longer queued): submit it again`);
     }
   }
 
@@ -182,7 +153,16 @@ class SandboxClient {
    * Log lines and events as they arrive ({kind: "log"|"event", id, ...}), from the given ids
    * ("0" = from the start), until the job is terminal. Resume by passing the last ids seen.
    */
-  async *follow(jobId, { logId = '0', eventId = '0', blockMs = this.blockMs, signal, onIdle } = {}) {
+  async *follow(jobId, options = {}) {
+    const { onIdle } = options;
+    yield* this.#follow(jobId, options, async () => {
+      if (onIdle) await onIdle();
+      return this.getRecord(jobId);
+    });
+  }
+
+  /** follow(), where `idle()` runs on each idle tick and answers the job record (or null). */
+  async *#follow(jobId, { logId = '0', eventId = '0', blockMs = this.blockMs, signal } = {}, idle) {
     checkJobId(jobId);
     // XREAD BLOCK holds its connection: each follower gets its own.
     const conn = this.redis.duplicate();
@@ -204,9 +184,8 @@ class SandboxClient {
         if (!rows) {
           if (finished) return;
           try {
-            if (onIdle) await onIdle();
             // A follower arriving after the events stream expired would block forever otherwise.
-            const record = await this.getRecord(jobId);
+            const record = await idle();
             if (record && TERMINAL.has(record.status)) finished = true;
           } catch (e) {
             if (!isConnectionError(e)) throw e;

@@ -132,6 +132,36 @@ test('redis-backed client', opts, async (t) => {
     await assert.rejects(client.wait(id, { taskId, timeoutMs: 10_000 }), TaskFailed);
   });
 
+  await t.test('waiting reads the record once per idle tick and scans the queue only after a restart', async () => {
+    const { jobId, taskId } = await client.submit({ command: 'ls' }); // nobody consumes the private queue
+    const calls = { record: 0, result: 0, lrange: 0, info: 0 };
+    const real = { get: redis.get, lrange: redis.lrange, info: redis.info };
+    redis.get = function get(key, ...rest) {
+      if (key === `sandbox:job:${jobId}`) calls.record += 1;
+      if (key === `celery-task-meta-${taskId}`) calls.result += 1;
+      return real.get.call(this, key, ...rest);
+    };
+    redis.lrange = function lrange(...args) {
+      calls.lrange += 1;
+      return real.lrange.apply(this, args);
+    };
+    redis.info = async function info(...args) { // from the first tick on, Redis "restarted" (its run_id changed)
+      calls.info += 1;
+      const text = await real.info.apply(this, args);
+      return calls.info > 1 ? text.replace(/^run_id:\S+/m, 'run_id:restarted') : text;
+    };
+    try {
+      await assert.rejects(client.wait(jobId, { taskId, timeoutMs: 2500 }), { name: 'TimeoutError' });
+    } finally {
+      for (const name of Object.keys(real)) delete redis[name];
+    }
+    assert.ok(calls.result >= 3, JSON.stringify(calls)); // idle ticks happened (one task result read each)
+    assert.equal(calls.record, calls.result, JSON.stringify(calls)); // the record too, once per tick
+    // the message is still queued: found at once after the restart, then again only after 1 s
+    assert.ok(calls.lrange >= 1 && calls.lrange <= 2, JSON.stringify(calls));
+    await redis.del(queue);
+  });
+
   await t.test('wait gives up after its timeout', async () => {
     await assert.rejects(client.wait(newId(), { timeoutMs: 150 }), { name: 'TimeoutError' });
   });
