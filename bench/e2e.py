@@ -11,7 +11,8 @@ host do not count) and of the whole host (from /proc/stat; kernel threads' work 
 I/O only counts here).
 With `--runtime fly` it also runs (c) the same jobs on the Fly runtime against the fake Machines
 API (tests/support/fakefly.py, zero delays) whose machines run the real agent, with a worker of
-its own, and prints the agent path's overhead over (b) and the Machines API calls per job.
+its own, and prints the agent path's overhead over (b), the Machines API calls per job and the
+agent requests per job (from each agent's own request log, by route).
 """
 from __future__ import annotations
 
@@ -142,11 +143,13 @@ def main() -> None:
     keys = ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s")
     print(f"{'ratio job/chain':24}" + "".join(f"{pipeline[k] / baseline[k]:10.2f}" for k in keys))
     if fly is not None:
-        row, calls_per_job = fly
+        row, calls_per_job, agent_routes = fly
         print(f"{'fly job (ls), fake API':24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}"
               f"{row['throughput_per_s']:10.1f}")
         print(f"{'ratio fly/local job':24}" + "".join(f"{row[k] / pipeline[k]:10.2f}" for k in keys))
         print(f"Machines API calls per job: {calls_per_job:.2f} (goal <= 4)")
+        print(f"agent requests per job: {sum(agent_routes.values()):.2f} ("
+              + ", ".join(f"{route} {n:.2f}" for route, n in sorted(agent_routes.items())) + ")")
     print(f"throughput round, CPU ms per job or chain: stack = the worker with its sandboxes, Redis, SeaweedFS, "
           f"this client; host = all {os.cpu_count()} cores, other tenants included")
     cpu_rows = [("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)]
@@ -164,10 +167,12 @@ def main() -> None:
 
 
 def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callable[[], None],
-                args: argparse.Namespace, services: dict[str, int]) -> tuple[dict[str, float], float]:
+                args: argparse.Namespace, services: dict[str, int]) -> tuple[dict[str, float], float, dict[str, float]]:
     """The same jobs on FlyRuntime against the fake Machines API (zero delays, the real agent)."""
     from devstack.processes import free_port
-    from tests.support.fakefly import FakeFly
+    from collections import Counter
+
+    from tests.support.fakefly import FakeFly, agent_requests
 
     token, app = "bench-fly-token", "bench-app"
     fake = FakeFly(token, app, base / "fly-machines", agent_port=free_port()).start()
@@ -180,7 +185,9 @@ def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callab
     try:
         row = measure(one_job, args.jobs, args.concurrency, CpuMeter(worker.proc.pid, services))
         jobs = 5 + 2 * args.jobs  # measure's warm-up, sequential and parallel rounds
-        return row, len(fake.requests) / jobs
+        routes = Counter(r.rsplit(" ", 1)[0] for m in list(fake.machines.values()) + list(fake.destroyed.values())
+                         for r in agent_requests(m))
+        return row, len(fake.requests) / jobs, {route: n / jobs for route, n in routes.items()}
     finally:
         worker.stop()
         fake.stop()
