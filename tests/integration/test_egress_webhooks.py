@@ -14,6 +14,7 @@ import pytest
 
 from sandbox.webhooks import delivery_id_for, deliver
 from tests.support.hooks import HookReceiver
+from tests.support.services import require_module
 
 SECRET = b"egress-webhook-secret"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -90,7 +91,7 @@ def test_proxy_variables_in_the_worker_environment_are_ignored(receiver: Receive
 
 
 def test_https_is_verified_for_the_name_while_connecting_to_the_pinned_address(tmp_path) -> None:
-    trustme = pytest.importorskip("trustme")
+    trustme = require_module("trustme", "TLS webhook tests")
     ca = trustme.CA()
     cert = ca.issue_cert("hooks.test")
     server = Receiver()

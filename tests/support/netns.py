@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
-from tests.support.services import ROOT, unavailable
+from tests.support.services import ROOT, require_module, unavailable
 
 HOSTS = ("api.test", "other.test", "files.test", "v6.test")
 
@@ -45,11 +45,7 @@ def start_upstream() -> Iterator[Upstream]:
     """Create the namespace, veth and server; everything is removed again, even after a failure."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         unavailable("egress tests need root and iproute2 (`ip`) to make a network namespace")
-    try:
-        import trustme
-    except ImportError:
-        unavailable("egress tests need trustme (requirements-dev.txt)")
-        raise
+    trustme = require_module("trustme", "egress tests")
     tag = f"{os.getpid() % 10000}{random.randrange(100, 999)}"
     netns, veth_host, veth_ns = f"sbxeg{tag}", f"veh{tag}", f"ven{tag}"
     third = random.randrange(0, 64) * 4  # a fresh /30 per run: parallel runs never share a route

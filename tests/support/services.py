@@ -1,12 +1,13 @@
 """Test-side helpers over devstack's processes: a missing program fails under CI=true, skips elsewhere."""
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -20,6 +21,15 @@ def unavailable(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_module(name: str, why: str) -> Any:
+    """The module `name`, imported; a missing one fails under CI=true (it is in requirements-dev.txt)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(f"{why} need {name} (requirements-dev.txt)")
+        raise
 
 
 def require(binary: str) -> str:
