@@ -1,7 +1,8 @@
-"""The process's boto3 client for the object store: its settings checked, one per process, fork-safe.
+"""The process's object-store clients: settings checked, one per process, fork-safe.
 
 Split out of sandbox.storage (ArtifactStore, the object operations) along its seam: building and
-caching the client, and keeping presigned URLs' signatures out of botocore's debug log.
+caching the boto3 client and the DirectS3 signer+pool beside it (sandbox.s3direct), and keeping
+presigned URLs' signatures out of botocore's debug log.
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import ipaddress
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from sandbox.errors import ConfigError
 
-# One boto3 client per process: clients are not fork-safe (pooled sockets), so the cache is
-# emptied in every child and each worker process builds its own on first use.
+# One boto3 client (and one DirectS3) per process: neither is fork-safe (pooled sockets), so the
+# cache is emptied in every child and each worker process builds its own on first use.
 _clients: dict[tuple[Any, ...], Any] = {}
 _clients_lock = threading.Lock()
 
@@ -57,6 +58,15 @@ def sse_c_key(settings: Any) -> bytes | None:
     return key
 
 
+def sse_headers(sse_key: bytes | None) -> dict[str, str]:
+    """The SSE-C request headers for a 32-byte key, as botocore's handlers build them; {} without one."""
+    if sse_key is None:
+        return {}
+    return {"x-amz-server-side-encryption-customer-algorithm": "AES256",
+            "x-amz-server-side-encryption-customer-key": base64.b64encode(sse_key).decode(),
+            "x-amz-server-side-encryption-customer-key-MD5": base64.b64encode(hashlib.md5(sse_key).digest()).decode()}
+
+
 def checked_endpoint(settings: Any) -> str:
     """The object store's endpoint, once it is https (or loopback) and credentials are set."""
     endpoint = settings.s3_endpoint
@@ -81,12 +91,29 @@ def _is_loopback(host: str) -> bool:
 
 def client_for(settings: Any, endpoint: str, max_attempts: int, timeout_s: float) -> Any:
     """This process's boto3 client for these settings, created on first use (after any fork)."""
+    return _cached(("boto3", *_ident(settings, endpoint), max_attempts, timeout_s),
+                   lambda: _new_client(settings, endpoint, max_attempts, timeout_s))
+
+
+def direct_for(settings: Any, endpoint: str, timeout_s: float) -> Any:
+    """This process's DirectS3 (small PUTs, presigns) for these settings, created on first use."""
+    from sandbox.s3direct import DirectS3  # late, like boto3: importing the domain never pays for it
+
+    return _cached(("direct", *_ident(settings, endpoint), timeout_s), lambda: DirectS3(
+        endpoint, settings.cloudflare_access_key, settings.cloudflare_secret_key, timeout_s))
+
+
+def _ident(settings: Any, endpoint: str) -> tuple[str, str, str]:
+    # the secret only as a hash: the cache's keys may show up in a debugger or a traceback
     secret = hashlib.sha256(settings.cloudflare_secret_key.encode()).hexdigest()
-    ident = (endpoint, settings.cloudflare_access_key, secret, max_attempts, timeout_s)
+    return endpoint, settings.cloudflare_access_key, secret
+
+
+def _cached(ident: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     with _clients_lock:
         client = _clients.get(ident)
         if client is None:
-            client = _clients[ident] = _new_client(settings, endpoint, max_attempts, timeout_s)
+            client = _clients[ident] = build()
         return client
 
 
@@ -109,18 +136,5 @@ def _new_client(settings: Any, endpoint: str, max_attempts: int, timeout_s: floa
         aws_access_key_id=settings.cloudflare_access_key,
         aws_secret_access_key=settings.cloudflare_secret_key,
     )
-    _send_small_puts_whole(client)
     return client
 
-
-def _send_small_puts_whole(client: Any) -> None:
-    """A single-request PUT (at most one part's bytes, already in memory) goes out as one send.
-
-    botocore wraps a bytes Body in a file object, and any file object gets `Expect: 100-continue`:
-    the headers go alone, the client waits a round trip for the server's `100`, reading it byte
-    by byte, then sends the body: two sends, two wake-ups and a round trip per small object. Left
-    as bytes, the body is sent with the headers (http.client joins them). Multipart parts keep
-    botocore's default (8 MiB and more, where asking first is worth a round trip)."""
-    from botocore.handlers import convert_body_to_file_like_object
-
-    client.meta.events.unregister("before-parameter-build.s3.PutObject", convert_body_to_file_like_object)

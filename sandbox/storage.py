@@ -1,7 +1,9 @@
 """ArtifactStore: job inputs, outputs, logs and artifacts in R2 (or any S3 endpoint) through boto3.
 
 Layout: jobs/{job-id}/{input,output,logs,artifacts}/..., templates/..., shared/...
-Every object operation is audited; botocore errors are translated here, at the edge.
+Every object operation is audited; botocore errors are translated here, at the edge. Single-request
+PUTs and presigns go through sandbox.s3direct (botocore's signer on urllib3, without boto3's per-call
+cost); everything else through the boto3 client.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import datetime as dt
 import io
 import json
 import logging
+import random
+import time
 from typing import IO, Any, Callable, Iterable, Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
@@ -18,7 +22,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from sandbox.errors import StorageError, StorageUnavailable
 from sandbox.layout import CATEGORIES, DEFAULT_RETENTION_DAYS, category_of, check_key  # noqa: F401
-from sandbox.s3client import checked_endpoint, client_for, sse_c_key
+from sandbox.s3client import checked_endpoint, client_for, direct_for, sse_c_key, sse_headers
 
 audit_log = logging.getLogger("sandbox.audit")
 log = logging.getLogger(__name__)
@@ -27,6 +31,7 @@ MIB = 1024 * 1024
 PART_BYTES = 8 * MIB            # multipart part size (R2: all parts equal except the last; min 5 MiB)
 MAX_PARTS = 10_000              # S3 and R2 limit per multipart upload
 PRESIGN_MAX_S = 7 * 24 * 3600   # R2 and S3 SigV4 limit
+RETRY_BACKOFF_MAX_S = 20.0      # botocore standard mode's cap on one wait between attempts
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                    "ServiceUnavailable", "InternalError", "TooManyRequests"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
@@ -47,10 +52,11 @@ class ArtifactStore:
         self._settings = settings
         self._endpoint = checked_endpoint(settings)
         self._sse_key = sse_c_key(settings)
+        self._sse_headers = sse_headers(self._sse_key)
         self.bucket: str = settings.r2_bucket
         self.actor = actor
         self._audit = audit
-        self._max_attempts = max_attempts        # botocore standard-mode attempts per HTTP call
+        self._max_attempts = max_attempts        # attempts per HTTP call (botocore's, or _put_small's)
         self._upload_attempts = upload_attempts  # tenacity attempts for a whole (seekable) upload
         self._timeout_s = timeout_s
 
@@ -60,6 +66,11 @@ class ArtifactStore:
     def client(self) -> Any:
         """This process's boto3 client, created on first use (after any fork)."""
         return client_for(self._settings, self._endpoint, self._max_attempts, self._timeout_s)
+
+    @property
+    def direct(self) -> Any:
+        """This process's DirectS3 for single-request PUTs and presigns, created on first use."""
+        return direct_for(self._settings, self._endpoint, self._timeout_s)
 
     def _sse(self) -> dict[str, Any]:
         if self._sse_key is None:
@@ -156,7 +167,7 @@ class ArtifactStore:
         attempts = self._upload_attempts if start is not None else 1
         try:
             for attempt in Retrying(
-                # Why tenacity on top of botocore: botocore retries each HTTP call, but when a part
+                # Why tenacity on top of the per-call retries (botocore's, _put_small's): when a part
                 # fails for good the upload id is aborted and the whole object must be re-sent;
                 # that is only possible when the source can be rewound.
                 retry=retry_if_exception_type(StorageUnavailable), stop=stop_after_attempt(attempts),
@@ -181,9 +192,25 @@ class ArtifactStore:
             _check_size(key, size, len(first))
             if not first and skip_empty:
                 return 0
-            self._call(f"put {key}", "put_object", Bucket=self.bucket, Key=key, Body=first, **self._sse())
+            self._put_small(key, first)
             return len(first)
         return self._multipart(key, fileobj, first, part_bytes, size)
+
+    def _put_small(self, key: str, body: bytes) -> None:
+        """One PUT of a body in memory, retried as botocore's standard mode retries a call: up to
+        max_attempts on a transient failure, waiting a random 0..2^(n-1) s (at most 20 s) between."""
+        what = f"put {key}"
+        attempts = max(1, self._max_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                self.direct.put(self.bucket, key, body, self._sse_headers)
+                return
+            except _EDGE as e:
+                err = self._translate(e, what)
+                if not isinstance(err, StorageUnavailable) or attempt == attempts:
+                    raise err from e
+                log.info("retrying %s after %s (attempt %d)", what, type(e).__name__, attempt + 1)
+            time.sleep(random.uniform(0, min(RETRY_BACKOFF_MAX_S, 2.0 ** (attempt - 1))))
 
     def _multipart(self, key: str, fileobj: IO[bytes], first: bytes, part_bytes: int, size: int | None) -> int:
         upload_id = self._call(f"start multipart {key}", "create_multipart_upload",
@@ -218,7 +245,7 @@ class ArtifactStore:
 
     def presign_get(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
         """A presigned GET URL for key, valid ttl_s seconds (1 s..7 days; default from settings)."""
-        return self._presign("get_object", key, job_id, ttl_s)
+        return self._presign("GET", key, job_id, ttl_s)
 
     def presign_put(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
         """A presigned PUT URL for a remote (fly) sandbox's own output; never for a local sandbox."""
@@ -226,18 +253,16 @@ class ArtifactStore:
             raise StorageError("presigned upload URLs are never handed to a local sandbox")
         if not key.startswith(tuple(f"jobs/{job_id}/{c}/" for c in ("output", "artifacts", "logs"))):
             raise StorageError(f"upload key {key!r:.200} is outside the job's output, artifacts and logs")
-        return self._presign("put_object", key, job_id, ttl_s)
+        return self._presign("PUT", key, job_id, ttl_s)
 
     def _presign(self, method: str, key: str, job_id: str, ttl_s: int | None) -> str:
         check_key(key)
-        op = "presign" if method == "get_object" else "presign_put"
+        op = "presign" if method == "GET" else "presign_put"
         ttl = int(self._settings.presign_ttl_s if ttl_s is None else ttl_s)
         if not 1 <= ttl <= PRESIGN_MAX_S:
             raise StorageError(f"presign ttl must lie between 1 and {PRESIGN_MAX_S} seconds, not {ttl}")
         try:
-            # With SSE-C the key headers are signed in; whoever uses the URL must send them too.
-            url = self.client.generate_presigned_url(
-                method, Params={"Bucket": self.bucket, "Key": key, **self._sse()}, ExpiresIn=ttl)
+            url = self.direct.presign(method, self.bucket, key, ttl, self._sse_headers)
         except _EDGE as e:
             self._emit(op, job_id, key, None, "error", ttl_s=ttl)
             raise self._translate(e, f"presign {key}") from e

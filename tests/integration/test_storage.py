@@ -288,12 +288,15 @@ def test_an_empty_source_with_skip_empty_stores_nothing_and_audits_nothing(store
                                                      ("put", "jobs/j12/logs/stdout.log")]
 
 
-def test_a_small_put_goes_in_one_request_without_waiting_for_100_continue(store: ArtifactStore) -> None:
-    # botocore asks `Expect: 100-continue` for any file-like body: a round trip more per small object
-    sent: list[tuple] = []
-    store.client.meta.events.register(
-        "before-send.s3", lambda request, **_: sent.append((request.headers.get("Expect"), request.body)))
+def test_a_small_put_goes_in_one_request_without_waiting_for_100_continue(store: ArtifactStore,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # botocore asks `Expect: 100-continue` for any file-like body: a round trip more per small object.
+    # A small PUT goes through the store's DirectS3 pool; watch what it hands to urllib3.
+    pool, sent = store.direct._http, []
+    urlopen = pool.urlopen
+    monkeypatch.setattr(pool, "urlopen", lambda method, url, **kw: (
+        sent.append((method, kw["headers"].get("Expect"), kw["body"])), urlopen(method, url, **kw))[1])
     store.upload("jobs/j13/logs/stdout.log", io.BytesIO(b"one send"), "j13")
-    assert sent == [(None, b"one send")]  # the body in memory goes with the headers, unasked
+    assert sent == [("PUT", None, b"one send")]  # the body in memory goes with the headers, unasked
     body = store.client.get_object(Bucket=store.bucket, Key="jobs/j13/logs/stdout.log")["Body"].read()
     assert body == b"one send"

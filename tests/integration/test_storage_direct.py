@@ -1,0 +1,164 @@
+"""Small PUTs and presigned URLs through DirectS3 (botocore's signer on urllib3) against real SeaweedFS.
+
+DirectS3 replaces boto3 for the calls every job makes (issue 10): these tests hold it to what boto3
+did: the same signatures, byte for byte; keys stored exactly; refusals and SSE-C as before.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import io
+import logging
+import os
+from typing import Any, Iterator
+
+import botocore.auth
+import pytest
+import requests
+
+from config.settings import Settings, load_settings
+from sandbox.errors import StorageError
+from sandbox.s3client import sse_headers
+from sandbox.storage import ArtifactStore
+from tests.support.seaweed import SeaweedServer, seaweed_or_skip
+
+# Names a job may give its outputs: every one must reach the store as exactly this key.
+ODD_NAMES = ["a b+c%d~e.txt", "é/ü/😀.log", "q?x=1&y=#frag", "semi;colon,comma:at@bang!", "%2e%2e/%2F/%00",
+             "quote'\"back`", "tilde~star*paren()", "brackets[]{}<>|^", "\u202eevil\u200b.txt", "..../...x",
+             "\x80c1-control\x9f", "plus+plus%2B", " lead and trail "]
+# SeaweedFS stores a backslash as `/` whoever sends it (boto3 too), so it is only in the signing test
+SIGNED_NAMES = [*ODD_NAMES, "back\\slash"]
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    with seaweed_or_skip(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
+
+
+def _settings(server: SeaweedServer, sse_c_key: str = "", **extra: str) -> Settings:
+    settings = load_settings({**server.env(), "SANDBOX_R2_SSE_C_KEY": sse_c_key, **extra})
+    return dataclasses.replace(settings, runtime="fly")  # presign_put exists only for remote sandboxes
+
+
+@pytest.fixture()
+def events() -> list[dict]:
+    return []
+
+
+@pytest.fixture()
+def store(seaweed: SeaweedServer, events: list[dict]) -> ArtifactStore:
+    return ArtifactStore(_settings(seaweed), actor="w", audit=events.append)
+
+
+def _spy_sends(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every request DirectS3 hands to urllib3, recorded, then really sent."""
+    pool, sent = store.direct._http, []
+    urlopen = pool.urlopen
+
+    def record(method: str, url: str, **kw: Any) -> Any:
+        sent.append({"method": method, "url": url, **kw})
+        return urlopen(method, url, **kw)
+
+    monkeypatch.setattr(pool, "urlopen", record)
+    return sent
+
+
+@pytest.mark.parametrize("sse", [False, True])
+def test_urls_and_put_signatures_are_those_boto3_makes(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch,
+                                                       sse: bool) -> None:
+    # Given boto3 and DirectS3 signing at the same instant, with and without SSE-C
+    frozen = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)  # the store checks skew
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: frozen)
+    key_b64 = base64.b64encode(os.urandom(32)).decode() if sse else ""
+    store = ArtifactStore(_settings(seaweed, sse_c_key=key_b64), actor="w")
+    boto_sends: list[dict] = []
+    store.client.meta.events.register(
+        "before-send.s3", lambda request, **_: boto_sends.append({"url": request.url, **request.headers}))
+    direct_sends = _spy_sends(store, monkeypatch)
+    for name in SIGNED_NAMES:
+        key = f"jobs/d1/output/{name}"
+        params = {"Bucket": store.bucket, "Key": key, **store._sse()}
+        # Then every presigned URL is the one boto3 would have handed out, character for character
+        assert store.presign_get(key, "d1", ttl_s=600) == store.client.generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=600)
+        assert store.presign_put(key, "d1", ttl_s=60) == store.client.generate_presigned_url(
+            "put_object", Params=params, ExpiresIn=60)
+        # And a PUT carries the very Authorization, payload hash and SSE-C headers boto3 sends
+        store.client.put_object(Body=b"same bytes", **params)
+        store.upload(key, io.BytesIO(b"same bytes"), "d1")
+        signed = {"Authorization", "X-Amz-Date", "X-Amz-Content-SHA256", *sse_headers(store._sse_key)}
+        boto = {h: v.decode() if isinstance(v, bytes) else v for h, v in boto_sends[-1].items() if h in signed}
+        direct = {h: v for h, v in direct_sends[-1]["headers"].items() if h in signed}
+        assert direct == boto and len(direct) == len(signed)
+        assert direct_sends[-1]["url"] == boto_sends[-1]["url"]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_odd_names_are_stored_under_exactly_their_key_and_served_by_their_url(store: ArtifactStore,
+                                                                              name: str) -> None:
+    key, data = f"jobs/d2/output/{name}", name.encode("utf-8", "surrogateescape") + b"\n"
+    assert store.upload(key, io.BytesIO(data), "d2") == len(data)
+    assert key in {o["key"] for o in store.list_keys("jobs/d2/output/")}
+    assert store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read() == data
+    assert requests.get(store.presign_get(key, "d2", ttl_s=60), timeout=10).content == data
+
+
+def test_a_put_signed_with_a_wrong_secret_is_refused_at_once_and_stores_nothing(
+        seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch, events: list[dict]) -> None:
+    bad = ArtifactStore(_settings(seaweed, SANDBOX_CLOUDFLARE_SECRET_KEY="not-the-secret"), actor="w",
+                        audit=events.append)
+    sends = _spy_sends(bad, monkeypatch)
+    with pytest.raises(StorageError, match="access denied"):
+        bad.upload("jobs/d3/output/a", io.BytesIO(b"x"), "d3")
+    assert len(sends) == 1  # a refusal is not retried, per call or per upload
+    assert [(e["op"], e["outcome"]) for e in events] == [("put", "error")]
+    assert seaweed.client().list_objects_v2(Bucket=seaweed.bucket, Prefix="jobs/d3/").get("KeyCount") == 0
+    # and a URL presigned with the wrong secret is refused by the store too
+    assert requests.get(bad.presign_get("shared/none", "d3", ttl_s=60), timeout=10).status_code == 403
+
+
+def test_an_sse_c_presigned_get_serves_only_a_holder_of_the_key(seaweed: SeaweedServer) -> None:
+    raw = os.urandom(32)
+    enc = ArtifactStore(_settings(seaweed, sse_c_key=base64.b64encode(raw).decode()), actor="w")
+    enc.upload("jobs/d4/input/s.txt", io.BytesIO(b"sealed"), "d4")
+    url = enc.presign_get("jobs/d4/input/s.txt", "d4", ttl_s=60)
+    assert requests.get(url, headers=sse_headers(raw), timeout=10).content == b"sealed"
+    assert requests.get(url, timeout=10).status_code in (400, 403)
+    assert requests.get(url, headers=sse_headers(os.urandom(32)), timeout=10).status_code in (400, 403)
+    # the object really is encrypted at rest: boto3 without the key is refused
+    plain = ArtifactStore(_settings(seaweed), actor="w")
+    with pytest.raises(StorageError, match="SSE-C"):
+        plain.open_input("jobs/d4/input/s.txt", "d4")
+
+
+def test_no_signature_reaches_the_logs(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    sends = _spy_sends(store, monkeypatch)
+    with caplog.at_level(logging.DEBUG):
+        store.upload("jobs/d5/logs/stdout.log", io.BytesIO(b"out"), "d5")
+        url = store.presign_get("jobs/d5/logs/stdout.log", "d5")
+    put_signature = sends[-1]["headers"]["Authorization"].rsplit("Signature=", 1)[1]
+    url_signature = url.rsplit("X-Amz-Signature=", 1)[1]
+    assert "botocore.auth" in {r.name for r in caplog.records}  # the signer did log, at DEBUG
+    assert put_signature not in caplog.text and url_signature not in caplog.text
+    assert "X-Amz-Signature" not in caplog.text
+
+
+def test_a_forked_worker_builds_its_own_direct_pool(store: ArtifactStore) -> None:
+    # Given a pool made in the parent; when a worker process forks, it must not reuse its sockets.
+    parent = store.direct
+    store.upload("jobs/d6/output/parent", io.BytesIO(b"p"), "d6")  # the parent's socket is open
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            ok = store.direct is not parent and store.upload("jobs/d6/output/child", io.BytesIO(b"child"), "d6") == 5
+            os.write(write_end, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"
+    assert store.direct is parent
+    assert store.client.get_object(Bucket=store.bucket, Key="jobs/d6/output/child")["Body"].read() == b"child"
