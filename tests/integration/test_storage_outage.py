@@ -96,3 +96,45 @@ def test_lasting_outage_fails_as_unavailable_and_leaves_no_object(seaweed: Seawe
     # And the stage's own retry (what Celery does after StorageUnavailable) then succeeds.
     assert store.upload(KEY, io.BytesIO(data), "out1", size=len(data)) == len(data)
     assert _visible(seaweed, KEY)
+
+
+def _count_puts(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    direct, calls = store.direct, []
+    put = direct.put
+    monkeypatch.setattr(direct, "put", lambda *a, **k: (calls.append(1), put(*a, **k))[1])
+    return calls
+
+
+def test_small_put_through_a_short_outage_is_retried_per_call(seaweed: SeaweedServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given S3 down for about a second when a small object (one request, no multipart) is stored
+    events: list[dict] = []
+    store = ArtifactStore(load_settings(seaweed.env()), actor="w", audit=events.append, max_attempts=5)
+    calls = _count_puts(store, monkeypatch)
+    seaweed.stop()
+    restart = threading.Timer(1.0, seaweed.start)
+    restart.start()
+    try:
+        stored = store.upload("jobs/out2/logs/stdout.log", io.BytesIO(b"small"), "out2")
+    finally:
+        restart.join()
+    # Then the PUT is re-sent until S3 answers, and the object is there once, whole
+    assert stored == 5 and len(calls) > 1
+    assert seaweed.client().get_object(Bucket=seaweed.bucket, Key="jobs/out2/logs/stdout.log")["Body"].read() == b"small"
+    assert [(e["op"], e["outcome"]) for e in events] == [("put", "ok")]
+
+
+def test_small_put_attempts_are_max_attempts_per_call_times_upload_attempts(seaweed: SeaweedServer,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # As with botocore's retries under tenacity's: each whole-upload attempt gets max_attempts sends.
+    events: list[dict] = []
+    store = ArtifactStore(load_settings(seaweed.env()), actor="w", audit=events.append,
+                          max_attempts=3, upload_attempts=2)
+    calls = _count_puts(store, monkeypatch)
+    seaweed.stop()
+    with pytest.raises(StorageUnavailable, match="unreachable"):
+        store.upload("jobs/out3/logs/stdout.log", io.BytesIO(b"small"), "out3")
+    assert len(calls) == 3 * 2
+    assert [(e["op"], e["outcome"]) for e in events] == [("put", "unavailable")]
+    seaweed.start()
+    assert not _visible(seaweed, "jobs/out3/logs/stdout.log")

@@ -1,0 +1,76 @@
+"""DirectS3's refusals read as botocore reads them, and the store retries only what is transient (no services)."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import urllib3
+from botocore.exceptions import ClientError
+from botocore.parsers import RestXMLParser
+
+from config.settings import load_settings
+from sandbox import storage
+from sandbox.errors import StorageError, StorageUnavailable
+from sandbox.s3direct import _client_error
+from sandbox.storage import ArtifactStore
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
+             b'request rate.</Message><Resource>/b/k</Resource><RequestId>1</RequestId></Error>')
+DENIED = b"<Error><Code>SignatureDoesNotMatch</Code><Message>The signature did not match</Message></Error>"
+NO_BUCKET = b"<Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>"
+
+
+@pytest.fixture()
+def store() -> ArtifactStore:
+    # nothing listens on port 9: building a store and translating errors never calls out
+    return ArtifactStore(load_settings({"SANDBOX_R2_ENDPOINT": "http://127.0.0.1:9", "SANDBOX_CLOUDFLARE_ACCESS_KEY": "a",
+                                        "SANDBOX_CLOUDFLARE_SECRET_KEY": "b"}), actor="w")
+
+
+def _refusal(status: int, body: bytes) -> ClientError:
+    return _client_error(urllib3.HTTPResponse(body=body, status=status), "PutObject")
+
+
+@pytest.mark.parametrize("status,body", [(503, SLOW_DOWN), (403, DENIED), (404, NO_BUCKET), (503, b""), (400, b"")])
+def test_an_s3_error_body_reads_as_botocore_reads_it(status: int, body: bytes) -> None:
+    ours = _refusal(status, body).response
+    theirs = RestXMLParser().parse({"body": body, "status_code": status, "headers": {}}, None)
+    assert {k: ours["Error"][k] for k in ("Code", "Message")} == {k: theirs["Error"][k] for k in ("Code", "Message")}
+    assert ours["ResponseMetadata"]["HTTPStatusCode"] == status
+
+
+@pytest.mark.parametrize("status,body,error,text", [
+    (503, SLOW_DOWN, StorageUnavailable, "put k: object store unavailable (SlowDown)"),
+    (500, b"", StorageUnavailable, "put k: object store unavailable (500)"),
+    (429, b"<html>busy</html>", StorageUnavailable, "put k: object store unavailable (429)"),
+    (403, DENIED, StorageError, "put k: access denied (SignatureDoesNotMatch); check the access key, secret and bucket"),
+    (403, b"<html>a proxy's page</html>", StorageError, "put k: access denied (403); check the access key, secret and bucket"),
+    (404, NO_BUCKET, StorageError, "put k: no such object or bucket (NoSuchBucket)"),
+    (400, b"<Error xmlns='urn:x'><Code>InvalidRequest</Code><Message>no</Message></Error>", StorageError,
+     "put k: refused (InvalidRequest: no)"),
+])
+def test_refusals_become_the_store_errors_boto3_refusals_became(store: ArtifactStore, status: int, body: bytes,
+                                                                error: type, text: str) -> None:
+    translated = store._translate(_refusal(status, body), "put k")
+    assert type(translated) is error and str(translated) == text
+
+
+@pytest.mark.parametrize("failure,sends", [(_refusal(503, SLOW_DOWN), 4), (urllib3.exceptions.ProtocolError("reset"), 4),
+                                           (_refusal(403, DENIED), 1)])
+def test_a_small_put_is_re_sent_only_when_the_failure_is_transient(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch,
+                                                                   failure: Exception, sends: int) -> None:
+    store = ArtifactStore(store._settings, actor="w", max_attempts=4, upload_attempts=1)
+    sent: list[int] = []
+    waits_s: list[float] = []
+
+    def refuse(*_: Any) -> None:
+        sent.append(1)
+        raise failure
+
+    monkeypatch.setattr(store.direct, "put", refuse)
+    monkeypatch.setattr(storage.time, "sleep", waits_s.append)
+    with pytest.raises(StorageUnavailable if sends > 1 else StorageError):
+        store.upload("jobs/u1/logs/stdout.log", io.BytesIO(b"x"), "u1")
+    assert len(sent) == sends and len(waits_s) == sends - 1
+    assert all(0 <= w <= 2.0 ** n for n, w in enumerate(waits_s))  # botocore's random 0..2^(n-1) s
