@@ -12,7 +12,7 @@ from botocore.parsers import RestXMLParser
 from config.settings import load_settings
 from sandbox import storage
 from sandbox.errors import StorageError, StorageUnavailable
-from sandbox.s3direct import _client_error
+from sandbox.s3direct import _client_error, _pool_manager
 from sandbox.storage import ArtifactStore
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your '
@@ -74,3 +74,22 @@ def test_a_small_put_is_re_sent_only_when_the_failure_is_transient(store: Artifa
         store.upload("jobs/u1/logs/stdout.log", io.BytesIO(b"x"), "u1")
     assert len(sent) == sends and len(waits_s) == sends - 1
     assert all(0 <= w <= 2.0 ** n for n, w in enumerate(waits_s))  # botocore's random 0..2^(n-1) s
+
+
+def test_the_pool_takes_botocores_timeouts_ca_bundle_and_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    r2 = "https://acct.r2.cloudflarestorage.com"
+    direct = _pool_manager(r2, 30.0)
+    assert type(direct) is urllib3.PoolManager
+    kw = direct.connection_pool_kw
+    assert (kw["timeout"].connect_timeout, kw["timeout"].read_timeout) == (10.0, 30.0)
+    assert kw["retries"].total is False and kw["cert_reqs"] == "CERT_REQUIRED" and kw["ca_certs"]
+    # an operator's proxy, honoured as boto3 honours it, unless NO_PROXY names the host
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/private-ca.pem")
+    proxied = _pool_manager(r2, 5.0)
+    assert isinstance(proxied, urllib3.ProxyManager) and proxied.proxy.host == "proxy.internal"
+    assert proxied.connection_pool_kw["ca_certs"] == "/etc/ssl/private-ca.pem"
+    monkeypatch.setenv("NO_PROXY", "r2.cloudflarestorage.com")
+    assert type(_pool_manager(r2, 5.0)) is urllib3.PoolManager
