@@ -74,9 +74,18 @@ def test_urls_and_put_signatures_are_those_boto3_makes(seaweed: SeaweedServer, m
     key_b64 = base64.b64encode(os.urandom(32)).decode() if sse else ""
     store = ArtifactStore(_settings(seaweed, sse_c_key=key_b64), actor="w")
     boto_sends: list[dict] = []
-    store.client.meta.events.register(
-        "before-send.s3", lambda request, **_: boto_sends.append({"url": request.url, **request.headers}))
-    direct_sends = _spy_sends(store, monkeypatch)
+
+    def record(request: Any, **_: Any) -> None:
+        boto_sends.append({"url": request.url, **request.headers})
+
+    store.client.meta.events.register("before-send.s3", record)  # the process's client: unregistered below
+    try:
+        _compare_with_boto3(store, boto_sends, _spy_sends(store, monkeypatch))
+    finally:
+        store.client.meta.events.unregister("before-send.s3", record)
+
+
+def _compare_with_boto3(store: ArtifactStore, boto_sends: list[dict], direct_sends: list[dict]) -> None:
     for name in SIGNED_NAMES:
         key = f"jobs/d1/output/{name}"
         params = {"Bucket": store.bucket, "Key": key, **store._sse()}
