@@ -13,10 +13,13 @@ import ipaddress
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
 from sandbox.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sandbox.s3direct import DirectS3
 
 # One boto3 client (and one DirectS3) per process: neither is fork-safe (pooled sockets), so the
 # cache is emptied in every child and each worker process builds its own on first use.
@@ -95,7 +98,7 @@ def client_for(settings: Any, endpoint: str, max_attempts: int, timeout_s: float
                    lambda: _new_client(settings, endpoint, max_attempts, timeout_s))
 
 
-def direct_for(settings: Any, endpoint: str, timeout_s: float) -> Any:
+def direct_for(settings: Any, endpoint: str, timeout_s: float) -> DirectS3:
     """This process's DirectS3 (small PUTs, presigns) for these settings, created on first use."""
     from sandbox.s3direct import DirectS3  # late, like boto3: importing the domain never pays for it
 

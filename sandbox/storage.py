@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from botocore.exceptions import ParamValidationError, ResponseStreamingError
@@ -23,6 +23,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from sandbox.errors import StorageError, StorageUnavailable
 from sandbox.layout import CATEGORIES, DEFAULT_RETENTION_DAYS, category_of, check_key  # noqa: F401
 from sandbox.s3client import checked_endpoint, client_for, direct_for, sse_c_key, sse_headers
+
+if TYPE_CHECKING:
+    from sandbox.s3direct import DirectS3
 
 audit_log = logging.getLogger("sandbox.audit")
 log = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class ArtifactStore:
         return client_for(self._settings, self._endpoint, self._max_attempts, self._timeout_s)
 
     @property
-    def direct(self) -> Any:
+    def direct(self) -> DirectS3:
         """This process's DirectS3 for single-request PUTs and presigns, created on first use."""
         return direct_for(self._settings, self._endpoint, self._timeout_s)
 
