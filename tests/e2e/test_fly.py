@@ -197,7 +197,13 @@ def test_collect_ends_a_command_its_lost_worker_left_running_then_lists_its_outp
         follower.join(10)
         assert ended and ended[0].outcome == "cancelled", ended
         [machine] = fake_fly.machine_of(job.id)
-        routes = [r for r in agent_requests(machine) if "/outputs" in r or "/kill" in r]
+
+        def routes_so_far() -> list[str]:
+            return [r for r in agent_requests(machine) if "/outputs" in r or "/kill" in r]
+
+        # the agent logs a request after answering it: its last line may trail collect's return
+        wait_for(lambda: len(routes_so_far()) >= 3, timeout_s=10)
+        routes = routes_so_far()
         assert routes == ["GET /outputs 409", "POST /kill 200", "GET /outputs 200"], routes
     finally:
         runtime.destroy(handle)
