@@ -36,15 +36,23 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-class _NoSignatures(logging.Filter):
-    """Drops botocore's debug lines that carry a signature: a presigned URL's signature is a bearer token."""
+class _NoSecrets(logging.Filter):
+    """Drops botocore's debug lines that carry a secret: a signature (a presigned URL's is a bearer
+    token) or the SSE-C key, which botocore shows in a request's params and canonical request.
+
+    Only ever called for a record at an enabled level, so it costs nothing at INFO."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
-        return not (text.startswith(("Signature:", "StringToSign:")) or "X-Amz-Signature" in text)
+        if text.startswith(("Signature:", "StringToSign:")):
+            return False
+        text = record.getMessage().lower()
+        return not ("x-amz-signature" in text or "customer-key" in text or "ssecustomerkey" in text)
 
 
-logging.getLogger("botocore.auth").addFilter(_NoSignatures())
+# auth: the canonical request and signature; endpoint: each request's params and prepared headers
+for _name in ("botocore.auth", "botocore.endpoint"):
+    logging.getLogger(_name).addFilter(_NoSecrets())
 
 
 def sse_c_key(settings: Any) -> bytes | None:

@@ -155,6 +155,18 @@ def test_no_signature_reaches_the_logs(store: ArtifactStore, monkeypatch: pytest
     assert "X-Amz-Signature" not in caplog.text
 
 
+def test_no_sse_c_key_reaches_the_logs(seaweed: SeaweedServer, caplog: pytest.LogCaptureFixture) -> None:
+    # Given an SSE-C store, when boto3 (a GET) and DirectS3 (a PUT) send the key at DEBUG, then no
+    # log line shows it: botocore prints a request's params and canonical request at DEBUG.
+    key_b64 = base64.b64encode(os.urandom(32)).decode()
+    store = ArtifactStore(_settings(seaweed, sse_c_key=key_b64), actor="w")
+    with caplog.at_level(logging.DEBUG):
+        store.upload("jobs/d7/input/secret.txt", io.BytesIO(b"sealed"), "d7")
+        assert store.open_input("jobs/d7/input/secret.txt", "d7").read() == b"sealed"
+    assert "botocore.auth" in {r.name for r in caplog.records}  # botocore did sign the GET, logging at DEBUG
+    assert key_b64 not in caplog.text and key_b64.lower() not in caplog.text.lower()
+
+
 def test_a_forked_worker_builds_its_own_direct_pool(store: ArtifactStore) -> None:
     # Given a pool made in the parent; when a worker process forks, it must not reuse its sockets.
     parent = store.direct
