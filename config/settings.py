@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _spare_count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise ValueError("must be a whole number from 0 (off) to 64")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -249,6 +256,8 @@ class Settings:
     max_open_files: int = _setting("SANDBOX_MAX_OPEN_FILES", "1024", _positive_int)
     # spawn each job's bwrap at create, held before its command until execute (runtimes/prestart.py)
     prestart: bool = _setting("SANDBOX_PRESTART", "true", _bool)
+    # fresh template clones kept ready per disk size, so create renames one instead of copying (runtimes/spares.py)
+    spare_images: int = _setting("SANDBOX_SPARE_IMAGES", "2", _spare_count)
     record_ttl_s: int = _setting("SANDBOX_RECORD_TTL", "604800", _positive_int)
     node_name: str = _setting("SANDBOX_NODE_NAME", "")
     visibility_timeout_override_s: int = _setting("SANDBOX_VISIBILITY_TIMEOUT", "0", int)

@@ -19,7 +19,7 @@ from typing import IO, Callable
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, rundir, uids
+from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, rundir, spares, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.egress import EgressService, proxy_env
 from sandbox.runtimes import executor, prestart
@@ -101,6 +101,7 @@ class LocalRuntime:
         self.uids = uids.UidPool(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.egress = EgressService(settings)  # its loop thread starts with the first outbound job
         self.prestarts = prestart.Prestarts() if settings.prestart else None
+        self.spares = spares.SpareImages(self.work_dir, settings.spare_images) if settings.spare_images else None
 
     # -- paths -------------------------------------------------------------------------------
     def _dir(self, sandbox_id: str) -> str:
@@ -151,7 +152,8 @@ class LocalRuntime:
             etc = fsutil.shared_etc(self.work_dir, INSIDE_UID)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
             image = self._image(sid)  # after mkdir: an image always has its directory until teardown
-            diskimage.clone_template(self.work_dir, image, disk)
+            if self.spares is None or not self.spares.take(image, disk):
+                diskimage.clone_template(self.work_dir, image, disk)
             diskimage.mount_image(image, os.path.join(d, "mnt"), uid)
             limits = cgroups.CgroupLimits(spec.resources.cpu, spec.resources.memory_bytes,
                                           spec.resources.pids)
@@ -161,6 +163,8 @@ class LocalRuntime:
             # fsynced only on a disk: a reboot empties the tmpfs (and ends the mount, the cgroup and
             # the processes it describes), so no torn meta.json can outlive a crash there
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_in_memory)
+            if self.spares is not None:  # not earlier: a clone beside this create's mount slowed it 2x
+                self.spares.refill_later(disk)
         except RuntimeUnavailable:
             self._teardown(sid)
             raise

@@ -37,6 +37,8 @@ def test_seed_defaults() -> None:
     ({"SANDBOX_VISIBILITY_TIMEOUT": "600"}, "SANDBOX_VISIBILITY_TIMEOUT"),  # below max timeout + margin
     ({"SANDBOX_R2_SSE_C_KEY": "c2hvcnQ="}, "SANDBOX_R2_SSE_C_KEY"),
     ({"SANDBOX_R2_SSE_C_KEY": "not base64!"}, "SANDBOX_R2_SSE_C_KEY"),
+    ({"SANDBOX_SPARE_IMAGES": "-1"}, "SANDBOX_SPARE_IMAGES"),
+    ({"SANDBOX_SPARE_IMAGES": "many"}, "SANDBOX_SPARE_IMAGES"),
 ])
 def test_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError) as caught:
