@@ -124,18 +124,28 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 def clone_template(work_dir: str, image: str, size_bytes: int) -> None:
-    """Create `image` (must not exist) as a sparse copy of the template of that size."""
+    """Create `image` (must not exist) as a sparse copy of the template of that size (made if missing)."""
     src = _open_template(work_dir, size_bytes)
     try:
-        dst = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(dst, size_bytes)
-            for start, length in _data_extents(src, size_bytes):
-                _copy_range(src, dst, start, length)
-        finally:
-            os.close(dst)
+        clone_from(src, image, size_bytes)
     finally:
         os.close(src)
+
+
+def open_existing_template(work_dir: str, size_bytes: int) -> int:
+    """The template of that size, opened; FileNotFoundError if none was made yet (never makes one)."""
+    return os.open(_template_path(work_dir, size_bytes), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def clone_from(src: int, image: str, size_bytes: int) -> None:
+    """Create `image` (must not exist) as a sparse copy of the open template `src`."""
+    dst = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(dst, size_bytes)
+        for start, length in _data_extents(src, size_bytes):
+            _copy_range(src, dst, start, length)
+    finally:
+        os.close(dst)
 
 
 def _copy_range(src: int, dst: int, off: int, length: int) -> None:

@@ -163,14 +163,14 @@ class LocalRuntime:
             # fsynced only on a disk: a reboot empties the tmpfs (and ends the mount, the cgroup and
             # the processes it describes), so no torn meta.json can outlive a crash there
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_in_memory)
-            if self.spares is not None:  # not earlier: a clone beside this create's mount slowed it 2x
-                self.spares.refill_later(disk)
         except RuntimeUnavailable:
             self._teardown(sid)
             raise
         except (OSError, subprocess.SubprocessError, SandboxFailure) as e:
             self._teardown(sid)
             raise SandboxFailure(f"could not create sandbox {sid}: {e}") from e
+        if self.spares is not None:  # not earlier: a clone beside this create's mount slowed it 2x
+            self.spares.refill_later(disk)
         return handle
 
     def prestart(self, handle: SandboxHandle, spec: JobSpec) -> None:

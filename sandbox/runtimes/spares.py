@@ -18,7 +18,8 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from sandbox.runtimes import diskimage
@@ -58,6 +59,7 @@ class SpareImages:
         self._lock = threading.Lock()
         self._queued: set[int] = set()  # sizes with a refill queued or running
         self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
         # from before this boot (a host crash may have torn them) or of another template version
         boot = _boot_time()
         self._drop(lambda name, mtime: mtime < boot or (name.endswith(".img")
@@ -97,14 +99,25 @@ class SpareImages:
         return taken
 
     def refill_later(self, size_bytes: int) -> None:
-        """Queue a refill of `size_bytes` on the background thread (once, however many ask)."""
+        """Queue a refill of `size_bytes` on the background thread (once, however many ask); never raises."""
         with self._lock:
             if size_bytes in self._queued:
                 return
             self._queued.add(size_bytes)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spares")
-            self._pool.submit(self._refill, size_bytes)
+            try:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spares")
+                self._pending.append(self._pool.submit(self._refill, size_bytes))
+            except RuntimeError:  # the interpreter is shutting down: no more threads
+                self._queued.discard(size_bytes)
+                return
+            self._pending = [f for f in self._pending if not f.done()]
+
+    def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait for the queued refills (a test that removes the work dir next, a clean shutdown)."""
+        with self._lock:
+            pending = list(self._pending)
+        futures.wait(pending, timeout=timeout_s)
 
     def _refill(self, size_bytes: int) -> None:
         try:
@@ -116,8 +129,24 @@ class SpareImages:
                 self._queued.discard(size_bytes)
 
     def refill(self, size_bytes: int) -> None:
-        """Clone until `count` spares of `size_bytes` exist; drop torn and long-unused ones."""
-        os.makedirs(self.dir, 0o700, exist_ok=True)
+        """Clone until `count` spares of `size_bytes` exist; drop torn and long-unused ones.
+
+        Never makes a template or the work dir's directories (only the spares directory in an
+        existing template directory): a work dir removed under a refill stays removed."""
+        try:
+            src = diskimage.open_existing_template(self.work_dir, size_bytes)
+        except FileNotFoundError:
+            return  # the create that makes the template asks again
+        try:
+            self._refill_from(src, size_bytes)
+        finally:
+            os.close(src)
+
+    def _refill_from(self, src: int, size_bytes: int) -> None:
+        try:
+            os.mkdir(self.dir, 0o700)
+        except FileExistsError:
+            pass
         now = time.time()
         self._drop(lambda name, mtime: (name.endswith(".tmp") and mtime < now - TORN_AFTER_S)
                    or (name.endswith(".img") and mtime < now - MAX_AGE_S))
@@ -125,7 +154,7 @@ class SpareImages:
             tag = uuid.uuid4().hex
             tmp = os.path.join(self.dir, f".{tag}.tmp")
             try:
-                diskimage.clone_template(self.work_dir, tmp, size_bytes)
+                diskimage.clone_from(src, tmp, size_bytes)
                 os.rename(tmp, os.path.join(self.dir, f"{self._prefix(size_bytes)}{tag}.img"))
             except BaseException:
                 _unlink_quietly(tmp)

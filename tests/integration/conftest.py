@@ -36,3 +36,5 @@ def runtime(settings: Settings) -> Iterator[LocalRuntime]:
     yield rt
     for info in rt.list_sandboxes():
         rt.destroy(SandboxHandle(info.sandbox_id, info.job_id, "local", info.host, 0, 0))
+    if rt.spares is not None:
+        rt.spares.settle()  # before the settings fixture removes the work dir under a refill

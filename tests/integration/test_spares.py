@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from typing import Iterator
 
@@ -47,6 +48,12 @@ def _settle(rt: LocalRuntime, size: int = DISK, want: int = 2, timeout_s: float 
 
 def _inode(path: str) -> int:
     return os.stat(path, follow_symlinks=False).st_ino
+
+
+def _template(work: str) -> str:
+    """Make the template of DISK (a create would have); its path."""
+    os.close(diskimage._open_template(work, DISK))
+    return diskimage._template_path(work, DISK)
 
 
 def _digest(path: str) -> str:
@@ -93,6 +100,7 @@ def test_a_used_image_never_becomes_a_spare(spare_runtime) -> None:  # type: ign
 
 def test_torn_stale_and_foreign_spares_are_never_taken(settings) -> None:  # type: ignore[no-untyped-def]
     work = settings.work_dir
+    _template(work)
     pool = spares.SpareImages(work, 2)
     os.makedirs(pool.dir, 0o700)
     prefix = pool._prefix(DISK)
@@ -118,6 +126,7 @@ def test_torn_stale_and_foreign_spares_are_never_taken(settings) -> None:  # typ
 
 
 def test_take_never_replaces_an_existing_image(settings) -> None:  # type: ignore[no-untyped-def]
+    _template(settings.work_dir)
     pool = spares.SpareImages(settings.work_dir, 1)
     pool.refill(DISK)
     [name] = pool.names(DISK)
@@ -134,11 +143,24 @@ def test_take_never_replaces_an_existing_image(settings) -> None:  # type: ignor
 def test_racing_takes_get_distinct_spares(settings) -> None:  # type: ignore[no-untyped-def]
     pool = spares.SpareImages(settings.work_dir, 2)
     other = spares.SpareImages(settings.work_dir, 2)  # another worker process on the same work dir
+    _template(settings.work_dir)
     pool.refill(DISK)
     a, b, c = (os.path.join(settings.work_dir, f"{n}.img") for n in "abc")
     assert pool.take(a, DISK) and other.take(b, DISK)
     assert not pool.take(c, DISK)  # none left: the caller clones
     assert _inode(a) != _inode(b)
+
+
+def test_a_refill_never_makes_a_template_or_a_removed_work_dir(settings) -> None:  # type: ignore[no-untyped-def]
+    work = settings.work_dir
+    pool = spares.SpareImages(work, 2)
+    pool.refill(DISK)  # no template of that size yet: nothing to clone, nothing made
+    assert not os.path.exists(os.path.join(work, diskimage.TEMPLATE_DIR))
+    _template(work)
+    shutil.rmtree(work)  # the work dir goes (a test's teardown, an operator) under a queued refill
+    pool.refill(DISK)
+    assert not os.path.exists(work)
+    os.mkdir(work)  # for the settings fixture's own removal
 
 
 def test_a_failing_refill_leaves_creates_working(settings, caplog) -> None:  # type: ignore[no-untyped-def]
