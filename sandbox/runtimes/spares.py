@@ -30,7 +30,7 @@ SPARE_DIR = "spares"  # under diskimage.TEMPLATE_DIR
 MAX_AGE_S = 600.0  # a spare of a size nobody asked for this long is removed at the next refill
 TORN_AFTER_S = 60.0  # a temporary clone this old belongs to a process that died mid-copy
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
-_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
 
 
 def _boot_time() -> float:
@@ -43,7 +43,9 @@ def _boot_time() -> float:
 
 def rename_noreplace(src: str, dst: str) -> None:
     """rename(2) that fails with FileExistsError instead of replacing `dst` (renameat2)."""
-    if _libc.renameat2(_AT_FDCWD, src.encode(), _AT_FDCWD, dst.encode(), _RENAME_NOREPLACE) != 0:
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "this C library has no renameat2", src)
+    if _renameat2(_AT_FDCWD, src.encode(), _AT_FDCWD, dst.encode(), _RENAME_NOREPLACE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst) if err != errno.ENOENT else \
             FileNotFoundError(err, os.strerror(err), src)

@@ -140,6 +140,17 @@ def test_take_never_replaces_an_existing_image(settings) -> None:  # type: ignor
     assert pool.names(DISK) == [name]  # the spare stays for the next create
 
 
+def test_without_renameat2_create_clones_as_before(settings, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    _template(settings.work_dir)
+    pool = spares.SpareImages(settings.work_dir, 1)
+    pool.refill(DISK)
+    monkeypatch.setattr(spares, "_renameat2", None)  # an old C library
+    image = os.path.join(settings.work_dir, "x.img")
+    with caplog.at_level(logging.WARNING, logger="sandbox.runtime"):
+        assert pool.take(image, DISK) is False
+    assert "cloning instead" in caplog.text and not os.path.exists(image) and len(pool.names(DISK)) == 1
+
+
 def test_racing_takes_get_distinct_spares(settings) -> None:  # type: ignore[no-untyped-def]
     pool = spares.SpareImages(settings.work_dir, 2)
     other = spares.SpareImages(settings.work_dir, 2)  # another worker process on the same work dir
