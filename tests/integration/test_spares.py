@@ -14,7 +14,7 @@ import pytest
 from config.settings import load_settings
 from sandbox.runtimes import diskimage, spares
 from sandbox.runtimes.local import LocalRuntime
-from tests.integration.conftest import _unavailable
+from tests.support.services import unavailable
 from tests.integration.test_local_runtime import MiB, sh
 from tests.support.services import remove_work_dir
 
@@ -24,7 +24,7 @@ DISK = 16 * MiB
 @pytest.fixture
 def spare_runtime(settings) -> Iterator[LocalRuntime]:  # type: ignore[no-untyped-def]
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/bwrap"):
-        _unavailable("the local runtime needs root and bubblewrap")
+        unavailable("the local runtime needs root and bubblewrap")
     rt = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": settings.work_dir, "SANDBOX_SPARE_IMAGES": "2"}))
     yield rt
     _settle(rt)
@@ -176,7 +176,7 @@ def test_a_refill_never_makes_a_template_or_a_removed_work_dir(settings) -> None
 
 def test_a_failing_refill_leaves_creates_working(settings, caplog) -> None:  # type: ignore[no-untyped-def]
     if os.geteuid() != 0 or not os.path.exists("/usr/bin/bwrap"):
-        _unavailable("the local runtime needs root and bubblewrap")
+        unavailable("the local runtime needs root and bubblewrap")
     rt = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": settings.work_dir, "SANDBOX_SPARE_IMAGES": "2"}))
     os.makedirs(os.path.dirname(rt.spares.dir), 0o700, exist_ok=True)
     with open(rt.spares.dir, "wb"):  # a file where the spares directory should be: every refill fails
