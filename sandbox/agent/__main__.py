@@ -22,8 +22,9 @@ WATCH_INTERVAL_S = 1.0
 
 
 def _settings() -> tuple[Settings, str]:
-    # Inside the machine the job runs on the local runtime whatever the workers use.
-    settings = load_settings({**os.environ, "SANDBOX_RUNTIME": "local"})
+    # Inside the machine the job runs on the local runtime whatever the workers use. A machine runs
+    # one job: spare images (made ahead for the next create) would be copied only to be thrown away.
+    settings = load_settings({**os.environ, "SANDBOX_RUNTIME": "local", "SANDBOX_SPARE_IMAGES": "0"})
     digest = settings.agent_token_sha256 or (token_digest(settings.agent_token) if settings.agent_token else "")
     if not digest:
         raise ConfigError("SANDBOX_AGENT_TOKEN", "the agent needs SANDBOX_AGENT_TOKEN or SANDBOX_AGENT_TOKEN_SHA256")

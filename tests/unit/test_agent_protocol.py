@@ -113,3 +113,13 @@ def test_the_image_installs_everything_the_agent_imports() -> None:
     dockerfile = (ROOT / "deploy/fly/Dockerfile").read_text()
     for package in ("bubblewrap", "util-linux", "e2fsprogs", "python3", "libseccomp2"):
         assert package in dockerfile
+
+
+def test_the_agent_makes_no_spare_images(monkeypatch) -> None:
+    # A machine runs one job: spares made for a next create would be copied only to be thrown away.
+    from sandbox.agent.__main__ import _settings
+
+    monkeypatch.setenv("SANDBOX_AGENT_TOKEN", "t" * 32)
+    monkeypatch.setenv("SANDBOX_SPARE_IMAGES", "2")
+    settings, _ = _settings()
+    assert settings.spare_images == 0 and settings.runtime == "local"
