@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 from celery.signals import celeryd_after_setup, worker_shutdown
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from config import load_settings
 from sandbox import nodes, sweeps
@@ -35,27 +36,50 @@ def booted_at() -> float:
 QUEUE_CHECK_EVERY = 6  # heartbeats between two checks for queues nobody consumes
 
 
+START_REDIS_WAIT_S = 60.0  # how long start-up waits for an unreachable Redis before the worker gives up
+
+
 @celeryd_after_setup.connect
 def _start_node(sender: str, instance: Any, **_: object) -> None:
     # The one start-up handler: its steps depend on each other's order (the services need the node
     # name; the reconcile's audit lines need the trail), which receivers of one signal would get only
     # from the order their modules happen to be imported in.
+    # Celery only logs what a signal receiver raises, then starts consuming: a node whose start-up
+    # failed would run jobs with no heartbeat, reconcile or capacity, and the stuck sweep would end
+    # them as lost while they ran. So a step that fails for good stops the worker instead.
+    try:
+        _start(sender, instance)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure: refuse to start, saying why
+        log.critical("refusing to start: %s: %s", type(e).__name__, e, exc_info=True)
+        raise SystemExit(f"refusing to start: {type(e).__name__}: {e}") from e
+
+
+def _start(sender: str, instance: Any) -> None:
     booted_at = _booted["at"] = time.time()
     consume_own_queues(sender, instance)  # Celery's default `celery` among them: stock producers
     start_endpoint(sender)
     settings = load_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    try:
-        nodes.check_durability(client, settings.require_durable_redis)
-    except ConfigError as e:
-        log.critical("refusing to start: %s", e)
-        raise SystemExit(f"refusing to start: {e}") from e
     queues = sorted({*instance.app.amqp.queues.consume_from, CONTROL_QUEUE})  # + ControlConsumer's
-    nodes.beat(client, sender, queues, booted_at, settings.node_dead_after_s)
-    svc = services()
-    ended, destroyed = sweeps.reconcile(svc, booted_at)
-    if svc.admission is not None:
-        svc.admission.publish_capacity()
+    # Redis restarting while the node boots (both started together, say) is waited for; each step
+    # below is safe to run again after a partial run (the reconcile is a sweep's own work).
+    for attempt in Retrying(retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+                            stop=stop_after_delay(START_REDIS_WAIT_S), wait=wait_exponential(max=5), reraise=True,
+                            before_sleep=lambda state: log.warning("start-up waits for Redis: %s",
+                                                                   state.outcome.exception())):
+        with attempt:
+            try:
+                nodes.check_durability(client, settings.require_durable_redis)
+            except ConfigError as e:
+                log.critical("refusing to start: %s", e)
+                raise SystemExit(f"refusing to start: {e}") from e
+            nodes.beat(client, sender, queues, booted_at, settings.node_dead_after_s)
+            svc = services()
+            ended, destroyed = sweeps.reconcile(svc, booted_at)
+            if svc.admission is not None:
+                svc.admission.publish_capacity()
     for record in ended:
         from tasks.stages import announce_end
 
