@@ -1,6 +1,6 @@
 """Celery's own settings, built from Settings (the SANDBOX_* variables)."""
 from config import load_settings
-from config.settings import LONGEST_OTHER_STAGE_S
+from config.settings import LONGEST_OTHER_STAGE_S, WORKER_HEADROOM_THREADS
 from sandbox import nodes as _nodes
 
 _settings = load_settings()
@@ -18,7 +18,6 @@ result_accept_content = ["json"]
 # the stages mostly wait on, and a thread costs a few hundred KiB where a prefork child cost ~100 MB.
 # Enough threads for every admissible sandbox's current stage plus headroom for submits, notifies
 # and creates waiting for admission: admitted jobs' stages can always get a thread.
-WORKER_HEADROOM_THREADS = 16
 worker_pool = "threads"
 worker_concurrency = _settings.node_max_sandboxes + WORKER_HEADROOM_THREADS
 

@@ -373,6 +373,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 EXECUTE_HARD_MARGIN_S = 120  # execute's hard time limit is the job's timeout + this (tasks.stages)
 LONGEST_OTHER_STAGE_S = 960  # prepare's and collect's hard time limit (celeryconfig)
+# a worker's threads beyond node_max_sandboxes (celeryconfig); DirectS3's pool keeps one socket each
+WORKER_HEADROOM_THREADS = 16
 
 
 def _check_consistency(s: Settings) -> None:

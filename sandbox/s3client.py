@@ -16,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
+from config.settings import WORKER_HEADROOM_THREADS
 from sandbox.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -110,8 +111,10 @@ def direct_for(settings: Any, endpoint: str, timeout_s: float) -> DirectS3:
     """This process's DirectS3 (small PUTs, presigns) for these settings, created on first use."""
     from sandbox.s3direct import DirectS3  # late, like boto3: importing the domain never pays for it
 
+    # one pooled socket per worker thread (celeryconfig's worker_concurrency): every thread may PUT
+    threads = getattr(settings, "node_max_sandboxes", 64) + WORKER_HEADROOM_THREADS
     return _cached(("direct", *_ident(settings, endpoint), timeout_s), lambda: DirectS3(
-        endpoint, settings.cloudflare_access_key, settings.cloudflare_secret_key, timeout_s))
+        endpoint, settings.cloudflare_access_key, settings.cloudflare_secret_key, timeout_s, threads))
 
 
 def _ident(settings: Any, endpoint: str) -> tuple[str, str, str]:

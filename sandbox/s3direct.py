@@ -24,21 +24,22 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from botocore.httpsession import get_cert_path
+from botocore.httpsession import ProxyConfiguration, get_cert_path
 from botocore.utils import get_environ_proxies
 
 REGION = "auto"             # R2's only region; SigV4 signs it into every credential scope
-POOL_CONNECTIONS = 10       # botocore's max_pool_connections default: the same sockets at most
+POOL_CONNECTIONS = 10       # botocore's max_pool_connections default; callers pass their thread count
 
 
 class DirectS3:
     """PUTs of a body already in memory and presigned GET/PUT URLs, for one endpoint and key pair."""
 
-    def __init__(self, endpoint: str, access_key: str, secret_key: str, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, timeout_s: float,
+                 pool_connections: int = POOL_CONNECTIONS) -> None:
         self._origin = endpoint.rstrip("/")
         self._credentials = Credentials(access_key, secret_key)
         self._signer = S3SigV4Auth(self._credentials, "s3", REGION)
-        self._http = _pool_manager(endpoint, timeout_s)
+        self._http = _pool_manager(endpoint, timeout_s, pool_connections)
 
     def url(self, bucket: str, key: str) -> str:
         """The path-style object URL, the key percent-encoded as botocore encodes it (`/` and `~` kept)."""
@@ -54,6 +55,8 @@ class DirectS3:
         url = self.url(bucket, key)
         request = AWSRequest("PUT", url, data=body, headers=dict(sse))
         self._signer.add_auth(request)
+        # urllib3 re-parses url and drops ./.. segments (botocore signed them as sent); the two stay
+        # identical only because check_key refuses such keys before anything is signed
         response = self._http.urlopen("PUT", url, body=body, headers=dict(request.headers.items()),
                                       retries=False, redirect=False, preload_content=True)
         if not 200 <= response.status < 300:
@@ -67,10 +70,14 @@ class DirectS3:
         return str(request.url)
 
 
-def _pool_manager(endpoint: str, timeout_s: float) -> urllib3.PoolManager:
-    """A pool with botocore's settings: its timeouts, keep-alive, CA bundle and environment proxy."""
+def _pool_manager(endpoint: str, timeout_s: float, pool_connections: int = POOL_CONNECTIONS) -> urllib3.PoolManager:
+    """A pool with botocore's settings: its timeouts, keep-alive, CA bundle and environment proxy.
+
+    pool_connections is the number of threads that may PUT at once: each holds at most one
+    connection, so none is ever opened only to be thrown away (urllib3 warns "Connection pool is
+    full, discarding connection"), and non-blocking means no thread ever waits for a socket."""
     options: dict[str, Any] = {
-        "maxsize": POOL_CONNECTIONS, "block": False, "retries": False,
+        "maxsize": pool_connections, "block": False, "retries": False,
         "timeout": urllib3.Timeout(connect=min(timeout_s, 10.0), read=timeout_s),
         "socket_options": [*urllib3.connection.HTTPConnection.default_socket_options,
                            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)],
@@ -79,9 +86,12 @@ def _pool_manager(endpoint: str, timeout_s: float) -> urllib3.PoolManager:
     if scheme == "https":
         # what boto3 verifies against: AWS_CA_BUNDLE if set, else botocore's bundle (certifi's)
         options.update(cert_reqs="CERT_REQUIRED", ca_certs=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
-    proxy = get_environ_proxies(endpoint).get(scheme)  # botocore honours HTTP(S)_PROXY/NO_PROXY too
+    # as URLLib3Session reads HTTP(S)_PROXY/NO_PROXY: a proxy without a scheme gets http://, and a
+    # proxy's user:password becomes a Proxy-Authorization header (urllib3 ignores userinfo: 407)
+    proxies = ProxyConfiguration(proxies=get_environ_proxies(endpoint))
+    proxy = proxies.proxy_url_for(endpoint)
     if proxy:
-        return urllib3.ProxyManager(proxy, **options)
+        return urllib3.ProxyManager(proxy, proxy_headers=proxies.proxy_headers_for(proxy), **options)
     return urllib3.PoolManager(**options)
 
 

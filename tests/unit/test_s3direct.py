@@ -1,6 +1,7 @@
 """DirectS3's refusals read as botocore reads them, and the store retries only what is transient (no services)."""
 from __future__ import annotations
 
+import base64
 import io
 from typing import Any
 
@@ -9,7 +10,7 @@ import urllib3
 from botocore.exceptions import ClientError
 from botocore.parsers import RestXMLParser
 
-from config.settings import load_settings
+from config.settings import WORKER_HEADROOM_THREADS, load_settings
 from sandbox import storage
 from sandbox.errors import StorageError, StorageUnavailable
 from sandbox.s3direct import _client_error, _pool_manager
@@ -91,5 +92,22 @@ def test_the_pool_takes_botocores_timeouts_ca_bundle_and_environment_proxy(monke
     proxied = _pool_manager(r2, 5.0)
     assert isinstance(proxied, urllib3.ProxyManager) and proxied.proxy.host == "proxy.internal"
     assert proxied.connection_pool_kw["ca_certs"] == "/etc/ssl/private-ca.pem"
+    # a proxy's user:password goes in a Proxy-Authorization header, as botocore sends it (not a 407)
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:p%40ss@proxy.internal:3128")
+    authed = _pool_manager(r2, 5.0)
+    assert isinstance(authed, urllib3.ProxyManager) and authed.proxy.host == "proxy.internal"
+    assert authed.proxy_headers == {"Proxy-Authorization": "Basic " + base64.b64encode(b"user:p@ss").decode()}
+    # a proxy without a scheme is http://, as botocore reads it (urllib3 alone raises ProxySchemeUnknown)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    bare = _pool_manager(r2, 5.0)
+    assert isinstance(bare, urllib3.ProxyManager) and (bare.proxy.scheme, bare.proxy.host) == ("http", "proxy.internal")
     monkeypatch.setenv("NO_PROXY", "r2.cloudflarestorage.com")
     assert type(_pool_manager(r2, 5.0)) is urllib3.PoolManager
+
+
+def test_the_pool_keeps_a_connection_per_thread_that_may_put(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a worker runs node_max_sandboxes + headroom threads: a pool of 10 threw away each extra socket
+    settings = load_settings({"SANDBOX_R2_ENDPOINT": "http://127.0.0.1:9", "SANDBOX_CLOUDFLARE_ACCESS_KEY": "a",
+                              "SANDBOX_CLOUDFLARE_SECRET_KEY": "pool", "SANDBOX_NODE_MAX_SANDBOXES": "100"})
+    kw = ArtifactStore(settings, actor="w").direct._http.connection_pool_kw
+    assert kw["maxsize"] == 100 + WORKER_HEADROOM_THREADS and kw["block"] is False
