@@ -39,7 +39,7 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 class _NoSecrets(logging.Filter):
     """Drops botocore's debug lines that carry a secret: a signature (a presigned URL's is a bearer
-    token) or the SSE-C key, which botocore shows in a request's params and canonical request.
+    token; a request's Authorization header could be replayed within its window) or the SSE-C key, which botocore shows in a request's params and canonical request.
 
     Only ever called for a record at an enabled level, so it costs nothing at INFO."""
 
@@ -48,7 +48,9 @@ class _NoSecrets(logging.Filter):
         if text.startswith(("Signature:", "StringToSign:")):
             return False
         text = record.getMessage().lower()
-        return not ("x-amz-signature" in text or "customer-key" in text or "ssecustomerkey" in text)
+        # "signature=": an Authorization header's, which botocore.endpoint shows for every boto3 call
+        return not ("x-amz-signature" in text or "signature=" in text or "customer-key" in text
+                    or "ssecustomerkey" in text)
 
 
 # auth: the canonical request and signature; endpoint: each request's params and prepared headers

@@ -145,13 +145,28 @@ def test_an_sse_c_presigned_get_serves_only_a_holder_of_the_key(seaweed: Seaweed
 def test_no_signature_reaches_the_logs(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
     sends = _spy_sends(store, monkeypatch)
-    with caplog.at_level(logging.DEBUG):
-        store.upload("jobs/d5/logs/stdout.log", io.BytesIO(b"out"), "d5")
-        url = store.presign_get("jobs/d5/logs/stdout.log", "d5")
+    gets: list[str] = []  # boto3's own GET: botocore.endpoint logs its prepared headers at DEBUG
+
+    def spy_get(request: Any, **_: Any) -> None:
+        value = request.headers["Authorization"]
+        gets.append(value.decode() if isinstance(value, bytes) else value)
+
+    store.client.meta.events.register("before-send.s3.GetObject", spy_get)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            store.upload("jobs/d5/logs/stdout.log", io.BytesIO(b"out"), "d5")
+            store.upload("jobs/d5/input/in.txt", io.BytesIO(b"in"), "d5")
+            url = store.presign_get("jobs/d5/logs/stdout.log", "d5")
+            assert store.open_input("jobs/d5/input/in.txt", "d5").read() == b"in"
+    finally:
+        store.client.meta.events.unregister("before-send.s3.GetObject", spy_get)
     put_signature = sends[-1]["headers"]["Authorization"].rsplit("Signature=", 1)[1]
+    get_signature = gets[-1].rsplit("Signature=", 1)[1]
     url_signature = url.rsplit("X-Amz-Signature=", 1)[1]
     assert "botocore.auth" in {r.name for r in caplog.records}  # the signer did log, at DEBUG
+    assert "botocore.endpoint" in {r.name for r in caplog.records}  # and so did the sender
     assert put_signature not in caplog.text and url_signature not in caplog.text
+    assert get_signature not in caplog.text
     assert "X-Amz-Signature" not in caplog.text
 
 
