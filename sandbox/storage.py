@@ -35,8 +35,16 @@ PART_BYTES = 8 * MIB            # multipart part size (R2: all parts equal excep
 MAX_PARTS = 10_000              # S3 and R2 limit per multipart upload
 PRESIGN_MAX_S = 7 * 24 * 3600   # R2 and S3 SigV4 limit
 RETRY_BACKOFF_MAX_S = 20.0      # botocore standard mode's cap on one wait between attempts
-_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                   "ServiceUnavailable", "InternalError", "TooManyRequests"}
+# What botocore 1.44.5's standard mode re-sends (retries/standard.py: its transient and throttled
+# checkers), so a DirectS3 PUT is retried exactly as a boto3 call is, and only these become
+# StorageUnavailable. Not 501 (NotImplemented is permanent) nor RequestTimeTooSkewed (re-signing
+# with the same clock cannot help).
+_RETRIED_STATUSES = {500, 502, 503, 504, 429}
+_RETRIED_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+                  "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+                  "TooManyRequestsException", "ProvisionedThroughputExceededException",
+                  "TransactionInProgressException", "RequestLimitExceeded", "BandwidthLimitExceeded",
+                  "LimitExceededException", "RequestThrottled", "SlowDown", "EC2ThrottledException"}
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _TRANSPORT_ERRORS = (BotoConnectionError, ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)
@@ -92,7 +100,7 @@ class ArtifactStore:
         if isinstance(e, ClientError):
             err, code = e.response.get("Error", {}), _code(e)
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if status >= 500 or status == 429 or code in _THROTTLE_CODES:
+            if status in _RETRIED_STATUSES or code in _RETRIED_CODES:
                 return StorageUnavailable(f"{what}: object store unavailable ({code or status})")
             if code in _MISSING_CODES:
                 return StorageError(f"{what}: no such object or bucket ({code})")

@@ -7,8 +7,11 @@ from typing import Any
 
 import pytest
 import urllib3
+from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 from botocore.parsers import RestXMLParser
+from botocore.retries.standard import (OrRetryChecker, RetryContext, ThrottledRetryableChecker,
+                                       ThrottlingStatusCodeChecker, TransientRetryableChecker)
 
 from config.settings import WORKER_HEADROOM_THREADS, load_settings
 from sandbox import storage
@@ -111,3 +114,37 @@ def test_the_pool_keeps_a_connection_per_thread_that_may_put(monkeypatch: pytest
                               "SANDBOX_CLOUDFLARE_SECRET_KEY": "pool", "SANDBOX_NODE_MAX_SANDBOXES": "100"})
     kw = ArtifactStore(settings, actor="w").direct._http.connection_pool_kw
     assert kw["maxsize"] == 100 + WORKER_HEADROOM_THREADS and kw["block"] is False
+
+
+def _error(code: str) -> bytes:
+    return f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode()
+
+
+@pytest.mark.parametrize("status,body,retried", [
+    (500, b"", True), (502, b"", True), (503, SLOW_DOWN, True), (504, b"", True), (429, b"", True),
+    (400, _error("RequestTimeout"), True), (503, _error("SlowDown"), True), (400, _error("Throttling"), True),
+    (501, _error("NotImplemented"), False), (505, b"", False), (403, _error("RequestTimeTooSkewed"), False),
+    (400, _error("InvalidRequest"), False), (403, DENIED, False),
+])
+def test_a_failure_is_transient_exactly_when_botocore_standard_mode_re_sends_it(
+        store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, status: int, body: bytes, retried: bool) -> None:
+    refusal = _refusal(status, body)
+    botocore_checks = OrRetryChecker([TransientRetryableChecker(), ThrottledRetryableChecker(),
+                                      ThrottlingStatusCodeChecker()])
+    context = RetryContext(attempt_number=1, parsed_response=refusal.response,
+                           http_response=AWSResponse("https://h/b/k", status, {}, None))
+    # RequestTimeTooSkewed: botocore does not re-send it either (its clock would sign the same time)
+    assert botocore_checks.is_retryable(context) is retried
+    assert isinstance(store._translate(refusal, "put k"), StorageUnavailable) is retried
+    store = ArtifactStore(store._settings, actor="w", max_attempts=3, upload_attempts=1)
+    sent: list[int] = []
+
+    def refuse(*_: Any) -> None:
+        sent.append(1)
+        raise refusal
+
+    monkeypatch.setattr(store.direct, "put", refuse)
+    monkeypatch.setattr(storage.time, "sleep", lambda _s: None)
+    with pytest.raises(StorageUnavailable if retried else StorageError):
+        store.upload("jobs/u2/logs/stdout.log", io.BytesIO(b"x"), "u2")
+    assert len(sent) == (3 if retried else 1)
