@@ -109,7 +109,10 @@ def test_small_put_through_a_short_outage_is_retried_per_call(seaweed: SeaweedSe
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # Given S3 down for about a second when a small object (one request, no multipart) is stored
     events: list[dict] = []
-    store = ArtifactStore(load_settings(seaweed.env()), actor="w", audit=events.append, max_attempts=5)
+    # one whole-upload attempt: only _put_small's own loop may re-send (tenacity's would pass too);
+    # 8 sends wait up to 127 s in all, so the restart is not outwaited by chance
+    store = ArtifactStore(load_settings(seaweed.env()), actor="w", audit=events.append, max_attempts=8,
+                          upload_attempts=1)
     calls = _count_puts(store, monkeypatch)
     seaweed.stop()
     restart = threading.Timer(1.0, seaweed.start)
