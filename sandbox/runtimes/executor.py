@@ -163,7 +163,11 @@ def _spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
     start = time.monotonic()
     if not spec.network.outbound:
         proc, joined_r = spawn_sandbox(rt, d, meta, sid, spec)
-        _close_when_joined(joined_r)
+        try:
+            _close_when_joined(joined_r)
+        except BaseException:
+            _abandon(rt, sid, proc)
+            raise
         return start, proc, None, ""
     # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
     # proxy inside the child's network namespace; the job starts only once the listener is there
@@ -171,19 +175,45 @@ def _spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
     try:
         proc, joined_r = spawn_sandbox(rt, d, meta, sid, spec, gate.bwrap_args(), gate.child_fds())
     except BaseException:
-        gate.release()  # closes our ends too: nothing leaks when the spawn itself failed
+        gate.shut()  # closes our ends too: nothing leaks when the spawn itself failed
         raise
-    egress, egress_error = None, ""
     try:
         _close_when_joined(joined_r)
         egress = rt.egress.open(spec.id, rt.egress.policy_for(spec), gate.child_pid(),
                                 getattr(sink, "event", None))
     except Exception as e:  # noqa: BLE001 - the job must not run without its proxy; say why
-        egress_error = f"the egress proxy could not start: {e}"
+        # Fail closed: the gate stays shut (no byte; bwrap never sees EOF on it), then the kill ends
+        # the sandbox and execute records why. Were the kill to fail too, bwrap stays blocked.
+        gate.shut()
+        try:
+            rt.cgroups.kill(sid)
+        except BaseException:
+            _abandon(rt, sid, proc)
+            raise
+        return start, proc, None, f"the egress proxy could not start: {e}"
+    except BaseException:
+        gate.shut()
+        _abandon(rt, sid, proc)
+        raise
+    gate.release()
+    return start, proc, egress, ""
+
+
+def _abandon(rt: "LocalRuntime", sid: str, proc: subprocess.Popen) -> None:
+    """A run given up before its command may start: kill what was spawned and reap it (best effort;
+    destroy, or the orphan sweep, kills the cgroup again)."""
+    try:
         rt.cgroups.kill(sid)
-    finally:
-        gate.release()
-    return start, proc, egress, egress_error
+    except Exception:  # noqa: BLE001 - the error on its way out is the one to report
+        pass
+    proc.kill()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _close_when_joined(joined_r: int) -> None:
@@ -293,9 +323,17 @@ class _EgressGate:
         raise SandboxFailure(f"bwrap gave no child pid (read {raw[:200]!r})")
 
     def release(self) -> None:
-        """Let the job start (or, if the cgroup was killed, let bwrap notice and exit); close our ends."""
+        """Let the job start; close our ends."""
         try:
             open_gate(self.gate_w)
+        finally:
+            os.close(self.info_r)
+
+    def shut(self) -> None:
+        """Close our ends with no go-ahead: bwrap's read-write gate never sees EOF, so the command
+        never starts; only a cgroup kill ends the blocked sandbox."""
+        try:
+            os.close(self.gate_w)
         finally:
             os.close(self.info_r)
 

@@ -67,6 +67,51 @@ def test_a_worker_dying_while_the_egress_gate_is_shut_never_lets_the_command_run
     assert runtime.cgroups.pids(sid) == [] and runtime.list_sandboxes() == []
 
 
+@pytest.mark.parametrize("kill_fails", [False, True], ids=["kill works", "kill fails too"])
+def test_an_egress_proxy_that_cannot_start_never_lets_the_command_run(runtime, monkeypatch, kill_fails) -> None:  # type: ignore[no-untyped-def]
+    # Given an outbound job whose proxy cannot be bound (and, worse, whose cgroup kill fails as well),
+    spec = replace(make_spec(["/bin/sh", "-c", "echo ran > ran"]), network=OUTBOUND)
+    handle = runtime.create(spec, "h")
+    sid = handle.sandbox_id
+    seccomp.filter_fd()  # compiled once per process, not per spawn: not a leak
+    if runtime.spares is not None:
+        runtime.spares.settle()
+    before = _fds()
+    spawned = []
+    real_spawn = executor.spawn_sandbox
+
+    def spy_spawn(*args, **kwargs):  # type: ignore[no-untyped-def]
+        proc, joined_r = real_spawn(*args, **kwargs)
+        spawned.append(proc)
+        return proc, joined_r
+
+    def no_proxy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("no proxy today")
+
+    def no_kill(sid):  # type: ignore[no-untyped-def]
+        raise OSError("cgroup.kill refused")
+
+    monkeypatch.setattr(executor, "spawn_sandbox", spy_spawn)
+    monkeypatch.setattr(runtime.egress, "open", no_proxy)
+    if kill_fails:
+        monkeypatch.setattr(runtime.cgroups, "kill", no_kill)
+        # when execute runs it, the error reaches the caller, and what was spawned is reaped;
+        with pytest.raises(OSError, match="cgroup.kill refused"):
+            runtime.execute(handle, spec, lambda stream, chunk: None)
+        assert spawned and spawned[0].returncode is not None
+    else:
+        # when execute runs it, the job ends `error`, saying why;
+        result = runtime.execute(handle, spec, lambda stream, chunk: None)
+        assert result.outcome == "error" and "egress proxy could not start" in result.reason
+    # then the gate was never opened: the command did not start, with or without a working kill,
+    time.sleep(0.5)
+    assert not os.path.exists(_ws(runtime, sid, "ran")), "the command ran without its proxy"
+    assert _fds() == before  # and no descriptor is left open
+    monkeypatch.undo()
+    runtime.destroy(handle)
+    assert runtime.list_sandboxes() == []
+
+
 # A worker process that executes a job and is SIGKILLed once the command runs, from another thread.
 _DIE_WHILE_IT_RUNS = (
     "import json,os,sys,threading,time\nfrom config.settings import load_settings\n"
