@@ -98,7 +98,7 @@ class AgentClient:
             if resp.status_code == 409:
                 body = _json_of(resp)
                 if body.get("error") != "already_started":
-                    raise SandboxFailure(f"agent refused {what}: {_describe(body)}")
+                    raise AgentConflict(str(body.get("error", ""))[:64], f"agent refused {what}: {_describe(body)}")
                 if body.get("result"):
                     return _exec_result(body["result"])
                 return still_running()

@@ -418,8 +418,9 @@ def test_exec_while_the_setup_runs_is_refused_like_the_other_busy_answers(start_
         assert set(refused.json()) == set(busy_setup.json()) == {"error", "message"}
         assert refused.json()["error"] == "setup_running" and busy_setup.json()["error"] == "already_started"
         assert c.health()["state"] == "created"  # the refused exec started nothing
-        with pytest.raises(SandboxFailure, match="setup_running"):
+        with pytest.raises(AgentConflict, match="setup_running") as refusal:
             c.execute(lambda s, d: None)
+        assert refusal.value.reason == "setup_running"
         ended = [json.loads(line) for line in lines if line]
     assert ended[-1]["type"] == "end" and ended[-1]["result"]["outcome"] == "succeeded"
     out = _EventSink()
