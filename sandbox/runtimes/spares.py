@@ -27,7 +27,7 @@ from sandbox.runtimes import diskimage
 log = logging.getLogger("sandbox.runtime")
 
 SPARE_DIR = "spares"  # under diskimage.TEMPLATE_DIR
-MAX_AGE_S = 600.0  # a spare of a size nobody asked for this long is removed at the next refill
+MAX_AGE_S = 600.0  # a spare this old (of any size) is removed at the next refill of any size
 TORN_AFTER_S = 60.0  # a temporary clone this old belongs to a process that died mid-copy
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
@@ -62,6 +62,9 @@ class SpareImages:
         self._queued: set[int] = set()  # sizes with a refill queued or running
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
+        # set once a take finds renameat2(RENAME_NOREPLACE) missing or refused: no spare can ever be
+        # taken in this process, so none is made either
+        self.unsupported = False
         # from before this boot (a host crash may have torn them) or of another template version
         boot = _boot_time()
         self._drop(lambda name, mtime: mtime < boot or (name.endswith(".img")
@@ -86,14 +89,21 @@ class SpareImages:
         """Move a spare of `size_bytes` to `image` (which must not exist); False when there is none
         (the caller clones as before, then calls refill_later once its own disk work is done)."""
         taken = False
-        for name in self.names(size_bytes):
+        for name in [] if self.unsupported else self.names(size_bytes):
             try:
                 rename_noreplace(os.path.join(self.dir, name), image)
             except FileNotFoundError:
                 continue  # another process took it first
             except FileExistsError:
                 raise  # as clone_template's O_EXCL: a live image is never replaced
-            except OSError:
+            except OSError as e:
+                if e.errno in (errno.ENOSYS, errno.EINVAL):  # no renameat2, or a filesystem refusing the flag
+                    with self._lock:
+                        first, self.unsupported = not self.unsupported, True
+                    if first:
+                        log.warning("no spare workspace images in this process: rename without replace "
+                                    "is unsupported here (%s); cloning instead", e.strerror)
+                    return False
                 log.warning("could not take spare image %s; cloning instead", name, exc_info=True)
                 return False
             taken = True
@@ -103,7 +113,7 @@ class SpareImages:
     def refill_later(self, size_bytes: int) -> None:
         """Queue a refill of `size_bytes` on the background thread (once, however many ask); never raises."""
         with self._lock:
-            if size_bytes in self._queued:
+            if size_bytes in self._queued or self.unsupported:
                 return
             self._queued.add(size_bytes)
             try:
@@ -131,7 +141,7 @@ class SpareImages:
                 self._queued.discard(size_bytes)
 
     def refill(self, size_bytes: int) -> None:
-        """Clone until `count` spares of `size_bytes` exist; drop torn and long-unused ones.
+        """Clone until `count` spares of `size_bytes` exist; drop torn, old and orphaned ones.
 
         Never makes a template or the work dir's directories (only the spares directory in an
         existing template directory): a work dir removed under a refill stays removed."""
@@ -150,9 +160,24 @@ class SpareImages:
         except FileExistsError:
             pass
         now = time.time()
-        self._drop(lambda name, mtime: (name.endswith(".tmp") and mtime < now - TORN_AFTER_S)
-                   or (name.endswith(".img") and mtime < now - MAX_AGE_S))
-        for _ in range(self.count - len(self.names(size_bytes))):
+        # A job picks any byte count as disk size: spares of sizes whose template diskimage._prune
+        # dropped go too, so spares stay within MAX_TEMPLATES x count however many sizes were asked.
+        # Templates are listed after the spares (in _drop): a spare is renamed in only once its
+        # template exists, so a spare listed beside no template is one whose template was pruned.
+        templates: set[str] = set()
+
+        def doomed(name: str, mtime: float) -> bool:
+            if name.endswith(".tmp"):
+                return mtime < now - TORN_AFTER_S
+            if not templates:
+                templates.update(n[:-len(".img")] for n in os.listdir(os.path.dirname(self.dir))
+                                 if n.endswith(".img"))
+            return name.endswith(".img") and (mtime < now - MAX_AGE_S or name.split(".", 1)[0] not in templates)
+
+        self._drop(doomed)
+        # and a hard cap on the directory, whatever the templates (refills of other processes race)
+        room = self.count * diskimage.MAX_TEMPLATES - sum(n.endswith(".img") for n in os.listdir(self.dir))
+        for _ in range(min(room, self.count - len(self.names(size_bytes)))):
             tag = uuid.uuid4().hex
             tmp = os.path.join(self.dir, f".{tag}.tmp")
             try:

@@ -2,12 +2,13 @@
 place; a spare is only ever a fresh clone nothing mounted, taken once, and never an image a job used."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -27,7 +28,7 @@ def spare_runtime(settings) -> Iterator[LocalRuntime]:  # type: ignore[no-untype
         unavailable("the local runtime needs root and bubblewrap")
     rt = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": settings.work_dir, "SANDBOX_SPARE_IMAGES": "2"}))
     yield rt
-    _settle(rt)
+    rt.spares.settle()  # wait for the refill before the work dir goes; no assert here, it would hide a test's own failure
     for info in rt.list_sandboxes():
         rt.destroy(rt_handle(info))
 
@@ -89,10 +90,8 @@ def test_a_used_image_never_becomes_a_spare(spare_runtime) -> None:  # type: ign
     for _ in range(3):
         r, _, _, h = sh(rt, "head -c 200000 /dev/urandom > big; echo x > /tmp/left; sync", disk=DISK)
         assert r.outcome == "succeeded"
-        used = _inode(rt._image(h.sandbox_id))
         rt.destroy(h)
         names = _settle(rt)
-        assert used not in {_inode(os.path.join(rt.spares.dir, n)) for n in names}
     template = diskimage._template_path(rt.work_dir, DISK)
     for name in names:  # every spare is byte for byte the template: nothing a job wrote
         assert _digest(os.path.join(rt.spares.dir, name)) == _digest(template)
@@ -116,8 +115,14 @@ def test_torn_stale_and_foreign_spares_are_never_taken(settings) -> None:  # typ
     # When a runtime starts: the other version's and the pre-boot spares go at once
     pool = spares.SpareImages(work, 2)
     assert sorted(os.listdir(pool.dir)) == [".dead.tmp"]
+    # A temporary clone carrying a spare's prefix (half written, or renamed to .tmp) beside no
+    # whole spare: a take must not mistake it for one
+    half = os.path.join(pool.dir, f"{prefix}c.img.tmp")
+    with open(half, "wb") as f:
+        f.write(b"half a clone")
     image = os.path.join(work, "x.img")
-    assert pool.take(image, DISK) is False and not os.path.exists(image)  # a .tmp is never a spare
+    assert pool.take(image, DISK) is False and not os.path.exists(image)
+    os.unlink(half)
     # and a refill drops the torn clone and makes whole ones
     pool.refill(DISK)
     assert len(pool.names(DISK)) == 2 and ".dead.tmp" not in os.listdir(pool.dir)
@@ -140,15 +145,51 @@ def test_take_never_replaces_an_existing_image(settings) -> None:  # type: ignor
     assert pool.names(DISK) == [name]  # the spare stays for the next create
 
 
-def test_without_renameat2_create_clones_as_before(settings, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+def _no_noreplace(err: int) -> Callable[[str, str], None]:
+    def rename(src: str, dst: str) -> None:  # a filesystem refusing RENAME_NOREPLACE
+        raise OSError(err, os.strerror(err), src)
+    return rename
+
+
+@pytest.mark.parametrize("err", ["no renameat2", errno.EINVAL])
+def test_without_renameat2_create_clones_as_before(settings, monkeypatch, caplog, err) -> None:  # type: ignore[no-untyped-def]
     _template(settings.work_dir)
     pool = spares.SpareImages(settings.work_dir, 1)
     pool.refill(DISK)
-    monkeypatch.setattr(spares, "_renameat2", None)  # an old C library
-    image = os.path.join(settings.work_dir, "x.img")
+    if err == "no renameat2":
+        monkeypatch.setattr(spares, "_renameat2", None)  # an old C library: ENOSYS
+    else:
+        monkeypatch.setattr(spares, "rename_noreplace", _no_noreplace(err))
     with caplog.at_level(logging.WARNING, logger="sandbox.runtime"):
-        assert pool.take(image, DISK) is False
-    assert "cloning instead" in caplog.text and not os.path.exists(image) and len(pool.names(DISK)) == 1
+        for n in range(3):
+            image = os.path.join(settings.work_dir, f"{n}.img")
+            assert pool.take(image, DISK) is False and not os.path.exists(image)
+    # Then one warning for the process, no traceback, and no more spares made that nobody can take
+    assert len(caplog.records) == 1 and "cloning instead" in caplog.text and caplog.records[0].exc_info is None
+    assert pool.unsupported and len(pool.names(DISK)) == 1
+    os.close(diskimage._open_template(settings.work_dir, DISK + MiB))  # a size with a template, no spare
+    pool.refill_later(DISK + MiB)
+    pool.settle()
+    assert pool.names(DISK + MiB) == [] and not pool._pending
+
+
+def test_spares_of_a_pruned_template_go_at_the_next_refill(settings) -> None:  # type: ignore[no-untyped-def]
+    # Given spares of two sizes (a job may ask any byte count), and the template of one pruned
+    # (diskimage keeps MAX_TEMPLATES sizes): without this, every size ever asked kept its spares
+    work = settings.work_dir
+    _template(work)
+    other = DISK + MiB
+    os.close(diskimage._open_template(work, other))
+    pool = spares.SpareImages(work, 2)
+    pool.refill(DISK)
+    pool.refill(other)
+    assert len(pool.names(other)) == 2
+    os.unlink(diskimage._template_path(work, other))
+    # When a refill of any size runs
+    pool.refill(DISK)
+    # Then the orphaned spares are gone, the others stay
+    assert pool.names(other) == [] and len(pool.names(DISK)) == 2
+    assert sorted(os.listdir(pool.dir)) == pool.names(DISK)
 
 
 def test_racing_takes_get_distinct_spares(settings) -> None:  # type: ignore[no-untyped-def]
@@ -200,3 +241,16 @@ def test_zero_spares_is_off(runtime) -> None:  # type: ignore[no-untyped-def]
     assert r.outcome == "succeeded"
     off.destroy(h)
     assert not os.path.exists(os.path.join(runtime.work_dir, diskimage.TEMPLATE_DIR, spares.SPARE_DIR))
+
+
+def test_spares_are_capped_at_max_templates_times_count(settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Given two templates but room for one size's spares (templates are pruned only when one is made)
+    work = settings.work_dir
+    _template(work)
+    os.close(diskimage._open_template(work, DISK + MiB))
+    monkeypatch.setattr(diskimage, "MAX_TEMPLATES", 1)
+    pool = spares.SpareImages(work, 2)
+    pool.refill(DISK)
+    # When the other size refills: the directory is full, so no more spares
+    pool.refill(DISK + MiB)
+    assert len(pool.names(DISK)) == 2 and pool.names(DISK + MiB) == []
