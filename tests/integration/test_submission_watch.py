@@ -85,6 +85,24 @@ def test_after_a_restart_the_queue_is_scanned_once_then_with_backoff(redis_clien
     assert spy.calls["lrange"] == 5  # a second restart is a reason of its own
 
 
+def test_the_backoff_doubles_up_to_its_cap_and_stays_there(redis_client, queued) -> None:  # type: ignore[no-untyped-def]
+    # Ten minutes of a check a second after a restart: the gaps between scans double, then hold at
+    # RESCAN_MAX_S (a cap that is never reached, or never held, fails here).
+    watch, spy, clock = watch_of(redis_client, queued)
+    spy.run_id = "restarted"
+    at, seen = [], 0
+    for _ in range(600):
+        watch.check()
+        if spy.calls["lrange"] > seen:
+            seen = spy.calls["lrange"]
+            at.append(clock.now)
+        clock.now += 1.0
+    gaps = [round(b - a) for a, b in zip(at, at[1:])]
+    cap = round(SubmissionWatch.RESCAN_MAX_S)
+    assert gaps[:3] == [1, 2, 4], gaps
+    assert max(gaps) == cap and gaps[-3:] == [cap] * 3, gaps
+
+
 def test_a_message_lost_in_a_restart_is_reported_once_a_second_scan_confirms(redis_client, queued) -> None:  # type: ignore[no-untyped-def]
     watch, spy, clock = watch_of(redis_client, queued)
     job_id, _, queue = queued
