@@ -215,7 +215,7 @@ def test_the_gate_handed_to_bwrap_is_a_writer_of_its_own_pipe() -> None:
 
 
 @pytest.mark.parametrize("path", ["outbound", "prestarted"])
-def test_the_job_never_holds_a_gate_descriptor(runtime, path) -> None:  # type: ignore[no-untyped-def]
+def test_the_job_never_holds_a_gate_descriptor(runtime, path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # bwrap closes --block-fd (and --info-fd) before the command: a job holding its own gate's
     # writer could not open it (bwrap has read it), but it must hold nothing of the worker's at all.
     spec = make_spec(["/bin/sh", "-c", "ls /proc/self/fd"])
@@ -225,6 +225,12 @@ def test_the_job_never_holds_a_gate_descriptor(runtime, path) -> None:  # type: 
     if path == "prestarted":
         runtime.prestart(handle, spec)
         wait_for(lambda: len(runtime.cgroups.pids(handle.sandbox_id)) >= 2)  # held: bwrap and its child
+
+        def no_second_spawn(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise AssertionError("execute spawned anew instead of releasing the held sandbox")
+
+        # what runs must be the held sandbox: a fall-back spawn would pass the check below unheld
+        monkeypatch.setattr(executor, "spawn_sandbox", no_second_spawn)
     result = runtime.execute(handle, spec, lambda stream, chunk: None)
     logs = runtime.logs(handle)
     out = logs["stdout"].read()
