@@ -254,20 +254,23 @@ def test_presigned_upload_urls_are_never_made_for_a_local_sandbox(seaweed: Seawe
     assert seaweed.client().get_object(Bucket=seaweed.bucket, Key="jobs/j11/output/a")["Body"].read() == b"from the machine"
 
 
-def test_a_forked_worker_builds_its_own_client(store: ArtifactStore) -> None:
-    # Given a client made in the parent; when a worker process forks, it must not reuse its sockets.
-    parent = store.client
+def test_a_forked_worker_builds_its_own_clients(store: ArtifactStore) -> None:
+    # Given boto3's client and the direct pool (small PUTs) made in the parent, a socket open; when a
+    # worker process forks, it must not reuse their sockets.
+    parent, parent_direct = store.client, store.direct
+    store.upload("jobs/f1/output/parent", io.BytesIO(b"p"), "f1")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report, never return into pytest
         try:
-            ok = store.client is not parent and store.upload("jobs/f1/output/x", io.BytesIO(b"child"), "f1") == 5
+            ok = (store.client is not parent and store.direct is not parent_direct
+                  and store.upload("jobs/f1/output/x", io.BytesIO(b"child"), "f1") == 5)
             os.write(write_end, b"1" if ok else b"0")
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read_end, 1) == b"1"
-    assert store.client is parent
+    assert store.client is parent and store.direct is parent_direct
     assert store.client.get_object(Bucket=store.bucket, Key="jobs/f1/output/x")["Body"].read() == b"child"
 
 

@@ -180,21 +180,3 @@ def test_no_sse_c_key_reaches_the_logs(seaweed: SeaweedServer, caplog: pytest.Lo
         assert store.open_input("jobs/d7/input/secret.txt", "d7").read() == b"sealed"
     assert "botocore.auth" in {r.name for r in caplog.records}  # botocore did sign the GET, logging at DEBUG
     assert key_b64 not in caplog.text and key_b64.lower() not in caplog.text.lower()
-
-
-def test_a_forked_worker_builds_its_own_direct_pool(store: ArtifactStore) -> None:
-    # Given a pool made in the parent; when a worker process forks, it must not reuse its sockets.
-    parent = store.direct
-    store.upload("jobs/d6/output/parent", io.BytesIO(b"p"), "d6")  # the parent's socket is open
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, never return into pytest
-        try:
-            ok = store.direct is not parent and store.upload("jobs/d6/output/child", io.BytesIO(b"child"), "d6") == 5
-            os.write(write_end, b"1" if ok else b"0")
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    assert os.read(read_end, 1) == b"1"
-    assert store.direct is parent
-    assert store.client.get_object(Bucket=store.bucket, Key="jobs/d6/output/child")["Body"].read() == b"child"
