@@ -11,17 +11,19 @@ import datetime as dt
 import io
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import botocore.auth
 import pytest
 import requests
 
-from config.settings import Settings, load_settings
+from config.settings import Settings
 from sandbox.errors import StorageError
 from sandbox.s3client import sse_headers
 from sandbox.storage import ArtifactStore
-from tests.support.seaweed import SeaweedServer, seaweed_or_skip
+from tests.integration.test_storage import _settings as store_settings
+from tests.integration.test_storage import seaweed  # noqa: F401  (the module's SeaweedFS, a fixture)
+from tests.support.seaweed import SeaweedServer
 
 # Names a job may give its outputs: every one must reach the store as exactly this key.
 ODD_NAMES = ["a b+c%d~e.txt", "é/ü/😀.log", "q?x=1&y=#frag", "semi;colon,comma:at@bang!", "%2e%2e/%2F/%00",
@@ -31,15 +33,9 @@ ODD_NAMES = ["a b+c%d~e.txt", "é/ü/😀.log", "q?x=1&y=#frag", "semi;colon,com
 SIGNED_NAMES = [*ODD_NAMES, "back\\slash"]
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    with seaweed_or_skip(tmp_path_factory.mktemp("seaweed")) as server:
-        yield server
-
-
 def _settings(server: SeaweedServer, sse_c_key: str = "", **extra: str) -> Settings:
-    settings = load_settings({**server.env(), "SANDBOX_R2_SSE_C_KEY": sse_c_key, **extra})
-    return dataclasses.replace(settings, runtime="fly")  # presign_put exists only for remote sandboxes
+    # presign_put exists only for remote sandboxes
+    return dataclasses.replace(store_settings(server, sse_c_key, **extra), runtime="fly")
 
 
 @pytest.fixture()
