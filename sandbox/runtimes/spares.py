@@ -75,7 +75,8 @@ class SpareImages:
         return f"ext4-v{diskimage.TEMPLATE_VERSION}-"
 
     def _prefix(self, size_bytes: int) -> str:
-        return f"{self._version_prefix()}{size_bytes}."
+        # a spare is named after its template (`<template name>.<tag>.img`): pruning matches them so
+        return os.path.basename(diskimage._template_path(self.work_dir, size_bytes))[:-len(".img")] + "."
 
     def names(self, size_bytes: int) -> list[str]:
         """The spares of `size_bytes` there are now."""
@@ -88,7 +89,6 @@ class SpareImages:
     def take(self, image: str, size_bytes: int) -> bool:
         """Move a spare of `size_bytes` to `image` (which must not exist); False when there is none
         (the caller clones as before, then calls refill_later once its own disk work is done)."""
-        taken = False
         for name in [] if self.unsupported else self.names(size_bytes):
             try:
                 rename_noreplace(os.path.join(self.dir, name), image)
@@ -106,9 +106,8 @@ class SpareImages:
                     return False
                 log.warning("could not take spare image %s; cloning instead", name, exc_info=True)
                 return False
-            taken = True
-            break
-        return taken
+            return True
+        return False
 
     def refill_later(self, size_bytes: int) -> None:
         """Queue a refill of `size_bytes` on the background thread (once, however many ask); never raises."""
