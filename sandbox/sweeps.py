@@ -34,10 +34,14 @@ YOUNG_S = 30.0  # a sandbox this young without a record may be a create still un
 CGROUP_GRACE_S = 3600.0
 
 
+def sweep_lock_key(name: str) -> str:
+    """The sweep `name`'s once-per-period lock: deleting it lets the next run sweep at once."""
+    return f"sandbox:sweep:{name}:lock"
+
+
 def sweep_lock(client: Any, name: str, period_s: float) -> bool:
     """True if this run may sweep `name`: one run per period, however many beats send it."""
-    return bool(client.set(f"sandbox:sweep:{name}:lock", uuid.uuid4().hex, nx=True,
-                           px=max(1000, int(period_s * 900))))
+    return bool(client.set(sweep_lock_key(name), uuid.uuid4().hex, nx=True, px=max(1000, int(period_s * 900))))
 
 
 def sweep_done(client: Any, name: str, count: int, node: str) -> None:

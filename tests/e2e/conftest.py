@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import redis
 import requests
 
+from sandbox import nodes, sweeps
 from tests.support.fakefly import FakeFly, agent_processes_alive
 from tests.support.services import free_port
 
@@ -81,6 +83,15 @@ def no_machine_outlives_its_job(request: pytest.FixtureRequest) -> Iterator[None
     fake.reset()
     assert not left, f"machines outlived their jobs: {left}"
     assert not leftover_agents, f"agent processes outlived their machines: {leftover_agents}"
+
+
+@pytest.fixture()
+def sweeps_due(redis_client: redis.Redis) -> None:
+    """Every beat sweep may run at once, whatever ran before: a sweep an earlier test sent (in this
+    file or another) holds its once-per-period lock for 0.9 of the worker's period (60 s for the
+    orphans), and a sweep sent under it returns None without sweeping. Released as an operator
+    would release it: by deleting the lock key."""
+    redis_client.delete(*(sweeps.sweep_lock_key(name) for name in nodes.SWEEPS))
 
 
 def sandbox_left(job_id: str, stack_env: dict[str, str]) -> list[str]:

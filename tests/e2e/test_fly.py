@@ -88,7 +88,7 @@ def test_an_agent_that_dies_mid_job_ends_it_error_and_the_machine_is_gone(celery
 
 
 def test_orphan_sweep_destroys_ours_that_ended_or_expired_and_never_touches_others(celery_client, worker, fake_fly,
-                                                                                  redis_client):
+                                                                                  sweeps_due):
     now = time.time()
 
     def machine(job: str, created_s_ago: float, expires_in_s: float, service: str | None = SERVICE):
@@ -105,7 +105,6 @@ def test_orphan_sweep_destroys_ours_that_ended_or_expired_and_never_touches_othe
     foreign = machine(new_job_id("foreign"), 5000, -1000, service=None)
     foreign_service = machine(new_job_id("other"), 5000, -1000, service="someone-else")
     try:
-        redis_client.delete("sandbox:sweep:orphans:lock")  # this period's run may have been an earlier test's
         celery_client.send_task("sandbox.sweep_orphans").get(timeout=30)
         wait_for(lambda: expired.state == "destroyed" and unknown_old.state == "destroyed", timeout_s=30)
         time.sleep(1)

@@ -23,12 +23,12 @@ def test_every_beat_entry_names_a_task_the_worker_has(worker, celery_client):
     assert {entry["task"] for entry in celeryconfig.beat_schedule.values()} <= registered
 
 
-def test_orphan_sweep_fans_out_to_every_live_node(worker, celery_client):
+def test_orphan_sweep_fans_out_to_every_live_node(worker, celery_client, sweeps_due):
     nodes = celery_client.send_task("sandbox.sweep_orphans").get(timeout=30)
     assert worker.node in nodes
 
 
-def test_stuck_and_artifact_sweeps_run(worker, celery_client):
+def test_stuck_and_artifact_sweeps_run(worker, celery_client, sweeps_due):
     assert isinstance(celery_client.send_task("sandbox.sweep_stuck").get(timeout=30), list)
     assert celery_client.send_task("sandbox.sweep_artifacts").get(timeout=60) >= 0
 
