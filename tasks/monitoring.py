@@ -109,12 +109,17 @@ def start_endpoint(node: str) -> None:
 
     fresh_s = 3 * float(getattr(_settings, "heartbeat_interval_s", 10.0))
     REGISTRY.register(ClusterCollector(Cluster(client), fresh_s))
-    REGISTRY.register(NodeCollector(node, lambda: _services().runtime.list_sandboxes()))
+    REGISTRY.register(NodeCollector(node, lambda: _services().runtime.list_sandboxes(), _waiting_creates))
     _endpoint["liveness"] = liveness = Liveness(node)
     try:
         _endpoint["server"] = serve(_settings.metrics_host, _settings.metrics_port, liveness)
     except OSError as e:  # the worker still works; the scrape target's `up` == 0 pages someone
         log.error("no metrics endpoint on %s:%d: %s", _settings.metrics_host, _settings.metrics_port, e)
+
+
+def _waiting_creates() -> int | None:
+    admission = _services().admission
+    return None if admission is None else admission.waiting
 
 
 @signals.worker_ready.connect

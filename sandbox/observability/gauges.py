@@ -102,13 +102,17 @@ class ClusterCollector(Collector):
 
 
 class NodeCollector(Collector):
-    """This node's sandboxes, from its runtime: live, and past their expiry (a leak)."""
+    """This node's sandboxes, from its runtime: live, and past their expiry (a leak); and its creates
+    waiting for admission (`waiting_creates` answers None where the runtime has no admission: Fly)."""
 
-    def __init__(self, node: str, list_sandboxes: Callable[[], list[Any]]) -> None:
+    def __init__(self, node: str, list_sandboxes: Callable[[], list[Any]],
+                 waiting_creates: Callable[[], int | None] = lambda: None) -> None:
         self.node = node
         self.list_sandboxes = list_sandboxes
+        self.waiting_creates = waiting_creates
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._waiting()
         live = _gauge("sandbox_live_sandboxes", "Sandboxes that exist on this node.", ("node",))
         expired = _gauge("sandbox_expired_sandboxes", "Sandboxes on this node past their expiry "
                          "(created + timeout + 15 min): the orphan sweep should have destroyed them.", ("node",))
@@ -121,3 +125,18 @@ class NodeCollector(Collector):
         live.add_metric([self.node], len(infos))
         expired.add_metric([self.node], sum(1 for i in infos if i.expires_at < now))
         yield from (live, expired)
+
+    def _waiting(self) -> Iterator[GaugeMetricFamily]:
+        # a create holds its task (and a worker thread) while it waits: a queue that does not move
+        # while this is above 0 is a node full of admitted sandboxes, not a stuck worker
+        try:
+            count = self.waiting_creates()
+        except Exception as e:  # noqa: BLE001 - the scrape still answers with the rest
+            log.warning("could not count creates waiting for admission: %s: %s", type(e).__name__, e)
+            return
+        if count is None:
+            return
+        waiting = _gauge("sandbox_admission_waiting_creates", "Creates of this worker process waiting for "
+                         "its node's admission (capacity) now.", ("node",))
+        waiting.add_metric([self.node], count)
+        yield waiting

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from config import load_settings
 from sandbox import lifecycle
@@ -123,6 +125,13 @@ def test_impossible_requests_are_rejected_at_submit_naming_the_field(redis_url, 
 
 # -- real workers --------------------------------------------------------------------------------
 
+def waiting_creates(worker: Worker) -> float | None:
+    """The worker's gauge of creates waiting for admission, as Prometheus scrapes it (None: absent)."""
+    text = requests.get(f"{worker.metrics_url}/metrics", timeout=10).text
+    return next((s.value for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == "sandbox_admission_waiting_creates" and s.labels == {"node": worker.node}), None)
+
+
 def _start(stack_env, celery_client, session_dir, node, queue, tag, **env) -> Worker:
     proc = Worker({**stack_env, **env}, node=node, log_path=session_dir / f"worker-{tag}.log", queue=queue)
     proc.start(celery_client)
@@ -174,7 +183,8 @@ def test_a_job_cancelled_while_waiting_for_admission_ends_cancelled_and_builds_n
         held = celery_client.send_task("sandbox.submit", args=[json.dumps(holder)], queue=queue)
         wait_for(lambda: record_of(redis_client, holder["id"]).get("status") == "running")
         waiting = celery_client.send_task("sandbox.submit", args=[json.dumps(waiter)], queue=queue)
-        time.sleep(2)  # its create is taken and waits for the one slot
+        # its create is taken and waits for the one slot (what the worker's metrics tell an operator)
+        wait_for(lambda: waiting_creates(worker) == 1, timeout_s=30)
         assert record_of(redis_client, waiter["id"])["status"] == "queued"
         assert list(json.loads(redis_client.get(capacity_key(node)) or b"{}")) and \
             set(redis_client.hkeys(admitted_key(node))) == {holder["id"].encode()}
@@ -184,6 +194,7 @@ def test_a_job_cancelled_while_waiting_for_admission_ends_cancelled_and_builds_n
         assert answer["cancelled"] is True
         assert record["status"] == "cancelled" and record["sandbox"] is None and "create" not in record["stages"]
         assert set(redis_client.hkeys(admitted_key(node))) == {holder["id"].encode()}
+        wait_for(lambda: waiting_creates(worker) == 0, timeout_s=10)  # the cancelled create stopped waiting
 
         celery_client.send_task("sandbox.cancel", args=[holder["id"]], queue=queue).get(timeout=30)
         assert held.get(timeout=60)["status"] == "cancelled"

@@ -171,3 +171,21 @@ def test_celery_reprs_only_the_head_of_what_returns_a_job_record():
         size = app.tasks[name].resultrepr_maxsize
         assert size == RECORD_REPR_CHARS and len(saferepr(record, size)) < 2 * RECORD_REPR_CHARS
     assert app.tasks["sandbox.notify"].resultrepr_maxsize == app.tasks["sandbox.collect"].resultrepr_maxsize == 1024
+
+
+def test_the_node_gauges_show_waiting_creates_only_where_there_is_admission():
+    from sandbox.observability.gauges import NodeCollector
+
+    def names(collector: NodeCollector) -> dict[str, list]:
+        return {f.name: [(s.labels, s.value) for s in f.samples] for f in collector.collect()}
+
+    with_admission = names(NodeCollector("n@h", lambda: [], lambda: 2))
+    assert with_admission["sandbox_admission_waiting_creates"] == [({"node": "n@h"}, 2)]
+    assert "sandbox_admission_waiting_creates" not in names(NodeCollector("n@h", lambda: []))  # Fly: none
+
+    def broken() -> int:
+        raise RuntimeError("services not built yet")
+
+    # a count that cannot be read leaves the gauge out; the scrape still answers the rest
+    assert set(names(NodeCollector("n@h", lambda: [], broken))) == {"sandbox_live_sandboxes",
+                                                                    "sandbox_expired_sandboxes"}
