@@ -96,6 +96,16 @@ def _submit(args: argparse.Namespace) -> int:
     from tasks import app
 
     text, job_id = _with_id(args.file.read_bytes())
+    # the run of Redis the job goes to, read before the send: the wait then sees every restart after
+    # it, also one that came before the wait's first check
+    client, run_id = None, None
+    if args.wait and job_id:
+        import redis
+
+        from sandbox.nodes import redis_run_id
+
+        client = redis.Redis.from_url(load_settings().redis_url, socket_timeout=5)
+        run_id = redis_run_id(client)
     # Flower shows a task's args: the job's environment and files must never be among them
     result = app.send_task("sandbox.submit", args=[text], argsrepr=f"job={job_id or '?'}")
     print(f"submitted job {job_id or '?'} (task {result.id})", file=sys.stderr)
@@ -105,7 +115,7 @@ def _submit(args: argparse.Namespace) -> int:
     if job_id:
         threading.Thread(target=_print_progress, args=(job_id,), daemon=True).start()
     try:
-        record = _wait(result, job_id, args.timeout)
+        record = _wait(result, job_id, args.timeout, client, run_id)
     except SandboxError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. a stage hit its hard time limit: the record still says why
@@ -117,8 +127,9 @@ def _submit(args: argparse.Namespace) -> int:
     return {"succeeded": EXIT_OK, "rejected": EXIT_REJECTED}.get(record.get("status"), EXIT_FAILED)
 
 
-def _wait(result: Any, job_id: str | None, timeout_s: float | None) -> dict:
-    """The final record; a job Redis lost (a restart without its data) is an error, not a hang."""
+def _wait(result: Any, job_id: str | None, timeout_s: float | None, client: Any, run_id: str | None) -> dict:
+    """The final record; a job Redis lost (a restart without its data) is an error, not a hang.
+    `run_id`: the run of Redis (`client`'s) the job was sent to, read before the send."""
     import time
 
     import redis
@@ -128,7 +139,7 @@ def _wait(result: Any, job_id: str | None, timeout_s: float | None) -> dict:
 
     if not job_id:
         return result.get(timeout=timeout_s, propagate=True)
-    watch = SubmissionWatch(redis.Redis.from_url(load_settings().redis_url, socket_timeout=5), job_id, result.id)
+    watch = SubmissionWatch(client, job_id, result.id, run_id=run_id)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while deadline is None or time.monotonic() < deadline:
         try:

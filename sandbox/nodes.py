@@ -218,8 +218,22 @@ def end_if(store: JobStore, job_id: str, still: Any, reason: str,
 
 # -- a waiter whose job Redis lost ---------------------------------------------------------------
 
+def redis_run_id(client: redis.Redis) -> str | None:
+    """The run of Redis `client` talks to (INFO's run_id, new at every start), or None if it is down.
+    A submitter reads it before it sends: the baseline its SubmissionWatch compares against."""
+    try:
+        return str(client.info("server").get("run_id"))
+    except redis.RedisError:
+        return None
+
+
 class SubmissionWatch:
     """Tells a submitter waiting for a job when that job can no longer end (Redis lost it).
+
+    `run_id` is the run of Redis the job was submitted to (`redis_run_id`, read before the send), so
+    a restart between the submit and a later wait is seen too. Without it (or when Redis was down
+    then) the baseline is the run seen when the wait begins, and a data-losing restart before that
+    goes unseen: such a wait ends only by its own timeout.
 
     Each check reads the record once. Only a Redis restart (its `run_id` changed) while the job was
     never recorded is a reason to look for its message in the queue and `unacked`: at once, then
@@ -233,20 +247,14 @@ class SubmissionWatch:
     RESCAN_MAX_S = 60.0
 
     def __init__(self, client: redis.Redis, job_id: str, task_id: str, queue: str = "sandbox",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, run_id: str | None = None) -> None:
         self.client, self.job_id, self.task_id, self.queue = client, job_id, task_id, queue
         self.clock = clock
-        self.run_id = self._run_id()
+        self.run_id = run_id if run_id is not None else redis_run_id(client)
         self.seen = False
         self.next_scan_at: float | None = None  # set by a restart; None: no reason to scan
         self.rescan_s = self.RESCAN_FIRST_S
         self.missed = False  # the last scan did not find the message: the next one confirms
-
-    def _run_id(self) -> str | None:
-        try:
-            return str(self.client.info("server").get("run_id"))
-        except redis.RedisError:
-            return None
 
     def check(self) -> tuple[str, Any] | None:
         """("ended", record), ("vanished", reason), or None while the job may still end."""
@@ -263,9 +271,9 @@ class SubmissionWatch:
             return None  # Redis is down: keep waiting, it may come back with everything
 
     def _check_unrecorded(self) -> tuple[str, Any] | None:
-        run_id = self._run_id()
+        run_id = redis_run_id(self.client)
         if self.run_id is None:
-            self.run_id = run_id  # Redis was down when the wait began: this is the first run seen
+            self.run_id = run_id  # Redis was down at the submit and when the wait began: the first run seen
         elif run_id is not None and run_id != self.run_id:
             self.run_id, self.missed = run_id, False  # restarted (again): look at once
             self.next_scan_at, self.rescan_s = self.clock(), self.RESCAN_FIRST_S

@@ -115,6 +115,8 @@ export interface FollowOptions {
 
 export interface WaitOptions {
   taskId?: string;
+  /** submit()'s runId: a Redis restart between the submit and this wait is seen too. */
+  runId?: string | null;
   timeoutMs?: number;
   onLog?: (entry: LogEntry) => void;
   onEvent?: (event: JobEvent) => void;
@@ -127,7 +129,8 @@ export class SandboxClient {
   constructor(options?: { redis?: string | Redis; queue?: string; blockMs?: number });
   readonly redis: Redis;
   close(): Promise<void>;
-  submit(job: Job): Promise<{ jobId: string; taskId: string }>;
+  /** runId: the run of Redis (INFO run_id) the message went to; null if INFO failed. */
+  submit(job: Job): Promise<{ jobId: string; taskId: string; runId: string | null }>;
   wait(jobId: string, options?: WaitOptions): Promise<JobRecord>;
   run(job: Job, options?: WaitOptions): Promise<JobRecord>;
   getRecord(jobId: string): Promise<JobRecord | null>;

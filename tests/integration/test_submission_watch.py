@@ -1,18 +1,23 @@
 """SubmissionWatch against a real Redis: one record read per check, and a queue scan only after a restart.
 
 A restart is played by answering INFO with another run_id (the real restart, with the data gone,
-is tests/faults/test_producers.py); the queue is a private one nobody consumes.
+is tests/faults/test_producers.py, and the one here between a submit and its wait); the queue is a
+private one nobody consumes.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import redis
 
-from sandbox.nodes import SubmissionWatch
-from tests.conftest import new_job_id
+from sandbox.nodes import SubmissionWatch, redis_run_id
+from tests.conftest import new_job_id, running_redis
+from tests.support.services import RedisServer
 
 
 class Spy:
@@ -140,3 +145,34 @@ def test_a_record_that_disappears_is_reported_at_once(redis_client, queued) -> N
     state = watch.check()
     assert state is not None and state[0] == "vanished" and "disappeared" in state[1]
     assert spy.calls["lrange"] == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own: it is restarted with its data gone."""
+    yield from running_redis(tmp_path)
+
+
+def test_a_restart_between_the_submit_and_a_later_wait_that_lost_the_job_is_reported(own_redis) -> None:  # type: ignore[no-untyped-def]
+    # Given a job submitted as the CLI submits it: the run of Redis read first, then the message sent
+    client = redis.Redis.from_url(own_redis.url)
+    job_id, task_id, queue = new_job_id("watch"), new_job_id("task"), new_job_id("q")
+    submitted_on = redis_run_id(client)
+    client.lpush(queue, json.dumps({"headers": {"id": task_id}}))
+    # When Redis restarts without its data before anyone waits
+    own_redis.stop()
+    shutil.rmtree(own_redis.base_dir / "appendonlydir", ignore_errors=True)
+    own_redis.start()
+    assert client.llen(queue) == 0 and redis_run_id(client) not in (None, submitted_on)
+    # Then a wait that begins now, from the submit's run, says the job is lost (a second scan confirms)
+    clock = Clock()
+    watch = SubmissionWatch(client, job_id, task_id, queue, clock=clock, run_id=submitted_on)
+    assert watch.check() is None
+    clock.now += SubmissionWatch.RESCAN_FIRST_S
+    state = watch.check()
+    assert state is not None and state[0] == "vanished" and "submit it again" in state[1], state
+    # (without the submit's run the wait starts from the new run and sees no restart: it waits on)
+    blind = SubmissionWatch(client, job_id, task_id, queue, clock=clock)
+    for _ in range(5):
+        clock.now += SubmissionWatch.RESCAN_MAX_S
+        assert blind.check() is None

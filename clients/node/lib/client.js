@@ -3,7 +3,7 @@
 const { randomUUID } = require('node:crypto');
 const Redis = require('ioredis');
 const { buildTaskMessage, QUEUE } = require('./message');
-const { VanishWatch, JobVanished } = require('./vanish');
+const { VanishWatch, JobVanished, runIdOf } = require('./vanish');
 
 const CONTROL_QUEUE = 'sandbox.control';
 const { validateJob } = require('./schema');
@@ -85,13 +85,19 @@ class SandboxClient {
     return taskId;
   }
 
-  /** Validates and enqueues `sandbox.submit`; the job gets a fresh id unless it names one. */
+  /**
+   * Validates and enqueues `sandbox.submit`; the job gets a fresh id unless it names one. The
+   * handle carries the run of Redis the message went to (`runId`, from INFO in the same MULTI as
+   * the push): wait() given it sees a restart that lost the job however late the wait begins.
+   */
   async submit(job) {
     const withId = job && typeof job === 'object' && !Array.isArray(job) && job.id === undefined
       ? { ...job, id: randomUUID() } : job;
     validateJob(withId);
-    const taskId = await this.enqueue('sandbox.submit', [withId]);
-    return { jobId: withId.id, taskId };
+    const { taskId, raw } = buildTaskMessage('sandbox.submit', [withId], { queue: this.queue });
+    const [[infoError, info], [pushError]] = await this.redis.multi().info('server').lpush(this.queue, raw).exec();
+    if (pushError) throw pushError;
+    return { jobId: withId.id, taskId, runId: infoError ? null : runIdOf(info) };
   }
 
   /** The job record, or null. */
@@ -108,15 +114,16 @@ class SandboxClient {
 
   /**
    * Waits for the job's terminal status, then returns its record. onLog/onEvent see every entry
-   * as it arrives. A submit task that failed on the worker rejects with TaskFailed.
+   * as it arrives. A submit task that failed on the worker rejects with TaskFailed; a job Redis
+   * lost rejects with JobVanished (pass submit()'s `taskId` and `runId`; see lib/vanish.js).
    */
-  async wait(jobId, { taskId, timeoutMs = 300_000, onLog, onEvent, signal } = {}) {
+  async wait(jobId, { taskId, runId, timeoutMs = 300_000, onLog, onEvent, signal } = {}) {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(new TimeoutError(`job ${jobId} not finished after ${timeoutMs} ms`)), timeoutMs);
     const onAbort = () => controller.abort(signal.reason);
     if (signal) signal.addEventListener('abort', onAbort, { once: true });
     try {
-      const watch = await new VanishWatch(this.redis, jobId, taskId, this.queue).begin();
+      const watch = await new VanishWatch(this.redis, jobId, taskId, this.queue, { runId }).begin();
       // one idle tick: the task's result, then the record once (the follow's end and the watch share it)
       const idle = async () => {
         if (taskId) await this.#checkTask(taskId);
@@ -145,8 +152,8 @@ class SandboxClient {
 
   /** submit() then wait(); resolves to the final record. */
   async run(job, options = {}) {
-    const { jobId, taskId } = await this.submit(job);
-    return this.wait(jobId, { ...options, taskId });
+    const { jobId, taskId, runId } = await this.submit(job);
+    return this.wait(jobId, { ...options, taskId, runId });
   }
 
   /**

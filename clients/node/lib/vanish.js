@@ -24,20 +24,33 @@ class JobVanished extends Error {
   }
 }
 
+/** The run of Redis an INFO answer describes (its run_id, new at every start), or null. */
+function runIdOf(info) {
+  const match = /^run_id:(\S+)/m.exec(String(info));
+  return match ? match[1] : null;
+}
+
 class VanishWatch {
-  /** `now` is injectable for tests; `taskId` (the submit task's id) is what the scan looks for. */
-  constructor(redis, jobId, taskId, queue, { now = Date.now } = {}) {
+  /**
+   * `now` is injectable for tests; `taskId` (the submit task's id) is what the scan looks for.
+   * `runId` is the run of Redis the job was submitted to (submit() reads it with the send), so a
+   * restart between the submit and a later wait is seen too. Without it begin() takes the run the
+   * wait begins on, and a restart that lost the job before then goes unseen (the wait's own timeout
+   * ends it).
+   */
+  constructor(redis, jobId, taskId, queue, { now = Date.now, runId = null } = {}) {
     Object.assign(this, { redis, jobId, taskId, queue, now });
-    this.runId = null;
+    this.runId = runId ?? null;
     this.seen = false;
     this.nextScanAt = null; // set by a restart; null: no reason to scan
     this.rescanMs = RESCAN_FIRST_MS;
     this.missed = false; // the last scan did not find the message: the next one confirms
   }
 
-  /** Notes the run of Redis the wait begins on (null if Redis is down: the first one seen counts). */
+  /** Without the submit's run: notes the run the wait begins on (null if Redis is down: the first
+   * one seen counts). */
   async begin() {
-    this.runId = await this.#runId().catch(() => null);
+    if (this.runId === null) this.runId = await this.#runId().catch(() => null);
     return this;
   }
 
@@ -71,9 +84,7 @@ class VanishWatch {
   }
 
   async #runId() {
-    const info = await this.redis.info('server');
-    const match = /^run_id:(\S+)/m.exec(info);
-    return match ? match[1] : null;
+    return runIdOf(await this.redis.info('server'));
   }
 
   async #inFlight() {
@@ -84,4 +95,4 @@ class VanishWatch {
   }
 }
 
-module.exports = { VanishWatch, JobVanished, RESCAN_FIRST_MS, RESCAN_MAX_MS };
+module.exports = { VanishWatch, JobVanished, runIdOf, RESCAN_FIRST_MS, RESCAN_MAX_MS };

@@ -26,8 +26,9 @@ test('redis-backed client', opts, async (t) => {
   const record = (id, status) => redis.set(`sandbox:job:${id}`, JSON.stringify({ id, status, exit_code: status === 'succeeded' ? 0 : null }));
 
   await t.test('submit validates, gives the job an id and LPUSHes one message', async () => {
-    const { jobId, taskId } = await client.submit({ command: 'ls' });
+    const { jobId, taskId, runId } = await client.submit({ command: 'ls' });
     assert.match(jobId, /^[A-Za-z0-9_-]{1,64}$/);
+    assert.equal(runId, /^run_id:(\S+)/m.exec(await redis.info('server'))[1]); // the run it was sent to
     const raw = await redis.rpop(queue);
     const message = JSON.parse(raw);
     assert.equal(message.headers.id, taskId);

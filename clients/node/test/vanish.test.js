@@ -2,8 +2,9 @@
 // VanishWatch with a fake Redis and clock: when a waiter scans the queue, and when it gives up.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { JobVanished } = require('..');
+const { JobVanished, SandboxClient } = require('..');
 const { VanishWatch, RESCAN_FIRST_MS } = require('../lib/vanish');
+const { needsRedisServer, newId, ownRedis } = require('./helpers');
 
 /** Answers INFO with `runId`, the queue and `unacked` from arrays; counts every call. */
 function fakeRedis(taskId) {
@@ -87,4 +88,32 @@ test('without the submit task id nothing is scanned (there is nothing to look fo
   redis.runId = 'second';
   for (let i = 0; i < 5; i += 1) await watch.check(null);
   assert.equal(redis.calls.lrange + redis.calls.hvals, 0);
+});
+
+test('given the submit\'s run, a restart before the wait began is seen', async () => {
+  const redis = fakeRedis('task-1');
+  const clock = { ms: 1_000_000 };
+  redis.queue = []; // submitted on run "first", which restarted and lost it before anyone waited
+  redis.runId = 'second';
+  const watch = await new VanishWatch(redis, 'job-1', 'task-1', 'sandbox', { now: () => clock.ms, runId: 'first' }).begin();
+  assert.equal(redis.calls.info, 0); // begin() keeps the submit's run
+  await watch.check(null);
+  clock.ms += RESCAN_FIRST_MS;
+  await assert.rejects(watch.check(null), (e) => e instanceof JobVanished && /submit it again/.test(e.message));
+});
+
+test('a real Redis that restarts without its data between submit and wait: the wait rejects with JobVanished', needsRedisServer(), async (t) => {
+  const server = await ownRedis();
+  // a queue nobody consumes: the job stays a message until the restart loses it
+  const client = new SandboxClient({ redis: server.url, queue: newId('q'), blockMs: 100 });
+  t.after(async () => {
+    client.redis.disconnect();
+    await server.stop();
+  });
+  const handle = await client.submit({ command: 'ls' });
+  assert.match(handle.runId, /^[0-9a-f]{40}$/);
+  await server.restart();
+  assert.equal(await client.redis.llen(client.queue), 0); // the message is gone with the data
+  await assert.rejects(client.wait(handle.jobId, { taskId: handle.taskId, runId: handle.runId, timeoutMs: 15_000 }),
+    (e) => e instanceof JobVanished && /submit it again/.test(e.message));
 });
