@@ -2,7 +2,6 @@
 enforce the wall clock, and decide the outcome from the cgroup's counters."""
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import subprocess
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox.errors import SandboxFailure
 from sandbox.runtimes import fsutil, seccomp
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle
+from sandbox.runtimes.gate import Gate
 from sandbox.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -46,21 +46,6 @@ def launcher(procs_files: list[str], uid: int, max_open_files: int) -> list[str]
     """
     return [SH, "-ec", _JOIN_THEN_EXEC, "sandbox-launch", str(int(max_open_files)),
             *procs_files, "--", SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--nnp", "--"]
-
-
-def _wait_until_joined(joined_r: int, timeout_s: float = 5.0) -> bool:
-    """Block until the launcher has joined every cgroup: its byte on `joined_r`, or EOF if it died.
-
-    Popen returns once the launcher has started, before it joined: a cancel that killed the
-    cgroup in between would find it empty. After this, a kill of the cgroup reaches the job.
-    A pipe rather than polling cgroup.procs: no sleep loop burning the worker's CPU, and we wake
-    the moment the launcher writes.
-    """
-    with selectors.DefaultSelector() as sel:
-        sel.register(joined_r, selectors.EVENT_READ)
-        if sel.select(timeout=timeout_s):
-            return os.read(joined_r, 1) == b"\n"
-    return False
 
 
 def _event(kind: str, detail: str) -> dict[str, Any]:
@@ -159,44 +144,49 @@ def run_job(rt: "LocalRuntime", d: str, meta: dict, handle: SandboxHandle, spec:
 
 def _spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
            sink: OutputSink) -> tuple[float, subprocess.Popen, Any, str]:
-    """Spawn the run now (nothing was held for it): its start time, process, egress proxy, error."""
+    """Spawn the run now (nothing was held for it): its start time, process, egress proxy, error.
+
+    Every spawn is held on its gate until it is safe to let go (Gate.wait_ready); an outbound job
+    also waits while its proxy is bound inside bwrap's child's network namespace. On any failure
+    the gate stays shut and the sandbox is killed: the run ends `error`, saying why.
+    """
     start = time.monotonic()
-    if not spec.network.outbound:
-        proc, joined_r = spawn_sandbox(rt, d, meta, sid, spec)
-        try:
-            _close_when_joined(joined_r)
-        except BaseException:
-            _abandon(rt, sid, proc)
-            raise
-        return start, proc, None, ""
-    # outbound: bwrap tells us its child's pid (--info-fd) and waits (--block-fd) while we bind the
-    # proxy inside the child's network namespace; the job starts only once the listener is there
-    gate = _EgressGate()
+    proc, gate = spawn_gated(rt, d, meta, sid, spec)
     try:
-        proc, joined_r = spawn_sandbox(rt, d, meta, sid, spec, gate.bwrap_args(), gate.child_fds())
-    except BaseException:
-        gate.shut()  # closes our ends too: nothing leaks when the spawn itself failed
-        raise
-    try:
-        _close_when_joined(joined_r)
-        egress = rt.egress.open(spec.id, rt.egress.policy_for(spec), gate.child_pid(),
-                                getattr(sink, "event", None))
-    except Exception as e:  # noqa: BLE001 - the job must not run without its proxy; say why
-        # Fail closed: the gate stays shut (no byte; bwrap never sees EOF on it), then the kill ends
-        # the sandbox and execute records why. Were the kill to fail too, bwrap stays blocked.
-        gate.shut()
-        try:
-            rt.cgroups.kill(sid)
-        except BaseException:
-            _abandon(rt, sid, proc)
-            raise
-        return start, proc, None, f"the egress proxy could not start: {e}"
+        child_pid = gate.wait_ready()
+    except SandboxFailure as e:
+        return start, _fail_closed(rt, sid, proc, gate), None, f"the sandbox did not start: {e}"
     except BaseException:
         gate.shut()
         _abandon(rt, sid, proc)
         raise
+    egress = None
+    if spec.network.outbound:
+        try:
+            egress = rt.egress.open(spec.id, rt.egress.policy_for(spec), child_pid, getattr(sink, "event", None))
+        except Exception as e:  # noqa: BLE001 - the job must not run without its proxy; say why
+            return start, _fail_closed(rt, sid, proc, gate), None, f"the egress proxy could not start: {e}"
+        except BaseException:
+            gate.shut()
+            _abandon(rt, sid, proc)
+            raise
     gate.release()
     return start, proc, egress, ""
+
+
+def _fail_closed(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, gate: Gate) -> subprocess.Popen:
+    """The command must not start: the gate stays shut (no byte; bwrap never sees EOF on it), the
+    cgroup kill ends what joined it and the launcher is killed too (one that never joined is out of
+    the kill's reach). The pump then drains what bwrap said on its way out. Were the cgroup kill to
+    fail, the sandbox is abandoned and the error raised; bwrap's child stays blocked."""
+    gate.shut()
+    try:
+        rt.cgroups.kill(sid)
+    except BaseException:
+        _abandon(rt, sid, proc)
+        raise
+    proc.kill()
+    return proc
 
 
 def _abandon(rt: "LocalRuntime", sid: str, proc: subprocess.Popen) -> None:
@@ -216,23 +206,28 @@ def _abandon(rt: "LocalRuntime", sid: str, proc: subprocess.Popen) -> None:
             pipe.close()
 
 
-def _close_when_joined(joined_r: int) -> None:
+def spawn_gated(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec) -> tuple[subprocess.Popen, Gate]:
+    """Spawn `spec`'s sandbox held on a shut gate: its process and the gate, the caller's to
+    `wait_ready` and then `release` or `shut` (execute, the egress path and the pre-start alike)."""
+    gate = Gate()
     try:
-        _wait_until_joined(joined_r)
-    finally:
-        os.close(joined_r)
+        proc, gate.joined_r = spawn_sandbox(rt, d, meta, sid, spec, gate)
+    except BaseException:
+        gate.shut()  # closes our ends too: nothing leaks when the spawn itself failed
+        raise
+    return proc, gate
 
 
 def spawn_sandbox(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec,
-                  gate_args: tuple[str, ...] = (), gate_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, int]:
-    """Start the launcher + bwrap for `spec` in sandbox `d`: its process, and the read end of the
-    launcher's "joined its cgroups" pipe (the caller's to wait on and close).
+                  gate: Gate) -> tuple[subprocess.Popen, int]:
+    """Start the launcher + bwrap for `spec` in sandbox `d`, held on `gate`: its process, and the
+    read end of the launcher's "joined its cgroups" pipe (the caller's to wait on and close).
 
-    The one place a job's sandbox is spawned (execute, the egress gate, the pre-start): what
-    every job runs under is built here. `gate_fds` are the ends only bwrap gets (named in
-    `gate_args`): closed here whatever happens, so once this returns only the sandbox holds them.
+    The one place a job's sandbox is spawned: what every job runs under is built here, and the
+    gate is not optional. bwrap's ends of the gate are closed here whatever happens, so once this
+    returns only the sandbox holds them (its exit shows as EOF on our --info-fd end).
     """
-    owned = list(gate_fds)  # closed on every path: ours to close, and the child has its copies
+    owned = list(gate.child_fds())  # closed on every path: ours to close, and the child has its copies
     joined_r = -1
     try:
         seccomp_fd = seccomp.filter_fd()
@@ -240,10 +235,10 @@ def spawn_sandbox(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpe
         joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
         owned.append(joined_w)  # only the launcher holds it once started: its exit shows as EOF
         argv = (launcher(rt.cgroups.procs_files(sid), rt.host_uid(meta), rt.settings.max_open_files)
-                + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate_args))
+                + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate.bwrap_args()))
         # stdin is the launcher's "joined" pipe; the job itself gets /dev/null (see _JOIN_THEN_EXEC)
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd, *gate_fds))
+                                stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd, *gate.child_fds()))
     except BaseException:
         if joined_r >= 0:
             os.close(joined_r)
@@ -252,90 +247,6 @@ def spawn_sandbox(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpe
         for fd in owned:
             os.close(fd)
     return proc, joined_r
-
-
-def held_gate() -> tuple[int, int]:
-    """A shut --block-fd gate: (the fd to hand bwrap, our write end; a byte there is the go-ahead).
-
-    bwrap ignores what its read of --block-fd returns, so EOF is a go-ahead: with an ordinary read
-    end, a worker that died before its byte (a pre-started sandbox held until execute, an outbound
-    job while its proxy is bound) let the command run unwatched, and again on redelivery. Reopened
-    read-write, bwrap's fd is a writer of its own pipe too: it never sees EOF and stays blocked
-    until a byte comes or its cgroup is killed. bwrap closes it before the command: the job never
-    has it.
-    """
-    read_end, gate_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        block_fd = os.open(f"/proc/self/fd/{read_end}", os.O_RDWR | os.O_CLOEXEC)
-    except BaseException:
-        os.close(gate_w)
-        raise
-    finally:
-        os.close(read_end)
-    return block_fd, gate_w
-
-
-def open_gate(gate_w: int) -> None:
-    """The go-ahead, then our end closes (if bwrap already died, its exit says so elsewhere)."""
-    try:
-        os.write(gate_w, b"g")
-    except OSError:
-        pass
-    finally:
-        os.close(gate_w)
-
-
-class _EgressGate:
-    """The two pipes between us and bwrap: its child's pid out (--info-fd), a go-ahead in (--block-fd)."""
-
-    def __init__(self) -> None:
-        self.info_r, self.info_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            self.block_fd, self.gate_w = held_gate()
-        except BaseException:
-            os.close(self.info_r)
-            os.close(self.info_w)
-            raise
-
-    def bwrap_args(self) -> tuple[str, ...]:
-        return ("--info-fd", str(self.info_w), "--block-fd", str(self.block_fd))
-
-    def child_fds(self) -> tuple[int, int]:
-        """bwrap's ends, which spawn_sandbox takes (and closes here): its exit shows as EOF on ours."""
-        return (self.info_w, self.block_fd)
-
-    def child_pid(self, timeout_s: float = 10.0) -> int:
-        """The pid of bwrap's child (in the new namespaces), from the JSON bwrap writes to --info-fd."""
-        raw = b""
-        deadline = time.monotonic() + timeout_s
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.info_r, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                    chunk = os.read(self.info_r, 4096)
-                    if not chunk:
-                        break
-                    raw += chunk
-                    try:
-                        return int(json.loads(raw)["child-pid"])
-                    except ValueError:
-                        continue  # not the whole object yet
-        raise SandboxFailure(f"bwrap gave no child pid (read {raw[:200]!r})")
-
-    def release(self) -> None:
-        """Let the job start; close our ends."""
-        try:
-            open_gate(self.gate_w)
-        finally:
-            os.close(self.info_r)
-
-    def shut(self) -> None:
-        """Close our ends with no go-ahead: bwrap's read-write gate never sees EOF, so the command
-        never starts; only a cgroup kill ends the blocked sandbox."""
-        try:
-            os.close(self.gate_w)
-        finally:
-            os.close(self.info_r)
 
 
 def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[str, _Capture],

@@ -11,20 +11,21 @@ before. The registry lives in one process and in memory only.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from sandbox.errors import SandboxFailure
 from sandbox.runtimes import executor
+from sandbox.runtimes.gate import Gate
 from sandbox.spec import JobSpec
 
 if TYPE_CHECKING:
     from sandbox.runtimes.local import LocalRuntime
 
-JOIN_WAIT_S = 5.0  # the launcher joins its cgroups within a few ms; past this it is treated as dead
+READY_WAIT_S = 5.0  # joined and --info-fd written within a few ms; past this it is treated as dead
 
 
 def eligible(spec: JobSpec) -> bool:
@@ -32,36 +33,39 @@ def eligible(spec: JobSpec) -> bool:
 
     Not with a setup command: prepare runs it in the same cgroup and kills the cgroup after it,
     which would take the held sandbox too. Not with outbound network: the egress proxy is bound
-    inside bwrap's network namespace through its own --info-fd/--block-fd gate at execute.
+    inside bwrap's network namespace at execute, while that spawn is held on its gate.
     """
     return spec.setup is None and not spec.network.outbound
 
 
 @dataclass
 class Held:
-    """One held sandbox: the launcher's process, its output pipes and the two ends we keep."""
+    """One held sandbox: the launcher's process, its output pipes and the gate it is held on."""
 
     proc: subprocess.Popen
-    joined_r: int  # the launcher's "joined its cgroups" byte, or EOF if it died first
-    gate_w: int  # a byte here lets bwrap go on to seccomp and exec the command
+    gate: Gate  # its byte lets bwrap go on to seccomp and exec the command
     spec: JobSpec  # what it was built from: execute runs it only for the same spec
-    joined: bool | None = None
+    ready: bool | None = None
 
-    def wait_joined(self) -> bool:
-        """True once the launcher is in the job's cgroups (a cgroup kill reaches it from then on)."""
-        if self.joined is None:
-            self.joined = executor._wait_until_joined(self.joined_r, JOIN_WAIT_S)
-            os.close(self.joined_r)
-        return self.joined
+    def wait_ready(self) -> bool:
+        """True once the go-ahead is safe (Gate.wait_ready): in the job's cgroups, where a cgroup
+        kill reaches it, and bwrap bound to its parent's life. Read at execute, when it is long
+        since in the pipes, rather than making the one pre-start thread wait for it."""
+        if self.ready is None:
+            try:
+                self.gate.wait_ready(READY_WAIT_S)
+                self.ready = True
+            except SandboxFailure:
+                self.ready = False
+        return self.ready
 
     def usable(self, spec: JobSpec) -> bool:
-        """Joined, still alive, and built from this very spec."""
-        return self.spec == spec and self.wait_joined() and self.proc.poll() is None
+        """Ready, still alive, and built from this very spec."""
+        return self.spec == spec and self.wait_ready() and self.proc.poll() is None
 
     def release(self) -> None:
-        """Let the command start; our end closes (if bwrap already died, the pump sees its exit)."""
-        gate_w, self.gate_w = self.gate_w, -1
-        executor.open_gate(gate_w)
+        """Let the command start; our ends close (if bwrap already died, the pump sees its exit)."""
+        self.gate.release()
 
     def dispose(self, kill_cgroup: Callable[[], None] | None) -> None:
         """Kill it (everything in the cgroup, then the launcher itself), reap it, close every fd.
@@ -73,7 +77,7 @@ class Held:
         # launcher's death alone would not end it: the cgroup kill does. A launcher that never
         # joined has not exec'd bwrap, so it is the only process there is.
         try:
-            self.wait_joined()
+            self.wait_ready()
             if kill_cgroup is not None:
                 kill_cgroup()
         finally:
@@ -82,26 +86,16 @@ class Held:
             for f in (self.proc.stdout, self.proc.stderr):
                 if f is not None:
                     f.close()
-            if self.gate_w >= 0:
-                try:
-                    os.close(self.gate_w)
-                except OSError:
-                    pass
-            self.gate_w = -1
+            self.gate.shut()
 
 
 def spawn(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpec) -> Held:
     """Start the launcher + bwrap for `spec` in sandbox `d`, blocked before the command.
 
-    Its gate is shut so that only execute's byte opens it (executor.held_gate): a worker dying
-    before execute never lets the command run."""
-    block_fd, gate_w = executor.held_gate()
-    try:
-        proc, joined_r = executor.spawn_sandbox(rt, d, meta, sid, spec, ("--block-fd", str(block_fd)), (block_fd,))
-    except BaseException:
-        os.close(gate_w)
-        raise
-    return Held(proc, joined_r, gate_w, spec)
+    The same gated spawn as execute's own (executor.spawn_gated): only execute's byte opens the
+    gate, so a worker dying before execute never lets the command run."""
+    proc, gate = executor.spawn_gated(rt, d, meta, sid, spec)
+    return Held(proc, gate, spec)
 
 
 class Prestarts:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from sandbox.runtimes import executor, prestart, seccomp
+from sandbox.runtimes import executor, gate, prestart, seccomp
 from sandbox.runtimes.base import SandboxHandle
 from sandbox.runtimes.local import LocalRuntime
 from sandbox.spec import NetworkPolicy
@@ -201,11 +201,11 @@ def test_a_prestart_whose_spawn_fails_leaks_no_descriptor(runtime, monkeypatch, 
 def test_the_gate_handed_to_bwrap_is_a_writer_of_its_own_pipe() -> None:
     # bwrap reads EOF as the go-ahead: its fd must hold the pipe open for writing itself, so that
     # closing every end of ours (a worker's death) is no EOF, while our byte still reaches it.
-    block_fd, gate_w = executor.held_gate()
+    block_fd, gate_w = gate.held_gate()
     try:
         assert fcntl.fcntl(block_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
         assert os.get_inheritable(block_fd) is False and os.get_inheritable(gate_w) is False
-        executor.open_gate(gate_w)
+        gate.open_gate(gate_w)
         assert os.read(block_fd, 1) == b"g"
         os.set_blocking(block_fd, False)
         with pytest.raises(BlockingIOError):  # our end is closed, and still no EOF
