@@ -16,11 +16,12 @@ import pytest
 
 from sandbox.runtimes import executor, gate, prestart, seccomp
 from sandbox.runtimes.base import SandboxHandle
+from sandbox.runtimes.gate import Gate
 from sandbox.runtimes.local import LocalRuntime
-from sandbox.spec import NetworkPolicy
+from sandbox.spec import NetworkPolicy, SetupSpec
 from tests.conftest import wait_for
 from tests.integration.test_local_runtime import REPO, make_spec
-from tests.integration.test_prestart import _ws
+from tests.integration.test_prestart import _settle_spares, _ws, _zombies
 
 OUTBOUND = NetworkPolicy(outbound=True, allowed_hosts=("api.test",))
 
@@ -110,6 +111,130 @@ def test_an_egress_proxy_that_cannot_start_never_lets_the_command_run(runtime, m
     monkeypatch.undo()
     runtime.destroy(handle)
     assert runtime.list_sandboxes() == []
+
+
+# A worker process that creates the sandbox and runs the job's setup or execute with nothing held for
+# it (the ordinary spawn), and is SIGKILLed before the go-ahead: the moment the spawn returns (before
+# the launcher even joined the cgroups), or once the gate is ready (just before the byte).
+_DIE_BEFORE_THE_GO_AHEAD = (
+    "import json,os,sys\nfrom config.settings import load_settings\n"
+    "from sandbox.runtimes import executor\nfrom sandbox.runtimes.local import LocalRuntime\n"
+    "from sandbox.spec import JobSpec\n"
+    "rt = LocalRuntime(load_settings({'SANDBOX_WORK_DIR': sys.argv[2]}))\n"
+    "s = JobSpec.from_dict(json.loads(sys.argv[1])); h = rt.create(s, 'h')\n"
+    "def die():\n"
+    "    print(json.dumps(h.to_dict()), flush=True)\n"
+    "    os.kill(os.getpid(), 9)\n"
+    "if sys.argv[4] == 'spawned':\n"
+    "    real = executor.spawn_sandbox\n"
+    "    executor.spawn_sandbox = lambda *a, **k: (real(*a, **k), die())\n"
+    "else:\n"
+    "    from sandbox.runtimes.gate import Gate\n"
+    "    ready = Gate.wait_ready\n"
+    "    Gate.wait_ready = lambda self, *a, **k: (ready(self, *a, **k), die())\n"
+    "getattr(rt, sys.argv[3])(h, s, lambda stream, chunk: None)\n")
+
+
+def _with_setup(spec, argv: list[str]):  # type: ignore[no-untyped-def]
+    return replace(spec, setup=SetupSpec(command=argv[0], argv=tuple(argv), timeout_s=20))
+
+
+@pytest.mark.parametrize("when", ["spawned", "ready"])
+@pytest.mark.parametrize("kind", ["execute", "setup"])
+def test_a_worker_dying_before_the_go_ahead_of_an_ordinary_spawn_never_lets_the_command_run(
+        runtime, settings, kind, when) -> None:  # type: ignore[no-untyped-def]
+    # Given a job run with nothing pre-started for it (a setup command, or an execute in a worker
+    # that did not create it), whose worker was SIGKILLed after the spawn, before the go-ahead,
+    spec = make_spec(["/bin/sh", "-c", "echo ran > ran"])
+    if kind == "setup":
+        spec = _with_setup(spec, ["/bin/sh", "-c", "echo ran > ran"])
+    done = subprocess.run([sys.executable, "-c", _DIE_BEFORE_THE_GO_AHEAD, json.dumps(spec.to_dict()),
+                           settings.work_dir, kind, when],
+                          cwd=REPO, capture_output=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    handle = SandboxHandle.from_dict(json.loads(done.stdout))
+    sid = handle.sandbox_id
+    # then the command never starts (it used to as soon as bwrap was set up, if the worker died
+    # before bwrap armed --die-with-parent: nobody reading its output, no timeout);
+    time.sleep(1.0)
+    assert not os.path.exists(_ws(runtime, sid, "ran")), "the command ran after its worker died"
+    # what is left is bwrap's child, blocked on a gate that never sees EOF, in the job's cgroup;
+    wait_for(lambda: len(runtime.cgroups.pids(sid)) == 1, timeout_s=10)
+    # the redelivered run does not run it either (never twice), and kills what is left;
+    result = getattr(runtime, kind)(handle, spec, lambda stream, chunk: None)
+    assert result.outcome == "error" and "not re-run" in result.reason
+    assert runtime.cgroups.pids(sid) == [] and not os.path.exists(_ws(runtime, sid, "ran"))
+    runtime.destroy(handle)
+    assert runtime.list_sandboxes() == []
+
+
+def test_setup_and_a_fresh_runtimes_execute_run_through_the_gate(runtime, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Given a job with a setup command, executed by a runtime that holds nothing for it,
+    spec = _with_setup(make_spec(["/bin/sh", "-c", "cat dep"]), ["/bin/sh", "-c", "echo set > dep"])
+    handle = runtime.create(spec, "h")
+    fresh = LocalRuntime(settings)
+    argvs: list[list[str]] = []
+    released: list[int] = []
+    real_argv, real_release = LocalRuntime.bwrap_argv, Gate.release
+
+    def spy_argv(self, *args):  # type: ignore[no-untyped-def]
+        argv = real_argv(self, *args)
+        argvs.append(argv)
+        return argv
+
+    def spy_release(self: Gate) -> None:
+        released.append(self.pid or 0)
+        real_release(self)
+
+    monkeypatch.setattr(LocalRuntime, "bwrap_argv", spy_argv)
+    monkeypatch.setattr(Gate, "release", spy_release)
+    # when the setup and then the execute run,
+    setup = runtime.setup(handle, spec, lambda stream, chunk: None)
+    result = fresh.execute(handle, spec, lambda stream, chunk: None)
+    # then both ran as before,
+    assert setup.outcome == "succeeded" and result.outcome == "succeeded", (setup.reason, result.reason)
+    out = fresh.logs(handle)["stdout"].read().split()
+    assert out == [b"set"]
+    # each bwrap held on a --block-fd and let go once, after it had said its child's pid.
+    assert len(argvs) == 2 and all("--block-fd" in a and "--info-fd" in a for a in argvs)
+    assert len(released) == 2 and all(pid > 0 for pid in released)
+    monkeypatch.undo()
+    runtime.destroy(handle)
+
+
+def _never_joins(runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # the launcher's `sh -e` exits when it cannot write a cgroup.procs file, before bwrap starts
+    monkeypatch.setattr(runtime.cgroups, "procs_files", lambda sid: ["/nonexistent/cgroup.procs"])
+
+
+def _no_child_pid(runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real = LocalRuntime.bwrap_argv
+
+    def bad_option(self, *args):  # type: ignore[no-untyped-def]
+        argv = real(self, *args)
+        return [argv[0], "--no-such-option", *argv[1:]]  # bwrap stops at parsing, before its clone
+    monkeypatch.setattr(LocalRuntime, "bwrap_argv", bad_option)
+
+
+@pytest.mark.parametrize("failure", [_never_joins, _no_child_pid], ids=["never joins", "no child pid"])
+@pytest.mark.parametrize("network", [NetworkPolicy(), OUTBOUND], ids=["offline", "outbound"])
+def test_a_sandbox_that_never_gets_ready_ends_error_and_leaves_nothing(runtime, monkeypatch, failure, network) -> None:  # type: ignore[no-untyped-def]
+    # Given a spawn whose launcher never joins its cgroups, or whose bwrap never says its child's pid,
+    spec = replace(make_spec(["/bin/sh", "-c", "echo ran > ran"]), network=network)
+    handle = runtime.create(spec, "h")
+    seccomp.filter_fd()
+    _settle_spares(runtime)
+    before = _fds()
+    failure(runtime, monkeypatch)
+    # when execute runs it, the run ends `error`, saying why (not `failed`: no command ran),
+    result = runtime.execute(handle, spec, lambda stream, chunk: None)
+    assert result.outcome == "error" and "the sandbox did not start" in result.reason, result.reason
+    # with no go-ahead, nothing left running, reaped, and no descriptor left open.
+    assert not os.path.exists(_ws(runtime, handle.sandbox_id, "ran"))
+    assert runtime.cgroups.pids(handle.sandbox_id) == [] and _zombies() == []
+    assert _fds() == before
+    monkeypatch.undo()
+    runtime.destroy(handle)
 
 
 # A worker process that executes a job and is SIGKILLed once the command runs, from another thread.
