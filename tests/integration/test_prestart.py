@@ -239,3 +239,35 @@ def test_no_prestart_after_a_cancel_or_for_a_sandbox_gone_meanwhile(runtime) -> 
     runtime.destroy(handle)
     runtime.prestart(handle, spec)  # a destroy that raced it: nothing raised, nothing spawned
     assert runtime.prestarts.held_ids() == [] and _zombies() == []
+
+
+@pytest.mark.parametrize("how", ["bwrap exits", "bwrap hangs"])
+def test_a_held_sandbox_that_never_got_ready_is_not_released_and_execute_spawns_anew(runtime, monkeypatch, how) -> None:  # type: ignore[no-untyped-def]
+    # Given a pre-start whose bwrap never says its child's pid: it stops at parsing its options, or
+    # (alive, joined, holding --info-fd open) never gets that far,
+    from sandbox.runtimes import prestart
+
+    before = _fds()
+    spec = make_spec(["/bin/sh", "-c", "echo run >> count; wc -l < count"])
+    real = LocalRuntime.bwrap_argv
+    if how == "bwrap exits":
+        monkeypatch.setattr(LocalRuntime, "bwrap_argv",
+                            lambda self, *a: [real(self, *a)[0], "--no-such-option", *real(self, *a)[1:]])
+    else:
+        monkeypatch.setattr(LocalRuntime, "bwrap_argv", lambda self, *a: ["/bin/sleep", "60"])
+    handle = create(runtime, spec)
+    held = runtime.prestarts._held[handle.sandbox_id].result(timeout=10)
+    if how == "bwrap exits":
+        held.proc.wait(10)
+    monkeypatch.setattr(LocalRuntime, "bwrap_argv", real)
+    monkeypatch.setattr(prestart, "READY_WAIT_S", 0.5)
+    # when execute runs, the held one is not ready: it is disposed of, never given the byte, and the
+    # run spawns anew through the same gate, once;
+    result = runtime.execute(handle, spec, lambda s, c: None)
+    assert result.outcome == "succeeded", result.reason
+    assert runtime.logs(handle)["stdout"].read() == b"1\n"
+    assert held.ready is False and held.gate.gate_w == -1 and held.proc.returncode is not None
+    # and nothing of the held one is left: no process, zombie or descriptor.
+    runtime.destroy(handle)
+    _settle_spares(runtime)
+    assert runtime.prestarts.held_ids() == [] and _zombies() == [] and _fds() - before == set()
