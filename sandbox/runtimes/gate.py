@@ -100,6 +100,8 @@ class Gate:
         child's pid). That pid, or SandboxFailure; later calls give the same answer at once."""
         if self.pid is None and self.failure is None:
             try:
+                if self.joined_r < 0 or self.info_r < 0:  # shut, or never spawned: nothing to wait for
+                    raise SandboxFailure("the gate was closed before the sandbox was ready")
                 joined_r, self.joined_r = self.joined_r, -1
                 try:
                     joined = _wait_until_joined(joined_r, min(timeout_s, 5.0))

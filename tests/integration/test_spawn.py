@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 
+from sandbox.errors import SandboxFailure
 from sandbox.runtimes import executor, gate, prestart, seccomp
 from sandbox.runtimes.base import SandboxHandle
 from sandbox.runtimes.gate import Gate
@@ -337,6 +338,23 @@ def test_the_gate_handed_to_bwrap_is_a_writer_of_its_own_pipe() -> None:
             os.read(block_fd, 1)
     finally:
         os.close(block_fd)
+
+
+def test_a_gate_gives_no_go_ahead_before_it_is_ready_or_once_shut() -> None:
+    # Given a gate whose bwrap never ran (its ends closed as spawn_sandbox would),
+    g = Gate()
+    os.close(g.info_w)
+    os.close(g.block_fd)
+    before = _fds()
+    # then a go-ahead before wait_ready answered is refused,
+    with pytest.raises(AssertionError):
+        g.release()
+    # and once shut (twice is fine) it never gets ready, and every end of ours is closed.
+    g.shut()
+    g.shut()
+    with pytest.raises(SandboxFailure, match="closed before the sandbox was ready"):
+        g.wait_ready()
+    assert len(before - _fds()) == 2 and g.gate_w == g.info_r == -1
 
 
 @pytest.mark.parametrize("path", ["outbound", "prestarted"])
