@@ -159,8 +159,10 @@ def test_a_worker_dying_before_the_go_ahead_of_an_ordinary_spawn_never_lets_the_
     # before bwrap armed --die-with-parent: nobody reading its output, no timeout);
     time.sleep(1.0)
     assert not os.path.exists(_ws(runtime, sid, "ran")), "the command ran after its worker died"
-    # what is left is bwrap's child, blocked on a gate that never sees EOF, in the job's cgroup;
-    wait_for(lambda: len(runtime.cgroups.pids(sid)) == 1, timeout_s=10)
+    # what is left is at most bwrap's child, blocked on a gate that never sees EOF, in the job's
+    # cgroup (none when the worker died before the launcher's "joined" byte: its write to a pipe
+    # nobody reads kills it with SIGPIPE before bwrap, which a loaded host makes common);
+    wait_for(lambda: len(runtime.cgroups.pids(sid)) <= 1, timeout_s=10)
     # the redelivered run does not run it either (never twice), and kills what is left;
     result = getattr(runtime, kind)(handle, spec, lambda stream, chunk: None)
     assert result.outcome == "error" and "not re-run" in result.reason
@@ -346,10 +348,10 @@ def test_a_gate_gives_no_go_ahead_before_it_is_ready_or_once_shut() -> None:
     os.close(g.info_w)
     os.close(g.block_fd)
     before = _fds()
-    # then a go-ahead before wait_ready answered is refused,
-    with pytest.raises(AssertionError):
+    # then a go-ahead before wait_ready answered is refused and shuts the gate (no byte, even under -O),
+    with pytest.raises(SandboxFailure, match="before the sandbox was ready; the gate stays shut"):
         g.release()
-    # and once shut (twice is fine) it never gets ready, and every end of ours is closed.
+    # and once shut (again is fine) it never gets ready, and every end of ours is closed.
     g.shut()
     g.shut()
     with pytest.raises(SandboxFailure, match="closed before the sandbox was ready"):
