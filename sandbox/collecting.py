@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 from typing import Any, Callable
 
 from sandbox import parallel
@@ -23,12 +24,12 @@ def collect(svc: Services, job_id: str) -> None:
     Logs go first; a name or an object S3 refuses is skipped with its reason, never the whole stage;
     every handle of the workspace is closed before the stage ends, so destroy can unmount it.
     """
-    record = svc.store.get(job_id)
+    # One round trip: the stage's start, written only when the command ran (an outcome) and the job
+    # has not ended; either way it answers the current record to decide from.
+    record = svc.store.transition(job_id, JobStatus.COLLECTING, also=stage_start(svc, "collect"),
+                                  only_if=lambda r: r.get("outcome") is not None)
     if record.get("outcome") is None:
         return
-    if not JobStatus(record["status"]).terminal:
-        # (on a job ended meanwhile the transition changes nothing and answers the current record)
-        record = svc.store.transition(job_id, JobStatus.COLLECTING, also=stage_start(svc, "collect"))
     handle = owned_handle(svc, record)
     opened_logs = svc.runtime.logs(handle)
     spec = job_spec(svc, job_id)
@@ -53,12 +54,25 @@ def collect(svc: Services, job_id: str) -> None:
             close()  # the walk's directory handles pin the workspace mount: released on every path
     # An empty log is read once and stored as nothing (no PUT, presign or audit line): its entry says
     # so. Read after runtime.collect killed what was left, so no late write can follow the verdict.
-    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = [
-        (log_key(job_id, f"{name}.log"), (lambda fh=fh: fh), None, None) for name, fh in opened_logs.items()]
+    # A log file the runtime says is empty (fstat) gets its entry here: handing it to a helper
+    # thread only to find nothing to read cost more worker CPU than the check (a wake-up and GIL
+    # hand-offs). Logs of unknown size (a Fly agent's stream) go through the upload, which reads first.
+    uploads: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
+    entries: dict[str, dict | None] = {}
+    for name, fh in opened_logs.items():
+        key = log_key(job_id, f"{name}.log")
+        if _known_empty(fh):
+            fh.close()
+            entries[key] = empty_entry(key)
+        else:
+            entries[key] = None
+            uploads.append((key, (lambda fh=fh: fh), None, None))
     events = json.dumps({key: record[key] for key in ("timeline", "stages", "security_events")}, indent=1).encode()
+    entries[log_key(job_id, "events.json")] = None
     uploads.append((log_key(job_id, "events.json"), lambda: io.BytesIO(events), len(events), None))
     # Logs first, on their own: an output S3 refuses must never cost the job its logs.
-    logs = _upload_all(svc, job_id, uploads, skip_empty=True)
+    uploaded = iter(_upload_all(svc, job_id, uploads, skip_empty=True))
+    logs = [entry if entry is not None else next(uploaded) for entry in entries.values()]
     artifacts = []
     for upload, entry in zip(outputs, _upload_all(svc, job_id, outputs, tolerate=True)):
         if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
@@ -77,6 +91,14 @@ def shown_path(relpath: str) -> str:
 
 
 UPLOAD_THREADS = 4  # per collect: S3 PUTs are round trips, not CPU; a few at once cut collect's wall time
+
+
+def _known_empty(fh: Any) -> bool:
+    """The log is a file of 0 bytes now (after the collect's kill: nothing writes it any more)."""
+    try:
+        return os.fstat(fh.fileno()).st_size == 0
+    except (AttributeError, OSError, ValueError):  # no file behind it (io.UnsupportedOperation is an OSError)
+        return False
 
 
 def empty_entry(key: str) -> dict:

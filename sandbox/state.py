@@ -263,18 +263,21 @@ class JobStore:
         return record, bool(reply[1])
 
     def transition(self, job_id: str, status: JobStatus, also: Callable[[JobRecord], None] | None = None,
-                   **fields: Any) -> JobRecord:
+                   only_if: Callable[[JobRecord], bool] | None = None, **fields: Any) -> JobRecord:
         """Move a non-terminal job forward to `status` (applying `also` and `fields` in the same
-        atomic write); a terminal record never changes again."""
-        return self.update(job_id, self._transition_change(status, also, fields))
+        atomic write); a terminal record never changes again. With `only_if`, a record it answers
+        False for is not written either: the round trip then only reads the current record (a
+        check and its transition in one round trip, instead of a read first)."""
+        return self.update(job_id, self._transition_change(status, also, fields, only_if))
 
     @staticmethod
     def _transition_change(status: JobStatus, also: Callable[[JobRecord], None] | None,
-                           fields: dict[str, Any]) -> Callable[[JobRecord], bool | None]:
+                           fields: dict[str, Any], only_if: Callable[[JobRecord], bool] | None = None,
+                           ) -> Callable[[JobRecord], bool | None]:
         def change(record: JobRecord) -> bool | None:
             current = JobStatus(record["status"])
-            if current.terminal:
-                return False  # not even updated_at: the round trip only confirms it is terminal
+            if current.terminal or (only_if is not None and not only_if(record)):
+                return False  # not even updated_at: the round trip only confirms the record read
             if not status.terminal and _ORDER.index(status) < _ORDER.index(current):
                 return
             if status != current:

@@ -286,7 +286,8 @@ def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, d
     events: list[dict[str, Any]] = []
     oom_kills = int(usage.pop("oom_kills") or 0)
     pids_hits = int(usage.pop("pids_max_hits") or 0)
-    usage["bytes_written"] = max(0, fsutil.used_bytes(mnt) - int(meta.get("disk_baseline_bytes", 0)))
+    disk = fsutil.disk_usage(mnt)  # one statvfs for the three figures
+    usage["bytes_written"] = max(0, disk.used_bytes - int(meta.get("disk_baseline_bytes", 0)))
     # Cancelled only if the kill is what ended it: a command that exited on its own before the
     # kill landed is recorded as it ended (bwrap dies of the signal, or relays it as 128+n).
     killed = returncode < 0 or returncode > 128
@@ -299,9 +300,9 @@ def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, d
         events.append(_event("pids_limit", f"process limit reached {pids_hits} time(s): fork refused"))
     disk_bytes = int(meta.get("disk_bytes", 0))
     # ext4 holds back min(2%, 16 MiB) for delayed allocation, so "full" means within that reserve
-    if fsutil.free_bytes(mnt) < min(disk_bytes // 50, 16 << 20) + (256 << 10):
+    if disk.free_bytes < min(disk_bytes // 50, 16 << 20) + (256 << 10):
         events.append(_event("disk_full", f"workspace disk full (limit {disk_bytes} bytes)"))
-    elif fsutil.free_inodes(mnt) == 0:  # ENOSPC from many small files, with bytes to spare
+    elif disk.free_inodes == 0:  # ENOSPC from many small files, with bytes to spare
         events.append(_event("disk_full", f"workspace disk out of inodes (limit {disk_bytes} bytes)"))
     for c in captures.values():
         if c.truncated:

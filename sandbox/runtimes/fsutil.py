@@ -14,6 +14,7 @@ import shutil
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from typing import IO, Any, Iterator
 
 from sandbox.errors import JobRejected
@@ -33,6 +34,10 @@ _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 ETC_DIR = ".etc"  # under the work dir: one shared, read-only /etc per (uid, host files) fingerprint
 ETC_VERSION = 1  # bump when the synthetic files below change
 ETC_KEEP_S = 2 * 86400.0  # older /etc copies are removed: longer than any sandbox lives
+# The host files are fingerprinted (two stats each, 20 syscalls) at most this often per process
+# and (work dir, uid): a create within this long of the last check reuses its answer.
+ETC_RECHECK_S = 1.0
+_etc_seen: dict[tuple[str, int], tuple[float, str]] = {}  # (work dir, uid) -> (checked at, copy)
 
 
 def _etc_files(uid: int) -> dict[str, str]:
@@ -117,12 +122,18 @@ def shared_etc(work_dir: str, uid: int) -> str:
     """The read-only /etc every sandbox of `uid` binds: built once per fingerprint, atomically.
 
     Why shared: writing a fresh /etc per sandbox and bind-mounting ten host files into it cost
-    about 4 ms of create and 2 ms of every bwrap start. The copy is taken again as soon as a
-    host file it mirrors is replaced, so it does not go stale.
+    about 4 ms of create and 2 ms of every bwrap start. The copy is taken again once a host file
+    it mirrors is replaced (noticed within ETC_RECHECK_S), so it does not go stale.
     """
+    key = (work_dir, uid)
+    seen = _etc_seen.get(key)
+    checked_at = time.monotonic()
+    if seen is not None and checked_at - seen[0] < ETC_RECHECK_S and os.path.isdir(seen[1]):
+        return seen[1]
     base = os.path.join(work_dir, ETC_DIR)
     etc = os.path.join(base, _fingerprint(uid))
     if os.path.isdir(etc):
+        _etc_seen[key] = (checked_at, etc)
         return etc
     os.makedirs(base, 0o711, exist_ok=True)
     tmp = f"{etc}.tmp{os.getpid()}.{threading.get_ident()}"  # threads pool: sandboxes are created in parallel
@@ -142,42 +153,78 @@ def shared_etc(work_dir: str, uid: int) -> str:
             continue  # another thread's build, renamed into place since the listing
         if stale:
             shutil.rmtree(entry.path, ignore_errors=True)
+    _etc_seen[key] = (checked_at, etc)
     return etc
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """One statvfs of a mounted workspace: bytes used and available, inodes available."""
+
+    used_bytes: int
+    free_bytes: int
+    free_inodes: int
+
+
+def disk_usage(mnt: str) -> DiskUsage:
+    """Usage of the filesystem mounted at `mnt`, from a single statvfs."""
+    st = os.statvfs(mnt)
+    return DiskUsage((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize, st.f_favail)
 
 
 def used_bytes(mnt: str) -> int:
     """Bytes in use on the filesystem mounted at `mnt`."""
-    st = os.statvfs(mnt)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+    return disk_usage(mnt).used_bytes
 
 
-def free_bytes(mnt: str) -> int:
-    """Bytes still available on the filesystem mounted at `mnt`."""
-    st = os.statvfs(mnt)
-    return st.f_bavail * st.f_frsize
+# Small host-side files (meta.json, result.json, cgroup counters) are read and written with
+# os.open/os.read/os.write: 3-4 syscalls where open() made 7-9 (fstat, isatty, two lseeks, a
+# second fstat). Under the worker's threads pool each syscall releases the GIL, and with other
+# threads waiting each release is a futex wake and a context switch (docs/capacity.md, session 6).
+READ_CHUNK = 64 * 1024
 
 
-def free_inodes(mnt: str) -> int:
-    """Inodes (files, directories, links) still available on the filesystem mounted at `mnt`."""
-    return os.statvfs(mnt).f_favail
+def read_fd(fd: int) -> bytes:
+    """Everything from `fd`'s current offset to its end."""
+    chunks = []
+    while chunk := os.read(fd, READ_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_file(path: str, flags: int = 0) -> bytes:
+    """The whole of `path` (a small file: a kernel counter, our own JSON); extra open `flags`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    try:
+        return read_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (a short write goes on from where it stopped)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def write_json_atomic(path: str, value: Any, durable: bool = True) -> None:
     """Write JSON via a temp file and rename, so readers never see half a file (fsync if durable)."""
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)  # as open(tmp, "w")
+    try:
+        write_all(fd, json.dumps(value).encode("utf-8"))
         if durable:
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str, flags: int = 0) -> Any:
     """The JSON in `path`, or None if it does not exist."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_file(path, flags))
     except FileNotFoundError:
         return None
 
@@ -185,6 +232,48 @@ def read_json(path: str) -> Any:
 def touch(path: str) -> None:
     """Create `path` if missing."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+def create_new(path: str) -> None:
+    """Create `path`; FileExistsError if it is there already (one syscall for "exists? then touch")."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+
+
+def is_mount_point(path: str) -> bool:
+    """os.path.ismount in two stats: it resolves the parent with realpath, a stat of every
+    component of the path. `path`'s parent must be a directory of ours (no symlink planted)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        return False
+    parent = os.stat(os.path.dirname(path))
+    return st.st_dev != parent.st_dev or st.st_ino == parent.st_ino
+
+
+def remove_flat_dir(path: str) -> None:
+    """Remove `path`, a directory of plain files and empty directories (a sandbox's run-dir state),
+    in a syscall per entry; anything deeper goes to shutil.rmtree (fd-based on Linux: it never
+    follows a symlink out of the directory). Unlink and rmdir never follow a symlink either."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    try:
+        for name in names:
+            entry = os.path.join(path, name)
+            try:
+                os.unlink(entry)
+            except IsADirectoryError:
+                os.rmdir(entry)  # ENOTEMPTY for a non-empty one: the fall-back below
+            except FileNotFoundError:
+                pass
+        os.rmdir(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return
+        shutil.rmtree(path)
 
 
 def split_relpath(relpath: str, field: str = "/files") -> list[str]:

@@ -113,11 +113,7 @@ class LocalRuntime:
         return os.path.join(self.image_dir, sandbox_id + ".img")  # sandbox_id checked by _dir first
 
     def _meta(self, sandbox_id: str) -> dict | None:
-        try:
-            with open(os.path.join(self._dir(sandbox_id), "meta.json"), encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
+        return fsutil.read_json(os.path.join(self._dir(sandbox_id), "meta.json"))
 
     def host_uid(self, meta: dict) -> int:
         """The host uid the sandbox's processes and files have (SANDBOX_UID for one made before the range)."""
@@ -213,26 +209,32 @@ class LocalRuntime:
         # execute keeps its first names (result.json, execute.started) for sandboxes made before setup
         result_file, started_file = ("result.json", "execute.started") if kind == "execute" else \
             (f"{kind}-result.json", f"{kind}.started")
-        d, meta = self._require(handle)
+        d = self._dir(handle.sandbox_id)
         # the lock is on meta.json, which exists for the sandbox's whole life: no extra file to create
-        lock_fd = os.open(os.path.join(d, "meta.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # (and the meta is read through the same descriptor: one open where there were two)
+        try:
+            lock_fd = os.open(os.path.join(d, "meta.json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise SandboxFailure(f"sandbox {handle.sandbox_id} does not exist on this host") from e
         held = None
         try:
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
                 raise RuntimeUnavailable(f"execute of {handle.sandbox_id} is already running") from e
+            meta = json.loads(fsutil.read_fd(lock_fd))
             # taken under the lock: only the one execute that may run the job touches its cgroup
             held = self._take_held(handle.sandbox_id, spec, kind)
             stored = fsutil.read_json(os.path.join(d, result_file))
             if stored is not None:
                 return ExecResult(**stored)
-            if os.path.exists(os.path.join(d, started_file)):
+            try:
+                fsutil.create_new(os.path.join(d, started_file))  # exists: an earlier run started
+            except FileExistsError:
                 self.cgroups.kill(handle.sandbox_id)
                 result = ExecResult("error", None, None, 0.0,
                                     reason="the worker running this job was lost; not re-run")
             else:
-                fsutil.touch(os.path.join(d, started_file))
                 held, mine = None, held  # run_job releases it or disposes of it
                 result = run_job(self, d, meta, handle, spec, sink, log_prefix="" if kind == "execute" else f"{kind}-",
                                  held=mine)
@@ -261,14 +263,15 @@ class LocalRuntime:
         """The captured, capped stdout and stderr (empty if the job never ran)."""
         d, _ = self._require(handle)
         out: dict[str, IO[bytes]] = {}
+        # unbuffered: the uploads read whole parts, and a buffered open costs three more syscalls
         for stream in ("stdout", "stderr"):
             try:
-                out[stream] = open(os.path.join(d, stream), "rb")
+                out[stream] = open(os.path.join(d, stream), "rb", buffering=0)
             except FileNotFoundError:
-                out[stream] = open(os.devnull, "rb")
+                out[stream] = open(os.devnull, "rb", buffering=0)
         for stream in ("setup-stdout", "setup-stderr"):  # only for a job that had a setup command
             try:
-                out[stream] = open(os.path.join(d, stream), "rb")
+                out[stream] = open(os.path.join(d, stream), "rb", buffering=0)
             except FileNotFoundError:
                 pass
         return out
@@ -276,9 +279,7 @@ class LocalRuntime:
     def collect(self, handle: SandboxHandle, dirs: tuple[str, ...]) -> "fsutil.CollectedFiles":
         """Regular files under `dirs`, after killing anything left; `.skipped` lists what was left out."""
         d, _ = self._require(handle)
-        self.cgroups.kill(handle.sandbox_id)
-        if self.cgroups.pids(handle.sandbox_id):
-            raise SandboxFailure(f"sandbox {handle.sandbox_id} still has live processes")
+        self.cgroups.kill(handle.sandbox_id)  # returns only once the group is empty (else it raises)
         s = self.settings
         return fsutil.CollectedFiles(os.path.join(d, "mnt", "workspace"), dirs,
                                      s.max_output_files, s.max_output_file_bytes, s.max_output_bytes)
@@ -305,7 +306,7 @@ class LocalRuntime:
         self.cgroups.kill(sid)
         self.cgroups.remove(sid)
         diskimage.unmount(os.path.join(d, "mnt"))
-        if os.path.ismount(os.path.join(d, "mnt")):
+        if fsutil.is_mount_point(os.path.join(d, "mnt")):
             raise SandboxFailure(f"workspace of {sid} is still mounted; not removing it")
         # Only now is the uid unused: no process (the cgroup is gone) and no file (the image is
         # unmounted) has it. Released before the directory goes, so a crash here leaves a
@@ -315,8 +316,7 @@ class LocalRuntime:
             os.unlink(self._image(sid))  # before the directory: an image never outlives it but at a reboot
         except FileNotFoundError:
             pass
-        if os.path.isdir(d):
-            shutil.rmtree(d)  # fd-based on Linux: never follows a symlink out of the directory
+        fsutil.remove_flat_dir(d)  # our files and the empty mnt/; anything else: shutil.rmtree
 
     def reap_incomplete(self, older_than: float) -> list[str]:
         """Tear down what list_sandboxes cannot see, last changed before `older_than`: sandbox

@@ -173,10 +173,15 @@ class SpareImages:
                                  if n.endswith(".img"))
             return name.endswith(".img") and (mtime < now - MAX_AGE_S or name.split(".", 1)[0] not in templates)
 
-        self._drop(doomed)
+        # One listing for the sweep, the cap and the count (three listings cost the background
+        # thread ~8 syscalls per create, each a GIL hand-off with the stage threads): refills of
+        # other processes race it anyway, and may briefly leave a few more (see the module doc).
+        kept = self._drop(doomed)
         # and a hard cap on the directory, whatever the templates (refills of other processes race)
-        room = self.count * diskimage.MAX_TEMPLATES - sum(n.endswith(".img") for n in os.listdir(self.dir))
-        for _ in range(min(room, self.count - len(self.names(size_bytes)))):
+        room = self.count * diskimage.MAX_TEMPLATES - sum(n.endswith(".img") for n in kept)
+        prefix = self._prefix(size_bytes)
+        have = sum(n.startswith(prefix) and n.endswith(".img") for n in kept)
+        for _ in range(min(room, self.count - have)):
             tag = uuid.uuid4().hex
             tmp = os.path.join(self.dir, f".{tag}.tmp")
             try:
@@ -186,17 +191,22 @@ class SpareImages:
                 _unlink_quietly(tmp)
                 raise
 
-    def _drop(self, doomed: Callable[[str, float], bool]) -> None:
+    def _drop(self, doomed: Callable[[str, float], bool]) -> list[str]:
+        """Remove the spares `doomed(name, mtime)` picks; the names left (as listed)."""
         try:
             entries = list(os.scandir(self.dir))
         except FileNotFoundError:
-            return
+            return []
+        kept = []
         for e in entries:
             try:
                 if e.is_file(follow_symlinks=False) and doomed(e.name, e.stat(follow_symlinks=False).st_mtime):
                     _unlink_quietly(e.path)
+                    continue
             except FileNotFoundError:
-                continue
+                continue  # taken meanwhile
+            kept.append(e.name)
+        return kept
 
 
 def _unlink_quietly(path: str) -> None:
