@@ -185,9 +185,11 @@ READ_CHUNK = 64 * 1024
 
 
 def read_fd(fd: int) -> bytes:
-    """Everything from `fd`'s current offset to its end."""
+    """Everything from `fd`'s current offset to its end (a regular file or a kernel seq file)."""
     chunks = []
     while chunk := os.read(fd, READ_CHUNK):
+        # (until a read returns nothing: a kernel seq file, cgroup.procs among them, returns at
+        # most a page per read, so a short read is not its end)
         chunks.append(chunk)
     return b"".join(chunks)
 

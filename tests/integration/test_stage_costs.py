@@ -147,6 +147,10 @@ def test_small_file_helpers_read_everything_and_write_like_open(tmp_path: Path) 
     big = tmp_path / "big"
     big.write_bytes(b"1234567\n" * 20000)  # 160 KB: more than one read
     assert fsutil.read_file(str(big)) == big.read_bytes()
+    # a kernel seq file returns a page per read: a short read is not its end (cgroup.procs of a
+    # fork bomb is as long; a pid list cut short would let a kill miss processes)
+    with open("/proc/kallsyms", "rb") as f:
+        assert len(fsutil.read_file("/proc/kallsyms")) == len(f.read()) > 3 * 4096
     with pytest.raises(FileNotFoundError):
         fsutil.read_file(str(tmp_path / "missing"))
     assert fsutil.read_json(str(tmp_path / "missing")) is None
