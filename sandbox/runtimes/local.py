@@ -102,6 +102,7 @@ class LocalRuntime:
         self.egress = EgressService(settings)  # its loop thread starts with the first outbound job
         self.prestarts = prestart.Prestarts() if settings.prestart else None
         self.spares = spares.SpareImages(self.work_dir, settings.spare_images) if settings.spare_images else None
+        self._metas: dict[str, tuple[tuple[int, int, int], dict]] = {}  # sandbox id -> (stat stamp, meta)
 
     # -- paths -------------------------------------------------------------------------------
     def _dir(self, sandbox_id: str) -> str:
@@ -113,7 +114,28 @@ class LocalRuntime:
         return os.path.join(self.image_dir, sandbox_id + ".img")  # sandbox_id checked by _dir first
 
     def _meta(self, sandbox_id: str) -> dict | None:
-        return fsutil.read_json(os.path.join(self._dir(sandbox_id), "meta.json"))
+        """The sandbox's meta.json (None: no such sandbox). It never changes after create, so a copy
+        read once is kept: a stat shows it is still that file (same inode, mtime and size), one
+        syscall where a read took four (each lets the worker's other threads take the GIL)."""
+        path = os.path.join(self._dir(sandbox_id), "meta.json")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._metas.pop(sandbox_id, None)
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        kept = self._metas.get(sandbox_id)
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
+        meta = fsutil.read_json(path)
+        if meta is not None:
+            self._keep_meta(sandbox_id, stamp, meta)
+        return meta
+
+    def _keep_meta(self, sandbox_id: str, stamp: tuple[int, int, int], meta: dict) -> None:
+        if len(self._metas) >= 4 * self.settings.node_max_sandboxes:
+            self._metas.clear()  # only sandboxes destroyed elsewhere linger: start afresh
+        self._metas[sandbox_id] = (stamp, meta)
 
     def host_uid(self, meta: dict) -> int:
         """The host uid the sandbox's processes and files have (SANDBOX_UID for one made before the range)."""
@@ -159,6 +181,8 @@ class LocalRuntime:
             # fsynced only on a disk: a reboot empties the tmpfs (and ends the mount, the cgroup and
             # the processes it describes), so no torn meta.json can outlive a crash there
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_in_memory)
+            st = os.stat(os.path.join(d, "meta.json"))
+            self._keep_meta(sid, (st.st_ino, st.st_mtime_ns, st.st_size), json.loads(json.dumps(meta)))  # as read back
         except RuntimeUnavailable:
             self._teardown(sid)
             raise
@@ -301,6 +325,7 @@ class LocalRuntime:
     def _teardown(self, sid: str) -> None:
         d = self._dir(sid)
         meta = self._meta(sid)
+        self._metas.pop(sid, None)
         if self.prestarts is not None:
             self.prestarts.discard(sid, self.cgroups.kill)
         self.cgroups.kill(sid)

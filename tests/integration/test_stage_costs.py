@@ -229,3 +229,31 @@ def test_the_shared_etc_is_fingerprinted_at_most_once_per_interval_and_follows_a
     monkeypatch.setattr(fsutil, "ETC_RECHECK_S", 3600.0)
     shutil.rmtree(second)
     assert fsutil.shared_etc(work, 65534) == second and os.path.isdir(second)
+
+
+def test_a_kept_meta_is_read_once_and_never_outlives_its_sandbox(svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = svc.runtime
+    assert isinstance(rt, LocalRuntime)
+    other = LocalRuntime(svc.settings)  # another worker process on the same work dir
+    job_id = new_job_id("meta")
+    spec = JobSpec(id=job_id, command="ls", argv=("/usr/bin/ls",), environment={}, timeout_s=5,
+                   resources=ResourceLimits(cpu=0.5, memory_bytes=64 << 20, disk_bytes=16 << 20, pids=32))
+    handle = rt.create(spec, HOST)
+    reads: list[str] = []
+    real = fsutil.read_json
+    monkeypatch.setattr(fsutil, "read_json", lambda path, flags=0: reads.append(path) or real(path, flags))
+    first = rt._meta(handle.sandbox_id)
+    assert rt._meta(handle.sandbox_id) == first == other._meta(handle.sandbox_id)
+    assert len(reads) == 1  # the creating runtime kept what it wrote; the other read it once
+    # destroyed and made again by the other process (a new uid): the kept copy is not served
+    other.destroy(handle)
+    assert rt._meta(handle.sandbox_id) is None
+    taken = other.uids._entry(first["uid"])
+    os.symlink("sbx-placeholder", taken)  # its first uid is held: the next create gets another
+    try:
+        again = other.create(spec, HOST)
+        assert rt._meta(again.sandbox_id) == other._meta(again.sandbox_id)
+        assert rt._meta(again.sandbox_id)["uid"] != first["uid"]
+        other.destroy(again)
+    finally:
+        os.unlink(taken)
