@@ -293,7 +293,7 @@ def _result(rt: "LocalRuntime", d: str, meta: dict, sid: str, returncode: int, d
     # Cancelled only if the kill is what ended it: a command that exited on its own before the
     # kill landed is recorded as it ended (bwrap dies of the signal, or relays it as 128+n).
     killed = returncode < 0 or returncode > 128
-    cancelled = os.path.exists(os.path.join(d, "cancelled")) and (killed or timed_out)
+    cancelled = (killed or timed_out) and os.path.exists(os.path.join(d, "cancelled"))  # (no stat for an exit)
     if timed_out:
         events.append(_event("timeout", f"wall clock limit reached after {duration:.1f}s; killed the cgroup"))
     if oom_kills:
