@@ -19,7 +19,7 @@ from typing import IO, Callable
 
 from config.settings import Settings
 from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, rundir, spares, uids
+from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, hostetc, rundir, spares, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.egress import EgressService, proxy_env
 from sandbox.runtimes import executor, prestart
@@ -167,7 +167,7 @@ class LocalRuntime:
         try:
             os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach mnt/
             uid = self.uids.allocate(sid)  # after mkdir: a crash leaves a directory for destroy to find
-            etc = fsutil.shared_etc(self.work_dir, INSIDE_UID)
+            etc = hostetc.shared_etc(self.work_dir, INSIDE_UID)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
             image = self._image(sid)  # after mkdir: an image always has its directory until teardown
             if self.spares is None or not self.spares.take(image, disk):
@@ -441,10 +441,10 @@ class LocalRuntime:
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
         ]
         if etc:
-            argv += ["--ro-bind", etc, "/etc"]  # synthetic files plus copies of fsutil.HOST_ETC
+            argv += ["--ro-bind", etc, "/etc"]  # synthetic files plus copies of hostetc.HOST_ETC
         else:  # a sandbox created before the shared /etc: its own etc/ with the host files bound on
             argv += ["--ro-bind", os.path.join(d, "etc"), "/etc"]
-            for path in fsutil.HOST_ETC:
+            for path in hostetc.HOST_ETC:
                 argv += ["--ro-bind-try", path, path]
         argv += [
             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",

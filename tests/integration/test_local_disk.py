@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 
-from sandbox.runtimes import diskimage, fsutil
+from sandbox.runtimes import diskimage, hostetc
 from sandbox.runtimes.local import INSIDE_UID
 from tests.integration.test_local_runtime import REPO, MiB, sh
 
@@ -91,9 +91,9 @@ def test_concurrent_creates_from_several_processes(runtime, settings) -> None:  
 
 
 def test_shared_etc_is_built_once_per_uid_and_read_only_to_jobs(runtime, settings) -> None:  # type: ignore[no-untyped-def]
-    etc = fsutil.shared_etc(settings.work_dir, settings.sandbox_uid)
-    assert fsutil.shared_etc(settings.work_dir, settings.sandbox_uid) == etc
-    other = fsutil.shared_etc(settings.work_dir, settings.sandbox_uid + 1)
+    etc = hostetc.shared_etc(settings.work_dir, settings.sandbox_uid)
+    assert hostetc.shared_etc(settings.work_dir, settings.sandbox_uid) == etc
+    other = hostetc.shared_etc(settings.work_dir, settings.sandbox_uid + 1)
     assert other != etc
     with open(os.path.join(other, "passwd"), encoding="utf-8") as f:
         assert f":{settings.sandbox_uid + 1}:" in f.read()

@@ -16,7 +16,7 @@ from config.settings import load_settings
 from sandbox import collecting, lifecycle, parallel
 from sandbox.errors import SandboxFailure
 from sandbox.events import EventBus
-from sandbox.runtimes import fsutil
+from sandbox.runtimes import fsutil, hostetc
 from sandbox.runtimes.base import SandboxHandle
 from sandbox.runtimes.local import LocalRuntime
 from sandbox.services import Services
@@ -215,20 +215,20 @@ def test_the_shared_etc_is_fingerprinted_at_most_once_per_interval_and_follows_a
         calls.append(uid)
         return f"fp{version[0]}"
 
-    monkeypatch.setattr(fsutil, "_fingerprint", fingerprint)
-    monkeypatch.setattr(fsutil, "_etc_seen", {})
+    monkeypatch.setattr(hostetc, "_fingerprint", fingerprint)
+    monkeypatch.setattr(hostetc, "_etc_seen", {})
     work = str(tmp_path)
-    first = fsutil.shared_etc(work, 65534)
-    assert fsutil.shared_etc(work, 65534) == first and len(calls) == 1  # within ETC_RECHECK_S: no stats
+    first = hostetc.shared_etc(work, 65534)
+    assert hostetc.shared_etc(work, 65534) == first and len(calls) == 1  # within ETC_RECHECK_S: no stats
     version[0] = "2"  # a host file was replaced
-    monkeypatch.setattr(fsutil, "ETC_RECHECK_S", 0.0)  # ... and the interval has passed
-    second = fsutil.shared_etc(work, 65534)
+    monkeypatch.setattr(hostetc, "ETC_RECHECK_S", 0.0)  # ... and the interval has passed
+    second = hostetc.shared_etc(work, 65534)
     assert second != first and second.endswith("fp2") and len(calls) == 2
     assert os.path.isfile(os.path.join(second, "passwd"))
     # a copy removed under us is rebuilt at once, whatever the interval
-    monkeypatch.setattr(fsutil, "ETC_RECHECK_S", 3600.0)
+    monkeypatch.setattr(hostetc, "ETC_RECHECK_S", 3600.0)
     shutil.rmtree(second)
-    assert fsutil.shared_etc(work, 65534) == second and os.path.isdir(second)
+    assert hostetc.shared_etc(work, 65534) == second and os.path.isdir(second)
 
 
 def test_a_kept_meta_is_read_once_and_never_outlives_its_sandbox(svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
