@@ -1,9 +1,9 @@
 """ArtifactStore: job inputs, outputs, logs and artifacts in R2 (or any S3 endpoint) through boto3.
 
 Layout: jobs/{job-id}/{input,output,logs,artifacts}/..., templates/..., shared/...
-Every object operation is audited; botocore errors are translated here, at the edge. Single-request
-PUTs and presigns go through sandbox.s3direct (botocore's signer on urllib3, without boto3's per-call
-cost); everything else through the boto3 client.
+Every object operation is audited; botocore errors are translated here, at the edge, by the rule
+in sandbox.s3errors. Single-request PUTs and presigns go through sandbox.s3direct (botocore's
+signer on urllib3, without boto3's per-call cost); everything else through the boto3 client.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import random
 import time
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import ParamValidationError, ResponseStreamingError
+from botocore.exceptions import BotoCoreError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from sandbox.errors import StorageError, StorageUnavailable
 from sandbox.layout import CATEGORIES, DEFAULT_RETENTION_DAYS, category_of, check_key  # noqa: F401
 from sandbox.s3client import checked_endpoint, client_for, direct_for, sse_c_key, sse_headers
+from sandbox.s3errors import EDGE, error_code, translate
 
 if TYPE_CHECKING:
     from sandbox.s3direct import DirectS3
@@ -35,20 +35,7 @@ PART_BYTES = 8 * MIB            # multipart part size (R2: all parts equal excep
 MAX_PARTS = 10_000              # S3 and R2 limit per multipart upload
 PRESIGN_MAX_S = 7 * 24 * 3600   # R2 and S3 SigV4 limit
 RETRY_BACKOFF_MAX_S = 20.0      # botocore standard mode's cap on one wait between attempts
-# What botocore 1.44.5's standard mode re-sends (retries/standard.py: its transient and throttled
-# checkers), so a DirectS3 PUT is retried exactly as a boto3 call is, and only these become
-# StorageUnavailable. Not 501 (NotImplemented is permanent) nor RequestTimeTooSkewed (re-signing
-# with the same clock cannot help).
-_RETRIED_STATUSES = {500, 502, 503, 504, 429}
-_RETRIED_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
-                  "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-                  "TooManyRequestsException", "ProvisionedThroughputExceededException",
-                  "TransactionInProgressException", "RequestLimitExceeded", "BandwidthLimitExceeded",
-                  "LimitExceededException", "RequestThrottled", "SlowDown", "EC2ThrottledException"}
-_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-_TRANSPORT_ERRORS = (BotoConnectionError, ResponseStreamingError, Urllib3Error, ConnectionError, TimeoutError)
-_EDGE = (ClientError, BotoCoreError, Urllib3Error, OSError)
+
 
 def retention_from_settings(settings: Any) -> dict[str, int]:
     """Retention days per category from SANDBOX_RETENTION_DAYS_* (read leniently until settings carry them)."""
@@ -92,31 +79,12 @@ class ArtifactStore:
         """One client call, its botocore failure translated into the service's error tree."""
         try:
             return getattr(self.client, method)(**kwargs)
-        except _EDGE as e:
+        except EDGE as e:
             raise self._translate(e, what) from e
 
     def _translate(self, e: Exception, what: str) -> Exception:
         """A StorageUnavailable (transient) or StorageError (permanent) for a botocore failure."""
-        if isinstance(e, ClientError):
-            err, code = e.response.get("Error", {}), _code(e)
-            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if status in _RETRIED_STATUSES or code in _RETRIED_CODES:
-                return StorageUnavailable(f"{what}: object store unavailable ({code or status})")
-            if code in _MISSING_CODES:
-                return StorageError(f"{what}: no such object or bucket ({code})")
-            if self._sse_key is not None and (status in (400, 403) or code in _DENIED_CODES):
-                return StorageError(f"{what}: refused ({code or status}); the SSE-C key may not match "
-                                    "the key the object was written with, or the credentials lack access")
-            if code in _DENIED_CODES or status == 403:
-                return StorageError(f"{what}: access denied ({code}); check the access key, secret and bucket")
-            if code == "InvalidArgument" and "customer key" in str(err.get("Message", "")).lower():
-                return StorageError(f"{what}: the object is SSE-C encrypted and no SANDBOX_R2_SSE_C_KEY is set")
-            return StorageError(f"{what}: refused ({code or status}: {err.get('Message', '')})")
-        if isinstance(e, _TRANSPORT_ERRORS):
-            return StorageUnavailable(f"{what}: object store unreachable ({type(e).__name__})")
-        if isinstance(e, ParamValidationError):
-            return StorageError(f"{what}: invalid request ({e})")
-        return StorageUnavailable(f"{what}: {type(e).__name__}: {e}")
+        return translate(e, what, sse_c=self._sse_key is not None)
 
     def _emit(self, op: str, job_id: str | None, key: str, size: int | None, outcome: str, **extra: Any) -> None:
         event = {"op": op, "job_id": job_id, "key": key, "size": size, "actor": self.actor,
@@ -140,13 +108,13 @@ class ArtifactStore:
         try:
             self.client.head_bucket(Bucket=self.bucket)
             return
-        except _EDGE as e:
-            if _code(e) not in ("404", "NoSuchBucket", "NotFound"):
+        except EDGE as e:
+            if error_code(e) not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._translate(e, f"head bucket {self.bucket}") from e
         try:
             self.client.create_bucket(Bucket=self.bucket)
-        except _EDGE as e:
-            if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        except EDGE as e:
+            if error_code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise self._translate(e, f"create bucket {self.bucket}") from e
 
     # -- objects ---------------------------------------------------------------------------------
@@ -159,7 +127,7 @@ class ArtifactStore:
             raise StorageError(f"input key {key!r:.200} is outside jobs/{job_id}/input/, templates/ and shared/")
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=key, **self._sse())
-        except _EDGE as e:
+        except EDGE as e:
             err = self._translate(e, f"get {key}")
             self._emit("get", job_id, key, None, self._outcome(err))
             raise err from e
@@ -216,7 +184,7 @@ class ArtifactStore:
             try:
                 self.direct.put(self.bucket, key, body, self._sse_headers)
                 return
-            except _EDGE as e:
+            except EDGE as e:
                 err = self._translate(e, what)
                 if not isinstance(err, StorageUnavailable) or attempt == attempts:
                     raise err from e
@@ -251,7 +219,7 @@ class ArtifactStore:
         # rule and sweep_expired() remove the orphan. An unfinished upload is never a visible object.
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except _EDGE as e:
+        except EDGE as e:
             log.warning("could not abort multipart upload of %s: %s", key, type(e).__name__)
 
     def presign_get(self, key: str, job_id: str, ttl_s: int | None = None) -> str:
@@ -274,7 +242,7 @@ class ArtifactStore:
             raise StorageError(f"presign ttl must lie between 1 and {PRESIGN_MAX_S} seconds, not {ttl}")
         try:
             url = self.direct.presign(method, self.bucket, key, ttl, self._sse_headers)
-        except _EDGE as e:
+        except EDGE as e:
             self._emit(op, job_id, key, None, "error", ttl_s=ttl)
             raise self._translate(e, f"presign {key}") from e
         self._emit(op, job_id, key, None, "ok", ttl_s=ttl)  # the URL itself is never logged
@@ -288,7 +256,7 @@ class ArtifactStore:
                 for obj in page.get("Contents", ()):
                     yield {"key": obj["Key"], "size": int(obj["Size"]),
                            "last_modified": obj["LastModified"].astimezone(dt.timezone.utc)}
-        except _EDGE as e:
+        except EDGE as e:
             raise self._translate(e, f"list {prefix}") from e
 
     def delete_keys(self, keys: Iterable[str], job_id: str | None) -> int:
@@ -308,7 +276,7 @@ class ArtifactStore:
         try:
             resp = self.client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": False})
-        except _EDGE as e:
+        except EDGE as e:
             err = self._translate(e, f"delete {len(keys)} keys")
             for key in keys:
                 self._emit("delete", job_id, key, None, self._outcome(err))
@@ -345,7 +313,7 @@ class ArtifactStore:
                 for up in page.get("Uploads", ()):
                     if up["Initiated"].astimezone(dt.timezone.utc) <= now - older_than:
                         self._abort(up["Key"], up["UploadId"])
-        except _EDGE as e:
+        except EDGE as e:
             log.warning("could not list multipart uploads: %s", self._translate(e, "list uploads"))
 
     def apply_lifecycle(self, retention: dict[str, int]) -> None:
@@ -419,7 +387,3 @@ def _check_size(key: str, expected: int | None, actual: int) -> None:
 def _job_id_of(key: str) -> str | None:
     parts = key.split("/")
     return parts[1] if parts[0] == "jobs" and len(parts) > 2 else None
-
-
-def _code(e: Exception) -> str:
-    return str(e.response.get("Error", {}).get("Code", "")) if isinstance(e, ClientError) else ""
