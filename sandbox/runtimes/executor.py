@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sandbox.errors import SandboxFailure
-from sandbox.runtimes import fsutil, seccomp
+from sandbox.runtimes import bwrap, fsutil, seccomp
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle
 from sandbox.runtimes.gate import Gate
 from sandbox.spec import JobSpec
@@ -235,7 +235,7 @@ def spawn_sandbox(rt: "LocalRuntime", d: str, meta: dict, sid: str, spec: JobSpe
         joined_r, joined_w = os.pipe2(os.O_CLOEXEC)
         owned.append(joined_w)  # only the launcher holds it once started: its exit shows as EOF
         argv = (launcher(rt.cgroups.procs_files(sid), rt.host_uid(meta), rt.settings.max_open_files)
-                + rt.bwrap_argv(d, meta, spec, seccomp_fd, gate.bwrap_args()))
+                + bwrap.job_argv(d, meta, spec, seccomp_fd, gate.bwrap_args()))
         # stdin is the launcher's "joined" pipe; the job itself gets /dev/null (see _JOIN_THEN_EXEC)
         proc = subprocess.Popen(argv, env={}, cwd="/", stdin=joined_w, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, close_fds=True, pass_fds=(seccomp_fd, *gate.child_fds()))

@@ -3,7 +3,8 @@
 Every method works from a fresh process given only the SandboxHandle: all state lives under the
 run dir (a tmpfs, see rundir.py), in <run_dir>/<sandbox_id>/ (meta.json, markers, results, the
 capped logs, the workspace mounted at mnt/) and <run_dir>/.uids/, except the workspace's disk image,
-<work_dir>/images/<sandbox_id>.img.
+<work_dir>/images/<sandbox_id>.img. The bubblewrap command line each job runs under is built in
+bwrap.py, the shared /etc it binds in hostetc.py.
 """
 from __future__ import annotations
 
@@ -18,20 +19,16 @@ import time
 from typing import IO, Callable
 
 from config.settings import Settings
-from sandbox.errors import ConfigError, JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import cgroups, diskimage, dynmods, fsutil, hostetc, rundir, spares, uids
+from sandbox.errors import JobRejected, RuntimeUnavailable, SandboxFailure
+from sandbox.runtimes import bwrap, cgroups, diskimage, dynmods, fsutil, hostetc, rundir, spares, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
-from sandbox.egress import EgressService, proxy_env
+from sandbox.egress import EgressService
 from sandbox.runtimes import executor, prestart
 from sandbox.runtimes.executor import run_job
 from sandbox.spec import JobSpec
 
 log = logging.getLogger("sandbox.runtime")
 
-BWRAP = "/usr/bin/bwrap"
-# The uid every job sees itself as inside its user namespace ("sandbox" in its /etc/passwd). Its
-# host uid is its own, from SANDBOX_UID..SANDBOX_UID+SANDBOX_UID_COUNT-1 (see uids.py).
-INSIDE_UID = 65534
 EXPIRY_MARGIN_S = 900.0  # create + prepare + collect + cleanup around the job's own timeout
 MIN_DISK_BYTES = 4 << 20  # ext4 needs room for its own metadata
 IMAGE_DIR = "images"  # under the work dir: the only per-sandbox file on its file system (root's, 0700)
@@ -45,36 +42,6 @@ def sandbox_id_for(job_id: str) -> str:
     return f"sbx-{job_id}"
 
 
-def _check_traversable(path: str, first_uid: int, count: int, setting: str = "SANDBOX_WORK_DIR") -> None:
-    """bwrap runs as a sandbox uid, so every uid of the range must be able to walk down to every
-    sandbox directory: o+x (an owner's u+x covers one uid only, so it counts only for a range of one)."""
-    current = path
-    while True:
-        st = os.stat(current)
-        if not (st.st_mode & 0o001 or (count == 1 and st.st_uid == first_uid and st.st_mode & 0o100)):
-            raise ConfigError(setting, f"{current} must be searchable (o+x) by every sandbox uid "
-                              f"(SANDBOX_UID {first_uid}, SANDBOX_UID_COUNT {count}); "
-                              "use a directory like /var/lib/sandbox with mode 0711")
-        if current == "/":
-            return
-        current = os.path.dirname(current)
-
-
-
-# Set for every job, after its own variables (the policy refuses these names in a job anyway).
-# Tools that read config from $HOME or a system file are pointed at nothing, so a dotfile among a
-# job's inputs (.curlrc, .wgetrc, .gitconfig, a planted bare repository's hooks) changes nothing.
-_GIT_CONFIG = {"core.fsmonitor": "false", "core.hooksPath": "/dev/null", "safe.bareRepository": "explicit",
-               "protocol.allow": "never", "protocol.https.allow": "always"}
-FIXED_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/workspace", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-    "CURL_HOME": "/dev/null", "WGETRC": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
-    "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_COUNT": str(len(_GIT_CONFIG)),
-    **{f"GIT_CONFIG_{kind}_{i}": text for i, (key, value) in enumerate(_GIT_CONFIG.items())
-       for kind, text in (("KEY", key), ("VALUE", value))},
-}
-
-
 class LocalRuntime:
     """The Runtime protocol on this Linux host (bubblewrap + cgroups + seccomp + loop ext4)."""
 
@@ -84,18 +51,18 @@ class LocalRuntime:
     def __init__(self, settings: Settings, cgroup_root: str = "/sys/fs/cgroup") -> None:
         self.settings = settings
         self.work_dir = os.path.abspath(settings.work_dir)
-        for binary, package in ((BWRAP, "bubblewrap"), (executor.SETPRIV, "util-linux")):
+        for binary, package in ((bwrap.BWRAP, "bubblewrap"), (executor.SETPRIV, "util-linux")):
             if not os.access(binary, os.X_OK):
                 raise SandboxFailure(f"{binary} is missing: install {package}")
         self.cgroups = cgroups.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
         # before the first job: its launcher's cgroup join is what favordynmods makes cheap
         self.favordynmods = dynmods.ensure(settings.cgroup_favor_dynmods)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)
-        _check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
+        bwrap.check_traversable(self.work_dir, settings.sandbox_uid, settings.sandbox_uid_count)
         self.run_dir = os.path.abspath(settings.run_dir or rundir.default_path(self.work_dir))
         self.run_dir_in_memory = rundir.ensure(self.run_dir, self.work_dir,
                                               rundir.size_bytes(settings.node_max_sandboxes, settings.max_log_bytes))
-        _check_traversable(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count, rundir.SETTING)
+        bwrap.check_traversable(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count, rundir.SETTING)
         self.image_dir = os.path.join(self.work_dir, IMAGE_DIR)
         os.makedirs(self.image_dir, mode=0o700, exist_ok=True)
         self.uids = uids.UidPool(self.run_dir, settings.sandbox_uid, settings.sandbox_uid_count)
@@ -167,7 +134,7 @@ class LocalRuntime:
         try:
             os.mkdir(d, 0o711)  # bwrap runs as the sandbox uid and must reach mnt/
             uid = self.uids.allocate(sid)  # after mkdir: a crash leaves a directory for destroy to find
-            etc = hostetc.shared_etc(self.work_dir, INSIDE_UID)
+            etc = hostetc.shared_etc(self.work_dir, bwrap.INSIDE_UID)
             disk = max(MIN_DISK_BYTES, spec.resources.disk_bytes)
             image = self._image(sid)  # after mkdir: an image always has its directory until teardown
             if self.spares is None or not self.spares.take(image, disk):
@@ -423,43 +390,3 @@ class LocalRuntime:
             h = meta["handle"]
             found.append(SandboxInfo(h["sandbox_id"], h["job_id"], h["host"], h["created_at"], h["expires_at"]))
         return found
-
-    # -- used by the executor ------------------------------------------------------------------
-    def bwrap_argv(self, d: str, meta: dict, spec: JobSpec, seccomp_fd: int,
-                   extra: tuple[str, ...] = ()) -> list[str]:
-        """The bubblewrap command line for one job in sandbox directory `d`."""
-        etc = meta.get("etc")  # the shared /etc recorded at create
-        # Inside its user namespace every job is INSIDE_UID, whatever host uid it has (uid_map maps
-        # that one host uid to it): one small shared /etc serves the whole range.
-        uid = str(INSIDE_UID)
-        argv = [
-            BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL", "--uid", uid, "--gid", uid,
-            "--hostname", "sandbox", "--clearenv",
-            "--ro-bind", "/usr", "/usr", "--tmpfs", "/usr/local/etc",
-            "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-        ]
-        if etc:
-            argv += ["--ro-bind", etc, "/etc"]  # synthetic files plus copies of hostetc.HOST_ETC
-        else:  # a sandbox created before the shared /etc: its own etc/ with the host files bound on
-            argv += ["--ro-bind", os.path.join(d, "etc"), "/etc"]
-            for path in hostetc.HOST_ETC:
-                argv += ["--ro-bind-try", path, path]
-        argv += [
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
-            "--bind", os.path.join(d, "mnt", "workspace"), "/workspace",
-            "--bind", os.path.join(d, "mnt", "tmp"), "/tmp",
-            # /dev and the /usr/local/etc mask are tmpfs mounts of their own that `--remount-ro /`
-            # does not reach (the job owns them): only /dev/shm (POSIX shm, semaphores) stays writable.
-            "--remount-ro", "/usr/local/etc", "--remount-ro", "/dev",
-            "--remount-ro", "/", "--chdir", "/workspace",
-            "--add-seccomp-fd", str(seccomp_fd), *extra,
-        ]
-        env = {k: v for k, v in spec.environment.items() if k and "=" not in k and "\0" not in k + v}
-        env.update(FIXED_ENV)
-        if spec.network.outbound:
-            env.update(proxy_env())  # the one way out; /etc/resolv.conf has no nameserver
-        for key, value in env.items():
-            argv += ["--setenv", key, value]
-        return argv + ["--", *spec.argv]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from sandbox.runtimes import diskimage, hostetc
-from sandbox.runtimes.local import INSIDE_UID
+from sandbox.runtimes.bwrap import INSIDE_UID
 from tests.integration.test_local_runtime import REPO, MiB, sh
 
 

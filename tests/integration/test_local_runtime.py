@@ -17,7 +17,7 @@ import pytest
 
 from sandbox.errors import JobRejected, RuntimeUnavailable
 from sandbox.runtimes.base import ExecResult, SandboxHandle
-from sandbox.runtimes.local import INSIDE_UID
+from sandbox.runtimes.bwrap import INSIDE_UID
 from sandbox.spec import JobSpec, ResourceLimits
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from sandbox.runtimes import bwrap
 from sandbox.runtimes.local import LocalRuntime
 from tests.integration.test_local_runtime import REPO, make_spec
 
@@ -249,17 +250,16 @@ def test_a_held_sandbox_that_never_got_ready_is_not_released_and_execute_spawns_
 
     before = _fds()
     spec = make_spec(["/bin/sh", "-c", "echo run >> count; wc -l < count"])
-    real = LocalRuntime.bwrap_argv
+    real = bwrap.job_argv
     if how == "bwrap exits":
-        monkeypatch.setattr(LocalRuntime, "bwrap_argv",
-                            lambda self, *a: [real(self, *a)[0], "--no-such-option", *real(self, *a)[1:]])
+        monkeypatch.setattr(bwrap, "job_argv", lambda *a: [real(*a)[0], "--no-such-option", *real(*a)[1:]])
     else:
-        monkeypatch.setattr(LocalRuntime, "bwrap_argv", lambda self, *a: ["/bin/sleep", "60"])
+        monkeypatch.setattr(bwrap, "job_argv", lambda *a: ["/bin/sleep", "60"])
     handle = create(runtime, spec)
     held = runtime.prestarts._held[handle.sandbox_id].result(timeout=10)
     if how == "bwrap exits":
         held.proc.wait(10)
-    monkeypatch.setattr(LocalRuntime, "bwrap_argv", real)
+    monkeypatch.setattr(bwrap, "job_argv", real)
     monkeypatch.setattr(prestart, "READY_WAIT_S", 0.5)
     # when execute runs, the held one is not ready: it is disposed of, never given the byte, and the
     # run spawns anew through the same gate, once;

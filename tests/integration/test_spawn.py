@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from sandbox.errors import SandboxFailure
-from sandbox.runtimes import executor, gate, prestart, seccomp
+from sandbox.runtimes import bwrap, executor, gate, prestart, seccomp
 from sandbox.runtimes.base import SandboxHandle
 from sandbox.runtimes.gate import Gate
 from sandbox.runtimes.local import LocalRuntime
@@ -178,10 +178,10 @@ def test_setup_and_a_fresh_runtimes_execute_run_through_the_gate(runtime, settin
     fresh = LocalRuntime(settings)
     argvs: list[list[str]] = []
     released: list[int] = []
-    real_argv, real_release = LocalRuntime.bwrap_argv, Gate.release
+    real_argv, real_release = bwrap.job_argv, Gate.release
 
-    def spy_argv(self, *args):  # type: ignore[no-untyped-def]
-        argv = real_argv(self, *args)
+    def spy_argv(*args):  # type: ignore[no-untyped-def]
+        argv = real_argv(*args)
         argvs.append(argv)
         return argv
 
@@ -189,7 +189,7 @@ def test_setup_and_a_fresh_runtimes_execute_run_through_the_gate(runtime, settin
         released.append(self.pid or 0)
         real_release(self)
 
-    monkeypatch.setattr(LocalRuntime, "bwrap_argv", spy_argv)
+    monkeypatch.setattr(bwrap, "job_argv", spy_argv)
     monkeypatch.setattr(Gate, "release", spy_release)
     # when the setup and then the execute run,
     setup = runtime.setup(handle, spec, lambda stream, chunk: None)
@@ -211,12 +211,12 @@ def _never_joins(runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
 
 
 def _no_child_pid(runtime, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    real = LocalRuntime.bwrap_argv
+    real = bwrap.job_argv
 
-    def bad_option(self, *args):  # type: ignore[no-untyped-def]
-        argv = real(self, *args)
+    def bad_option(*args):  # type: ignore[no-untyped-def]
+        argv = real(*args)
         return [argv[0], "--no-such-option", *argv[1:]]  # bwrap stops at parsing, before its clone
-    monkeypatch.setattr(LocalRuntime, "bwrap_argv", bad_option)
+    monkeypatch.setattr(bwrap, "job_argv", bad_option)
 
 
 @pytest.mark.parametrize("failure", [_never_joins, _no_child_pid], ids=["never joins", "no child pid"])
@@ -280,7 +280,7 @@ def _fail_seccomp(monkeypatch) -> None:  # type: ignore[no-untyped-def]
 def _fail_argv(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     def boom(*args: object) -> list[str]:
         raise OSError("no cgroup")
-    monkeypatch.setattr(LocalRuntime, "bwrap_argv", boom)
+    monkeypatch.setattr(bwrap, "job_argv", boom)
 
 
 def _fail_exec(monkeypatch) -> None:  # type: ignore[no-untyped-def]
