@@ -4,14 +4,17 @@
 
 Starts its own Redis, SeaweedFS and one worker node as `make up` runs it (threads pool, default
 admission), then measures sequential latency (p50/p95/p99) and parallel throughput for: (a) the
-baseline, a chain of five no-op tasks; (b) the real pipeline running `ls` in a sandbox. Prints
-both and their ratios, and the CPU per job (per chain) of the throughput round: of the benchmark's
+baseline, a chain of five no-op tasks; (b) the floor issue 10 names, a chain of five tasks on the
+same queue that make a cgroup, run `ls` in a bare bubblewrap sandbox in it, make the trivial job's
+S3 writes and remove the cgroup, with the product's own code (bench/floor.py); (c) the real
+pipeline running `ls` in a sandbox. Prints the three, the ratios floor/chain, job/floor and
+job/chain, and the CPU per job (per chain) of the throughput round: of the benchmark's
 own processes (the worker, its reaped sandboxes, Redis, SeaweedFS, this client; other tenants of the
 host do not count) and of the whole host (from /proc/stat; kernel threads' work such as loop-device
 I/O only counts here).
-With `--runtime fly` it also runs (c) the same jobs on the Fly runtime against the fake Machines
+With `--runtime fly` it also runs (d) the same jobs on the Fly runtime against the fake Machines
 API (tests/support/fakefly.py, zero delays) whose machines run the real agent, with a worker of
-its own, and prints the agent path's overhead over (b), the Machines API calls per job and the
+its own, and prints the agent path's overhead over (c), the Machines API calls per job and the
 agent requests per job (from each agent's own request log, by route).
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from celery import Celery, chain  # noqa: E402
 from devstack.seaweed import seaweed_server  # noqa: E402
 from devstack.processes import RedisServer, Worker  # noqa: E402
 from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the run dir's tmpfs too)
+from bench.floor import floor_signatures  # noqa: E402
 
 
 STAGES: dict[str, list[dict[str, float]]] = {}  # runtime -> each job's stage durations
@@ -115,13 +119,19 @@ def main() -> None:
             client.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"],
                                task_default_queue="sandbox")
             worker = Worker(env, node="bench@host", log_path=base / "worker.log")
-            worker.extra_args = ["--include", "bench.noop"]
+            worker.extra_args = ["--include", "bench.noop,bench.floor"]
             worker.start(client)
             services = {"redis": redis_server.proc.pid, "s3": s3._proc.pid}  # (SeaweedFS: one `weed mini` process)
             meter = CpuMeter(worker.proc.pid, services)
             try:
                 baseline = measure(lambda: chain(*[client.signature("bench.noop") for _ in range(5)])
                                    .apply_async().get(timeout=60), args.jobs, args.concurrency, meter)
+
+                def one_floor() -> None:
+                    ended = chain(*floor_signatures(client)).apply_async().get(timeout=60)
+                    assert ended["exit_code"] == 0 and not ended["stderr"] and ended["removed"], ended
+
+                floor = measure(one_floor, args.jobs, args.concurrency, meter)
 
                 def one_job() -> None:
                     job = {"id": f"bench-{uuid.uuid4().hex[:12]}", "command": "ls"}
@@ -138,10 +148,13 @@ def main() -> None:
         redis_server.stop()
         remove_work_dir(str(base))
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'per s':>10}")
-    for name, row in (("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)):
+    for name, row in (("5 no-op task chain", baseline), ("floor (bwrap, S3)", floor),
+                      ("sandbox job (ls)", pipeline)):
         print(f"{name:24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}{row['throughput_per_s']:10.1f}")
     keys = ("p50_ms", "p95_ms", "p99_ms", "throughput_per_s")
-    print(f"{'ratio job/chain':24}" + "".join(f"{pipeline[k] / baseline[k]:10.2f}" for k in keys))
+    for name, (top, bottom) in (("ratio floor/chain", (floor, baseline)), ("ratio job/floor", (pipeline, floor)),
+                                ("ratio job/chain", (pipeline, baseline))):
+        print(f"{name:24}" + "".join(f"{top[k] / bottom[k]:10.2f}" for k in keys))
     if fly is not None:
         row, calls_per_job, agent_routes = fly
         print(f"{'fly job (ls), fake API':24}{row['p50_ms']:10.1f}{row['p95_ms']:10.1f}{row['p99_ms']:10.1f}"
@@ -152,14 +165,15 @@ def main() -> None:
               + ", ".join(f"{route} {n:.2f}" for route, n in sorted(agent_routes.items())) + ")")
     print(f"throughput round, CPU ms per job or chain: stack = the worker with its sandboxes, Redis, SeaweedFS, "
           f"this client; host = all {os.cpu_count()} cores, other tenants included")
-    cpu_rows = [("5 no-op task chain", baseline), ("sandbox job (ls)", pipeline)]
+    cpu_rows = [("5 no-op task chain", baseline), ("floor", floor), ("sandbox job (ls)", pipeline)]
     for name, row in cpu_rows + ([("fly job (ls), fake API", fly[0])] if fly else []):
         print(f"  {name:22}stack {row['stack_cpu_ms']:6.1f}  worker {row['worker_cpu_ms']:6.1f}  "
               f"host {row['host_cpu_ms']:6.1f} (busy {row['host_busy'] * 100:3.0f}%)   of the stack: "
               + ", ".join(f"{part} {row[part + '_cpu_ms']:.1f}" for part in ("sandboxes", "redis", "s3", "client")))
-    print(f"  {'ratio job/chain':22}stack {pipeline['stack_cpu_ms'] / baseline['stack_cpu_ms']:6.2f}  "
-          f"worker {pipeline['worker_cpu_ms'] / baseline['worker_cpu_ms']:6.2f}  "
-          f"host {pipeline['host_cpu_ms'] / baseline['host_cpu_ms']:6.2f}")
+    for name, (top, bottom) in (("ratio floor/chain", (floor, baseline)), ("ratio job/floor", (pipeline, floor)),
+                                ("ratio job/chain", (pipeline, baseline))):
+        print(f"  {name:22}" + "  ".join(f"{part} {top[part + '_cpu_ms'] / bottom[part + '_cpu_ms']:6.2f}"
+                                           for part in ("stack", "worker", "host")))
     print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup")))
     for runtime, rows in STAGES.items():
         print(f"{runtime:14}" + "".join(f"{statistics.median(r.get(stage, 0) for r in rows) * 1e3:10.1f}"

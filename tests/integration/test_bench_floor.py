@@ -1,0 +1,69 @@
+"""bench/floor.py's failure paths on a real LocalRuntime: a floor task that fails ends its chain, so
+it removes what the floor holds itself (cgroup, directory, uid), or nothing else ever would."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from bench import floor
+from sandbox.runtimes.local import LocalRuntime
+
+
+@pytest.fixture
+def made(runtime: LocalRuntime) -> Iterator[list[str]]:
+    """The floors a test made (by uid allocation, the first step): removed after it whatever it
+    asserted, so a failing test leaks no cgroup (the test stack's clean-up knows only sbx-*)."""
+    names: list[str] = []
+    real_allocate = runtime.uids.allocate
+
+    def allocate(name: str) -> int:
+        names.append(name)
+        return real_allocate(name)
+
+    runtime.uids.allocate = allocate  # type: ignore[method-assign]
+    yield names
+    for name in names:
+        floor.remove(runtime, {"name": name, "uid": None})
+
+
+def _left(rt: LocalRuntime, name: str) -> list[str]:
+    groups = [os.path.dirname(f) for f in rt.cgroups.procs_files(name) if os.path.exists(os.path.dirname(f))]
+    held = [e.name for e in os.scandir(rt.uids.dir) if os.readlink(e.path) == name]
+    return groups + held + ([name] if os.path.lexists(os.path.join(rt.run_dir, name)) else [])
+
+
+def test_a_failed_spawn_removes_the_floor_it_was_given(runtime: LocalRuntime, made: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = floor.trivial_spec(runtime.settings)
+    ctx = floor.make(runtime, spec)
+    assert len(_left(runtime, ctx["name"])) >= 3  # given: a live floor (cgroup, uid, directory)
+
+    def refused(*_: object, **__: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(floor.executor, "spawn_sandbox", refused)
+    with pytest.raises(OSError):
+        floor.run(runtime, spec, ctx)
+    assert _left(runtime, ctx["name"]) == []
+
+
+def test_a_cgroup_that_cannot_be_made_leaves_no_directory_or_uid(runtime: LocalRuntime, made: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime.cgroups, "create", refused)
+    with pytest.raises(OSError):
+        floor.make(runtime, floor.trivial_spec(runtime.settings))
+    assert len(made) == 1 and _left(runtime, made[0]) == []
+
+
+def test_a_floor_runs_ls_in_its_cgroup_and_remove_leaves_nothing(runtime: LocalRuntime, made: list[str]) -> None:
+    spec = floor.trivial_spec(runtime.settings)
+    ctx = floor.make(runtime, spec)
+    ran = floor.run(runtime, spec, ctx)
+    assert (ran["exit_code"], ran["stdout"], ran["stderr"]) == (0, "", "")
+    floor.remove(runtime, ran)
+    assert _left(runtime, ctx["name"]) == []
