@@ -43,6 +43,8 @@ from bench.floor import floor_signatures  # noqa: E402
 
 
 STAGES: dict[str, list[dict[str, float]]] = {}  # runtime -> each job's stage durations
+FLOOR_TASKS: list[dict[str, float]] = []  # each floor chain's task durations in ms (bench/floor.py)
+ROUND = {"now": "warm-up"}  # measure's round under way (warm-up, sequential, throughput), kept with each row
 
 
 def percentile(samples: list[float], p: float) -> float:
@@ -83,13 +85,16 @@ def measure(run_one: Callable[[], None], jobs: int, concurrency: int, meter: Cpu
     """Sequential latencies, then throughput with `concurrency` submitters; during the throughput
     round also CPU per job (the throughput ratio is CPU-bound on a small host: these say where the
     CPU went)."""
+    ROUND["now"] = "warm-up"
     for _ in range(5):
         run_one()  # warm up: first connections, imports in the pool processes
     latencies = []
+    ROUND["now"] = "sequential"
     for _ in range(jobs):
         start = time.perf_counter()
         run_one()
         latencies.append(time.perf_counter() - start)
+    ROUND["now"] = "throughput"
     start, cpu = time.perf_counter(), meter.now()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: run_one(), range(jobs)))
@@ -130,6 +135,7 @@ def main() -> None:
                 def one_floor() -> None:
                     ended = chain(*floor_signatures(client)).apply_async().get(timeout=60)
                     assert ended["exit_code"] == 0 and not ended["stderr"] and ended["removed"], ended
+                    FLOOR_TASKS.append({**ended["task_ms"], "round": ROUND["now"]})
 
                 floor = measure(one_floor, args.jobs, args.concurrency, meter)
 
@@ -138,7 +144,7 @@ def main() -> None:
                     record = client.send_task("sandbox.submit", args=[json.dumps(job)]).get(timeout=120)
                     assert record["status"] == "succeeded", record
                     STAGES.setdefault(record["sandbox"]["runtime"], []).append(
-                        {k: v["duration_s"] for k, v in record["stages"].items()})
+                        {"round": ROUND["now"], **{k: v["duration_s"] * 1e3 for k, v in record["stages"].items()}})
 
                 pipeline = measure(one_job, args.jobs, args.concurrency, meter)
             finally:
@@ -174,10 +180,17 @@ def main() -> None:
                                 ("ratio job/chain", (pipeline, baseline))):
         print(f"  {name:22}" + "  ".join(f"{part} {top[part + '_cpu_ms'] / bottom[part + '_cpu_ms']:6.2f}"
                                            for part in ("stack", "worker", "host")))
-    print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup")))
-    for runtime, rows in STAGES.items():
-        print(f"{runtime:14}" + "".join(f"{statistics.median(r.get(stage, 0) for r in rows) * 1e3:10.1f}"
-                                        for stage in ("create", "prepare", "execute", "collect", "cleanup")))
+    print("stage p50 ms  " + "".join(f"{stage:>10}" for stage in ("create", "prepare", "execute", "collect", "cleanup"))
+          + "   (over all rounds, and over the sequential one)")
+    # the floor's tasks in the job's columns: its store holds cleanup's audit.jsonl PUT too; prepare is a no-op
+    print(f"{'':14}" + "".join(f"{task:>10}" for task in ("cgroup", "no-op", "run", "store", "remove"))
+          + "   (the floor's tasks in those columns)")
+    columns = {"job": ("create", "prepare", "execute", "collect", "cleanup"), "floor": ("cgroup", "", "run", "store", "remove")}
+    rows = [(runtime, "job", stages) for runtime, stages in STAGES.items()] + [("floor", "floor", FLOOR_TASKS)]
+    for label, kind, found in rows:
+        for suffix, chosen in (("", found), (", 1 by 1", [r for r in found if r["round"] == "sequential"])):
+            print(f"{label + suffix:14}" + "".join(f"{statistics.median(r.get(c, 0) for r in chosen):10.1f}" if c
+                                                   else f"{'-':>10}" for c in columns[kind]))
 
 
 def measure_fly(client: Celery, env: dict[str, str], base: Path, one_job: Callable[[], None],

@@ -26,8 +26,8 @@ product's own primitives, in the order of the job's stages:
 Left out on purpose (what the job adds above its floor): the disk image (clone, loop mount,
 unmount, unlink), the job record and its status events, admission, validation, the pre-start,
 live logs, usage accounting, presigned URLs and the audit lines in Redis. Each task returns a
-small dict; results are stored as the no-op chain's are (Celery's default), the chain's caller
-reads only the last.
+small dict with its wall time added (`task_ms`); results are stored as the no-op chain's are
+(Celery's default), the chain's caller reads only the last.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ import re
 import shutil
 import time
 import uuid
-from typing import Any, Iterator
 from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from celery import Celery
 from celery.canvas import Signature
@@ -189,24 +189,32 @@ def _removed_on_error(rt: LocalRuntime, name: str) -> Iterator[None]:
         raise
 
 
+def _timed(step: str, ctx: dict[str, Any], work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """work()'s result with its wall time added to ctx's task_ms (read as the job's stage durations are)."""
+    start = time.perf_counter()
+    out = work()
+    return {**out, "task_ms": {**ctx.get("task_ms", {}), step: (time.perf_counter() - start) * 1e3}}
+
+
 @app.task(name="bench.floor.cgroup")
 def floor_cgroup(_: object = None) -> dict[str, Any]:
     rt = _runtime()
-    return make(rt, trivial_spec(rt.settings))
+    return _timed("cgroup", {}, lambda: make(rt, trivial_spec(rt.settings)))
 
 
 @app.task(name="bench.floor.run")
 def floor_run(ctx: dict[str, Any]) -> dict[str, Any]:
     rt = _runtime()
-    return run(rt, trivial_spec(rt.settings), ctx)
+    return _timed("run", ctx, lambda: run(rt, trivial_spec(rt.settings), ctx))
 
 
 @app.task(name="bench.floor.store")
 def floor_store(ctx: dict[str, Any]) -> dict[str, Any]:
     rt = _runtime()
-    return store(rt, rt.settings, ctx)
+    return _timed("store", ctx, lambda: store(rt, rt.settings, ctx))
 
 
 @app.task(name="bench.floor.remove")
 def floor_remove(ctx: dict[str, Any]) -> dict[str, Any]:
-    return remove(_runtime(), ctx)
+    rt = _runtime()
+    return _timed("remove", ctx, lambda: remove(rt, ctx))

@@ -35,6 +35,7 @@ def test_a_floor_chain_lists_its_empty_workspace_stores_the_objects_and_leaves_n
     # `ls` ran in the sandbox (the launcher's cgroup join and uid drop under `sh -e`, then bwrap)
     # and listed an empty /workspace: exit 0, nothing on either stream
     assert (ended["exit_code"], ended["stdout"], ended["stderr"], ended["removed"]) == (0, "", "", True), ended
+    assert sorted(ended["task_ms"]) == ["cgroup", "remove", "run", "store"]  # what bench/e2e.py prints
     name = ended["name"]
     # the trivial job's writes, and no empty stdout.log (collect stores none)
     assert sorted(key.rsplit("/", 1)[1] for key in ended["stored"]) == ["audit.jsonl", "events.json"]
