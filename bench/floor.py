@@ -32,7 +32,6 @@ small dict with its wall time added (`task_ms`); results are stored as the no-op
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import re
