@@ -9,6 +9,7 @@ import pytest
 
 from bench import floor
 from sandbox.runtimes.local import LocalRuntime
+from tests.support.services import _remove_job_cgroups
 
 
 @pytest.fixture
@@ -67,3 +68,13 @@ def test_a_floor_runs_ls_in_its_cgroup_and_remove_leaves_nothing(runtime: LocalR
     assert (ran["exit_code"], ran["stdout"], ran["stderr"]) == (0, "", "")
     floor.remove(runtime, ran)
     assert _left(runtime, ctx["name"]) == []
+
+
+def test_the_test_stack_clean_up_removes_a_floor_cgroup_a_dead_worker_left(runtime: LocalRuntime, made: list[str]) -> None:
+    # given: a floor whose chain never reached its remove (the worker was killed, the bench stopped)
+    ctx = floor.make(runtime, floor.trivial_spec(runtime.settings))
+    groups = [os.path.dirname(f) for f in runtime.cgroups.procs_files(ctx["name"])]
+    assert all(os.path.isdir(g) for g in groups)
+    # when: remove_work_dir's clean-up runs over the work dir (as bench/e2e.py and the fixtures do)
+    _remove_job_cgroups(runtime.work_dir)
+    assert [g for g in groups if os.path.exists(g)] == []

@@ -73,14 +73,15 @@ def remove_work_dir(work: str) -> None:
 def _remove_job_cgroups(work: str) -> None:
     """Kill and remove the cgroup of every sandbox still in `work` (a failed test, a worker stopped
     mid-job). Deleting the directory alone left the group behind, where only the orphan sweep's
-    hour-long grace finds it (the `sbx-hold-*` groups of test_admission's holders came from here)."""
+    hour-long grace finds it (the `sbx-hold-*` groups of test_admission's holders came from here).
+    bench/floor.py's `floor-*` groups too: no sweep of the product ever looks for them."""
     from sandbox.errors import SandboxFailure
     from sandbox.runtimes import cgroups
 
     names = []
     for top, dirs, _ in os.walk(work):  # the work dir itself, or one level down (bench/capacity.py's base/work)
-        names += [d for d in dirs if d.startswith("sbx-")]
-        dirs[:] = [d for d in dirs if not d.startswith(("sbx-", ".")) and top == work]
+        names += [d for d in dirs if d.startswith(("sbx-", "floor-"))]
+        dirs[:] = [d for d in dirs if not d.startswith(("sbx-", "floor-", ".")) and top == work]
     try:
         groups = cgroups.detect() if names else None
     except (OSError, SandboxFailure):
