@@ -29,7 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,8 +42,8 @@ from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the 
 from bench.floor import floor_signatures  # noqa: E402
 
 
-STAGES: dict[str, list[dict[str, float]]] = {}  # runtime -> each job's stage durations
-FLOOR_TASKS: list[dict[str, float]] = []  # each floor chain's task durations in ms (bench/floor.py)
+STAGES: dict[str, list[dict[str, Any]]] = {}  # runtime -> each job's stage durations in ms, and its round
+FLOOR_TASKS: list[dict[str, Any]] = []  # each floor chain's task durations in ms (bench/floor.py), and its round
 ROUND = {"now": "warm-up"}  # measure's round under way (warm-up, sequential, throughput), kept with each row
 
 
