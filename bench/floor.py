@@ -11,12 +11,13 @@ product's own primitives, in the order of the job's stages:
                        uid from the product's UidPool (one symlink: concurrent floors must not share
                        a uid any more than sandboxes do)
   bench.noop           (prepare)
-  bench.floor.run      (execute) `ls` in bubblewrap through executor.spawn_sandbox, the one place
-                       the product spawns a job: the launcher that joins the cgroup and drops to the
-                       uid, and the product's argv builder LocalRuntime.bwrap_argv, which needs no
-                       disk image, only a directory with mnt/workspace and mnt/tmp (the job's
-                       namespaces with --unshare-user, read-only /usr and the shared /etc, /proc,
-                       --dev, seccomp); then its stdout and stderr read to EOF and its exit awaited
+  bench.floor.run      (execute) `ls` in bubblewrap as an execute with nothing pre-started spawns
+                       it: executor.spawn_gated (the launcher that joins the cgroup and drops to the
+                       uid; the product's argv builder LocalRuntime.bwrap_argv, which needs no disk
+                       image, only a directory with mnt/workspace and mnt/tmp: the job's namespaces
+                       with --unshare-user, read-only /usr and the shared /etc, /proc, --dev,
+                       seccomp), held on its gate until ready, released; then its stdout and stderr
+                       read to EOF and its exit awaited
   bench.floor.store    (collect+cleanup's upload) the S3 writes a trivial job makes, one PUT each
                        through the product's DirectS3 to the configured bucket: events.json, and
                        audit.jsonl; stdout.log only when `ls` printed something (collect stores no
@@ -106,13 +107,15 @@ def run(rt: LocalRuntime, spec: JobSpec, ctx: dict[str, Any]) -> dict[str, Any]:
     d = _dir(rt, name)
     with _removed_on_error(rt, name):
         meta = {"uid": uid, "etc": fsutil.shared_etc(rt.work_dir, INSIDE_UID)}
-        proc, joined_r = executor.spawn_sandbox(rt, d, meta, name, spec)
-        # as execute waits: the launcher's byte must find the pipe open (closed first, it died of SIGPIPE)
-        executor._close_when_joined(joined_r)
+        proc, gate = executor.spawn_gated(rt, d, meta, name, spec)
         try:
+            gate.wait_ready()  # as execute: the launcher joined the cgroup, bwrap said its child's pid
+            gate.release()
             stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
         except BaseException:
+            gate.shut()  # (a no-op once released)
             rt.cgroups.kill(name)
+            proc.kill()
             proc.communicate()
             raise
     return {**ctx, "exit_code": proc.returncode, "stdout": stdout[:4096].decode(errors="replace"),

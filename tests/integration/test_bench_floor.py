@@ -3,11 +3,14 @@ it removes what the floor holds itself (cgroup, directory, uid), or nothing else
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Iterator
 
 import pytest
 
 from bench import floor
+from sandbox.errors import SandboxFailure
+from sandbox.runtimes.gate import Gate
 from sandbox.runtimes.local import LocalRuntime
 from tests.support.services import _remove_job_cgroups
 
@@ -44,9 +47,33 @@ def test_a_failed_spawn_removes_the_floor_it_was_given(runtime: LocalRuntime, ma
     def refused(*_: object, **__: object) -> None:
         raise OSError(24, "Too many open files")
 
-    monkeypatch.setattr(floor.executor, "spawn_sandbox", refused)
+    monkeypatch.setattr(floor.executor, "spawn_gated", refused)
     with pytest.raises(OSError):
         floor.run(runtime, spec, ctx)
+    assert _left(runtime, ctx["name"]) == []
+
+
+def test_a_sandbox_that_never_gets_ready_is_killed_and_its_floor_removed(runtime: LocalRuntime, made: list[str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = floor.trivial_spec(runtime.settings)
+    ctx = floor.make(runtime, spec)
+    spawned: list[subprocess.Popen] = []
+    real_spawn = floor.executor.spawn_gated
+
+    def spawn(*args: object) -> tuple[subprocess.Popen, Gate]:
+        proc, gate = real_spawn(*args)  # type: ignore[arg-type]
+        spawned.append(proc)
+        return proc, gate
+
+    def never_ready(self: Gate, timeout_s: float = 10.0) -> int:
+        raise SandboxFailure("bwrap gave no child pid")
+
+    monkeypatch.setattr(floor.executor, "spawn_gated", spawn)
+    monkeypatch.setattr(Gate, "wait_ready", never_ready)
+    with pytest.raises(SandboxFailure):
+        floor.run(runtime, spec, ctx)
+    # the held sandbox was killed and reaped (never let go), and nothing of the floor is left
+    assert len(spawned) == 1 and spawned[0].returncode is not None
     assert _left(runtime, ctx["name"]) == []
 
 
