@@ -13,7 +13,7 @@ product's own primitives, in the order of the job's stages:
   bench.noop           (prepare)
   bench.floor.run      (execute) `ls` in bubblewrap as an execute with nothing pre-started spawns
                        it: executor.spawn_gated (the launcher that joins the cgroup and drops to the
-                       uid; the product's argv builder LocalRuntime.bwrap_argv, which needs no disk
+                       uid; the product's argv builder bwrap.job_argv, which needs no disk
                        image, only a directory with mnt/workspace and mnt/tmp: the job's namespaces
                        with --unshare-user, read-only /usr and the shared /etc, /proc, --dev,
                        seccomp), held on its gate until ready, released; then its stdout and stderr
@@ -47,8 +47,8 @@ from celery.canvas import Signature
 
 from config.settings import Settings
 from sandbox.layout import log_key
-from sandbox.runtimes import cgroups, executor, fsutil
-from sandbox.runtimes.local import INSIDE_UID, LocalRuntime
+from sandbox.runtimes import bwrap, cgroups, executor, hostetc
+from sandbox.runtimes.local import LocalRuntime
 from sandbox.s3client import sse_c_key, sse_headers
 from sandbox.spec import JobSpec, parse_job
 from tasks.app import app, services
@@ -106,7 +106,7 @@ def run(rt: LocalRuntime, spec: JobSpec, ctx: dict[str, Any]) -> dict[str, Any]:
     name, uid = ctx["name"], int(ctx["uid"])
     d = _dir(rt, name)
     with _removed_on_error(rt, name):
-        meta = {"uid": uid, "etc": fsutil.shared_etc(rt.work_dir, INSIDE_UID)}
+        meta = {"uid": uid, "etc": hostetc.shared_etc(rt.work_dir, bwrap.INSIDE_UID)}
         proc, gate = executor.spawn_gated(rt, d, meta, name, spec)
         try:
             gate.wait_ready()  # as execute: the launcher joined the cgroup, bwrap said its child's pid
