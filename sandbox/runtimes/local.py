@@ -20,7 +20,7 @@ from typing import IO, Callable
 
 from config.settings import Settings
 from sandbox.errors import JobRejected, RuntimeUnavailable, SandboxFailure
-from sandbox.runtimes import bwrap, cgroups, diskimage, dynmods, fsutil, hostetc, rundir, spares, uids
+from sandbox.runtimes import bwrap, cgrouphost, cgroups, diskimage, dynmods, fsutil, hostetc, rundir, spares, uids
 from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, SandboxInfo
 from sandbox.egress import EgressService
 from sandbox.runtimes import executor, prestart
@@ -54,7 +54,7 @@ class LocalRuntime:
         for binary, package in ((bwrap.BWRAP, "bubblewrap"), (executor.SETPRIV, "util-linux")):
             if not os.access(binary, os.X_OK):
                 raise SandboxFailure(f"{binary} is missing: install {package}")
-        self.cgroups = cgroups.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
+        self.cgroups = cgrouphost.detect(cgroup_root, v2_parent=settings.cgroup_parent or None)
         # before the first job: its launcher's cgroup join is what favordynmods makes cheap
         self.favordynmods = dynmods.ensure(settings.cgroup_favor_dynmods)
         os.makedirs(self.work_dir, mode=0o711, exist_ok=True)

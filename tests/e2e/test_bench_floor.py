@@ -11,7 +11,7 @@ from celery import Celery, chain
 
 from bench.floor import floor_signatures
 from config.settings import load_settings
-from sandbox.runtimes import cgroups, rundir
+from sandbox.runtimes import cgrouphost, rundir
 from sandbox.storage import ArtifactStore
 from tests.support.services import Worker
 
@@ -42,7 +42,7 @@ def test_a_floor_chain_lists_its_empty_workspace_stores_the_objects_and_leaves_n
     listed = {o["key"]: o["size"] for o in ArtifactStore(load_settings(stack_env), actor="test").list_keys(f"jobs/{name}/")}
     assert listed == ended["stored"] and all(size > 500 for size in listed.values())
     # nothing left: the cgroup in every hierarchy, the directory, the uid's claim
-    groups = cgroups.detect()
+    groups = cgrouphost.detect()
     assert [f for f in groups.procs_files(name) if os.path.exists(os.path.dirname(f))] == []
     run_dir = Path(rundir.default_path(stack_env["SANDBOX_WORK_DIR"]))
     assert not (run_dir / name).exists()

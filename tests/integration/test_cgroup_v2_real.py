@@ -24,7 +24,7 @@ from typing import Iterator
 import pytest
 
 from sandbox.errors import SandboxFailure
-from sandbox.runtimes import cgroups
+from sandbox.runtimes import cgrouphost, cgroups
 from sandbox.runtimes.cgroups import CgroupV1, CgroupV2
 from tests.support.services import unavailable
 
@@ -68,7 +68,7 @@ def scratch() -> Iterator[Path]:
         unavailable("no cgroup2 hierarchy is mounted")
     if os.geteuid() != 0:
         unavailable("managing cgroups needs root")
-    own = cgroups._own_paths(Path("/proc/self/cgroup").read_text()).get("", "/")
+    own = cgrouphost._own_paths(Path("/proc/self/cgroup").read_text()).get("", "/")
     base = mount / own.lstrip("/")
     _sweep_dead_runs(base)
     d = base / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -300,14 +300,14 @@ def test_detection_on_this_hybrid_host_picks_v1_and_the_bare_v2_mount_fails_clea
         unavailable("no cgroup2 hierarchy is mounted")
     if mount == Path("/sys/fs/cgroup"):
         pytest.skip("a pure v2 host: nothing hybrid to check")
-    assert isinstance(cgroups.detect(), CgroupV1)
+    assert isinstance(cgrouphost.detect(), CgroupV1)
     if "memory" in (mount / "cgroup.controllers").read_text().split():
         return
-    own = cgroups._own_paths(Path("/proc/self/cgroup").read_text()).get("", "/")
+    own = cgrouphost._own_paths(Path("/proc/self/cgroup").read_text()).get("", "/")
     left = mount / own.lstrip("/") / cgroups.PARENT
     existed = left.exists()
     with pytest.raises(SandboxFailure, match="memory, pids, cpu not available"):
-        cgroups.detect(str(mount))
+        cgrouphost.detect(str(mount))
     assert left.exists() == existed  # checked before anything is made
 
 
@@ -345,12 +345,12 @@ def test_delegation_obeys_the_no_internal_process_rule(hugetlb_root: Path) -> No
     try:
         # Then delegating below it fails, as the default layout does on real v2 hosts
         with pytest.raises(SandboxFailure, match="Device or resource busy"):
-            cgroups._delegate_v2(str(unit / "sandbox"), ("hugetlb",))
+            cgrouphost._delegate_v2(str(unit / "sandbox"), ("hugetlb",))
         assert not (unit / "sandbox").exists()
         # When the worker moves to a leaf (systemd Delegate=yes layout), delegation works
         (unit / "worker").mkdir()
         (unit / "worker" / "cgroup.procs").write_text(str(pids[0]))
-        cgroups._delegate_v2(str(unit / "sandbox"), ("hugetlb",))
+        cgrouphost._delegate_v2(str(unit / "sandbox"), ("hugetlb",))
         assert (unit / "sandbox" / "cgroup.subtree_control").read_text().split() == ["hugetlb"]
         cg = CgroupV2(str(unit / "sandbox"))
         (unit / "sandbox" / "job").mkdir()

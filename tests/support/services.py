@@ -76,14 +76,14 @@ def _remove_job_cgroups(work: str) -> None:
     hour-long grace finds it (the `sbx-hold-*` groups of test_admission's holders came from here).
     bench/floor.py's `floor-*` groups too: no sweep of the product ever looks for them."""
     from sandbox.errors import SandboxFailure
-    from sandbox.runtimes import cgroups
+    from sandbox.runtimes import cgrouphost
 
     names = []
     for top, dirs, _ in os.walk(work):  # the work dir itself, or one level down (bench/capacity.py's base/work)
         names += [d for d in dirs if d.startswith(("sbx-", "floor-"))]
         dirs[:] = [d for d in dirs if not d.startswith(("sbx-", "floor-", ".")) and top == work]
     try:
-        groups = cgroups.detect() if names else None
+        groups = cgrouphost.detect() if names else None
     except (OSError, SandboxFailure):
         return  # no cgroups here (not root): nothing of ours to remove
     for name in names:

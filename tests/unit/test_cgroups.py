@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from sandbox.errors import SandboxFailure
-from sandbox.runtimes import cgroups
+from sandbox.runtimes import cgrouphost, cgroups
 from sandbox.runtimes.cgroups import CgroupLimits, CgroupV1, CgroupV2
 
 LIMITS = CgroupLimits(cpu=0.5, memory_bytes=256 << 20, pids=64)
@@ -179,24 +179,25 @@ class _FakeOs:
 
 @pytest.fixture()
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCgroup2:
-    """A fresh fake unified hierarchy at tmp_path/cg, wired into sandbox.runtimes.cgroups."""
+    """A fresh fake unified hierarchy at tmp_path/cg, wired into cgroups (per job) and cgrouphost (detect)."""
     fs = FakeCgroup2(tmp_path / "cg")
-    monkeypatch.setattr(cgroups, "os", _FakeOs(fs))
-    monkeypatch.setattr(cgroups, "_write", fs.write)
+    for module in (cgroups, cgrouphost):
+        monkeypatch.setattr(module, "os", _FakeOs(fs))
+        monkeypatch.setattr(module, "_write", fs.write)
     return fs
 
 
 def own_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     """Pretend the worker's own v2 cgroup is `path`."""
-    real = cgroups._own_paths
-    monkeypatch.setattr(cgroups, "_own_paths", lambda text: {**real(text), "": path})
+    real = cgrouphost._own_paths
+    monkeypatch.setattr(cgrouphost, "_own_paths", lambda text: {**real(text), "": path})
 
 
 def test_v2_detected_at_the_root_cgroup_delegates_memory_pids_cpu(fake: FakeCgroup2,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     own_path(monkeypatch, "/")  # the real root cgroup is exempt from the no-internal-process rule
     fake.join(fake.root, os.getpid())
-    cg = cgroups.detect(str(fake.root))
+    cg = cgrouphost.detect(str(fake.root))
     assert isinstance(cg, CgroupV2) and cg.version == 2
     assert Path(cg.parent) == fake.root / "sandbox"
     assert (fake.root / "cgroup.subtree_control").read_text() == "cpu memory pids\n"
@@ -212,7 +213,7 @@ def test_v2_worker_cgroup_holding_the_worker_cannot_delegate(fake: FakeCgroup2,
     own_path(monkeypatch, "/worker.service")
     # Then the default layout fails at start-up, naming the cause, and leaves nothing behind
     with pytest.raises(SandboxFailure, match="delegate.*Device or resource busy"):
-        cgroups.detect(str(fake.root))
+        cgrouphost.detect(str(fake.root))
     assert not (fake.root / "worker.service" / "sandbox").exists()
 
 
@@ -225,7 +226,7 @@ def test_v2_delegated_unit_with_the_worker_in_a_leaf_works(fake: FakeCgroup2,
     fake.mkdir(str(unit / "worker"))
     fake.join(unit / "worker", os.getpid())
     own_path(monkeypatch, "/sandbox-worker.service/worker")
-    cg = cgroups.detect(str(fake.root), v2_parent=str(unit / "sandbox"))
+    cg = cgrouphost.detect(str(fake.root), v2_parent=str(unit / "sandbox"))
     assert isinstance(cg, CgroupV2)
     cg.create("job", LIMITS)
     assert (unit / "sandbox" / "job" / "cgroup.controllers").read_text() == "cpu memory pids\n"
@@ -237,11 +238,12 @@ def test_v2_delegated_unit_with_the_worker_in_a_leaf_works(fake: FakeCgroup2,
 def test_v2_controllers_bound_to_v1_fail_detection_before_creating_anything(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     fs = FakeCgroup2(tmp_path / "cg", controllers="hugetlb")  # this hybrid host's cgroup2 mount
-    monkeypatch.setattr(cgroups, "os", _FakeOs(fs))
-    monkeypatch.setattr(cgroups, "_write", fs.write)
+    for module in (cgroups, cgrouphost):
+        monkeypatch.setattr(module, "os", _FakeOs(fs))
+        monkeypatch.setattr(module, "_write", fs.write)
     own_path(monkeypatch, "/")
     with pytest.raises(SandboxFailure, match="memory, pids, cpu not available"):
-        cgroups.detect(str(fs.root))
+        cgrouphost.detect(str(fs.root))
     assert not (fs.root / "sandbox").exists()
 
 
@@ -339,12 +341,12 @@ def test_v1_mounts_and_own_paths_place_jobs_under_the_worker(tmp_path: Path) -> 
                  "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
                  "36 31 0:33 /docker/abc /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
                  "40 31 0:37 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
-    mounts = cgroups._v1_mounts(mountinfo)
+    mounts = cgrouphost._v1_mounts(mountinfo)
     assert mounts["cpu"] == mounts["cpuacct"] == ("/", "/sys/fs/cgroup/cpu,cpuacct")
-    own = cgroups._own_paths("4:memory:/process_api/x\n2:cpu,cpuacct:/\n3:pids:/docker/abc\n0::/\n")
+    own = cgrouphost._own_paths("4:memory:/process_api/x\n2:cpu,cpuacct:/\n3:pids:/docker/abc\n0::/\n")
     assert own["memory"] == "/process_api/x" and own["cpuacct"] == "/" and own[""] == "/"
-    assert cgroups._under(mounts["memory"], own["memory"]) == "/sys/fs/cgroup/memory/process_api/x/sandbox"
-    assert cgroups._under(mounts["pids"], own["pids"]) == "/sys/fs/cgroup/pids/sandbox"
+    assert cgrouphost._under(mounts["memory"], own["memory"]) == "/sys/fs/cgroup/memory/process_api/x/sandbox"
+    assert cgrouphost._under(mounts["pids"], own["pids"]) == "/sys/fs/cgroup/pids/sandbox"
 
 
 def test_v1_create_and_usage_on_a_fake_tree(tmp_path: Path) -> None:
@@ -370,6 +372,6 @@ def test_v1_create_and_usage_on_a_fake_tree(tmp_path: Path) -> None:
 
 
 def test_detect_without_any_hierarchy_fails_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cgroups, "_v1_mounts", lambda text: {})
+    monkeypatch.setattr(cgrouphost, "_v1_mounts", lambda text: {})
     with pytest.raises(SandboxFailure, match="no cgroup v2"):
-        cgroups.detect(str(tmp_path))
+        cgrouphost.detect(str(tmp_path))
