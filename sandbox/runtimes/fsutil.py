@@ -38,11 +38,6 @@ def disk_usage(mnt: str) -> DiskUsage:
     return DiskUsage((st.f_blocks - st.f_bfree) * st.f_frsize, st.f_bavail * st.f_frsize, st.f_favail)
 
 
-def used_bytes(mnt: str) -> int:
-    """Bytes in use on the filesystem mounted at `mnt`."""
-    return disk_usage(mnt).used_bytes
-
-
 # Small host-side files (meta.json, result.json, cgroup counters) are read and written with
 # os.open/os.read/os.write: 3-4 syscalls where open() made 7-9 (fstat, isatty, two lseeks, a
 # second fstat). Under the worker's threads pool each syscall releases the GIL, and with other

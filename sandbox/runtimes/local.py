@@ -144,7 +144,7 @@ class LocalRuntime:
                                           spec.resources.pids)
             self.cgroups.create(sid, limits)
             meta = {"handle": handle.to_dict(), "disk_bytes": disk, "etc": etc, "uid": uid,
-                    "disk_baseline_bytes": fsutil.used_bytes(os.path.join(d, "mnt"))}
+                    "disk_baseline_bytes": fsutil.disk_usage(os.path.join(d, "mnt")).used_bytes}
             # fsynced only on a disk: a reboot empties the tmpfs (and ends the mount, the cgroup and
             # the processes it describes), so no torn meta.json can outlive a crash there
             fsutil.write_json_atomic(os.path.join(d, "meta.json"), meta, durable=not self.run_dir_in_memory)
