@@ -37,6 +37,7 @@ from devstack.processes import RedisServer, Worker  # noqa: E402
 from devstack.seaweed import seaweed_server  # noqa: E402
 from sandbox.admission import Capacity, Request, admitted_key  # noqa: E402
 from tests.support.services import remove_work_dir  # noqa: E402
+from bench.hostmounts import describe as describe_mounts  # noqa: E402
 
 NODE = "cap@host"
 SMALL = {"cpu": "0.1", "memory": "64Mi", "disk": "16Mi"}
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=500)
     parser.add_argument("--prefork", type=int, default=0, help="also run scenario 1 on a prefork pool of K")
     args = parser.parse_args()
+    mounts = describe_mounts()
     base = Path(tempfile.mkdtemp(prefix="bench-cap-", dir="/var/tmp"))
     base.chmod(0o711)
     work = base / "work"
@@ -224,6 +226,7 @@ def main() -> None:
         redis_server.stop()
         remove_work_dir(str(base))
     print(json.dumps(results, indent=1))
+    print(mounts)
     s, m, b = results["sleepers"], results["mix"], results["burst"]
     print(f"\n{s['jobs']} x sleep 2: makespan {s['makespan_s']:.1f} s, ideal {s['ideal_s']:.1f} s "
           f"({s['admissible']} admitted at once) -> {s['ratio']:.2f}x; peak admitted {s['peak_admitted']}; "

@@ -40,6 +40,7 @@ from devstack.seaweed import seaweed_server  # noqa: E402
 from devstack.processes import RedisServer, Worker  # noqa: E402
 from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the run dir's tmpfs too)
 from bench.floor import floor_signatures  # noqa: E402
+from bench.hostmounts import describe as describe_mounts  # noqa: E402
 
 
 STAGES: dict[str, list[dict[str, Any]]] = {}  # runtime -> each job's stage durations in ms, and its round
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--runtime", choices=("local", "fly"), default="local")
     args = parser.parse_args()
+    mounts = describe_mounts()  # before our own stack adds its run dir
     base = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir="/var/tmp"))
     base.chmod(0o711)
     redis_server = RedisServer(base)
@@ -153,6 +155,7 @@ def main() -> None:
     finally:
         redis_server.stop()
         remove_work_dir(str(base))
+    print(mounts)
     print(f"{'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'per s':>10}")
     for name, row in (("5 no-op task chain", baseline), ("floor (bwrap, S3)", floor),
                       ("sandbox job (ls)", pipeline)):

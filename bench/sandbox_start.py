@@ -25,6 +25,7 @@ from sandbox.runtimes import cgroups, dynmods  # noqa: E402
 from sandbox.runtimes.local import LocalRuntime  # noqa: E402
 from sandbox.spec import JobSpec, ResourceLimits  # noqa: E402
 from tests.support.services import remove_work_dir  # noqa: E402  (unmounts the run dir's tmpfs too)
+from bench.hostmounts import describe as describe_mounts  # noqa: E402
 
 BARE = ["/usr/bin/bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
         "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
@@ -48,6 +49,7 @@ def measure(variants: dict[str, Callable[[], None]], n: int) -> dict[str, list[f
 def main() -> None:
     """Print p50/p95 per variant and ratios against bare bwrap + cgroup."""
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    mounts = describe_mounts()
     work = tempfile.mkdtemp(prefix="sandbox-bench-", dir=os.environ.get("SANDBOX_BENCH_DIR", "/var/lib"))
     os.chmod(work, 0o711)
     rt = LocalRuntime(load_settings({"SANDBOX_WORK_DIR": work}))
@@ -113,6 +115,7 @@ def main() -> None:
 
     base = statistics.median(variants["bare bwrap + cgroup"])
     low = min(variants["bare bwrap + cgroup"])
+    print(mounts)
     print(f"work dir {work}; {n} interleaved rounds; cgroup favordynmods: {dynmods.state()} "
           f"(start-up: {rt.favordynmods}; off costs each job's cgroup join 5-17 ms)")
     print(f"{'variant':40} {'p50 ms':>8} {'p95 ms':>8} {'min ms':>8} {'x bwrap+cg':>11} {'min x':>6}")
