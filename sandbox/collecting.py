@@ -14,8 +14,8 @@ from sandbox import parallel
 from sandbox.errors import StorageError
 from sandbox.events import escape_line
 from sandbox.layout import check_key, log_key, output_key
-from sandbox.services import Services, finish_stage, job_spec, owned_handle, stage_start
-from sandbox.state import JobStatus
+from sandbox.services import Services, finish_stage, job_spec, owned_handle, stage_start, stale_unless
+from sandbox.state import JobStatus, moved_past
 
 
 def collect(svc: Services, job_id: str) -> None:
@@ -24,10 +24,13 @@ def collect(svc: Services, job_id: str) -> None:
     Logs go first; a name or an object S3 refuses is skipped with its reason, never the whole stage;
     every handle of the workspace is closed before the stage ends, so destroy can unmount it.
     """
-    # One round trip: the stage's start, written only when the command ran (an outcome) and the job
-    # has not ended; either way it answers the current record to decide from.
+    # One round trip: the stage's start, written only when the command ran (an outcome), the job
+    # has not ended and has not moved past collect (a stale copy); it answers the current record.
     record = svc.store.transition(job_id, JobStatus.COLLECTING, also=stage_start(svc, "collect"),
-                                  only_if=lambda r: r.get("outcome") is not None)
+                                  only_if=lambda r: r.get("outcome") is not None
+                                  and not moved_past(r, JobStatus.COLLECTING))
+    if not JobStatus(record["status"]).terminal:
+        stale_unless(record, "collect", JobStatus.COLLECTING)
     if record.get("outcome") is None:
         return
     handle = owned_handle(svc, record)

@@ -11,6 +11,7 @@ SandboxError
  ├── SandboxFailure       the sandbox could not be created, prepared or run (not the job's own exit)
  │    └── AgentConflict    the agent refused a request that does not fit its state (409; `reason` says which)
  ├── PlacementError       a stage ran on a host other than the one holding its sandbox
+ ├── StaleDelivery        a copy of a stage message the job has moved past (or a live copy of its execute)
  └── JobNotFound          no record for that job id
 
 A job that exits non-zero, times out or hits a limit is not an exception: it is the job's outcome,
@@ -99,6 +100,13 @@ class PlacementError(SandboxError):
     """A stage ran on a host that does not hold the job's sandbox."""
 
     code = "placement"
+
+
+class StaleDelivery(SandboxError):
+    """A stage message arrived for a job that already moved past that stage (or, for execute, while
+    another live task runs the command): a duplicate, which must change nothing and send nothing on."""
+
+    code = "stale_delivery"
 
 
 class JobNotFound(SandboxError):

@@ -17,12 +17,12 @@ from config.settings import Settings
 from sandbox import webhooks
 from sandbox.admission import Request, check_possible, published_capacities
 from sandbox.events import check_job_id
-from sandbox.errors import JobNotFound, JobRejected, SandboxError, SandboxFailure
+from sandbox.errors import JobNotFound, JobRejected, SandboxError, SandboxFailure, StaleDelivery
 from sandbox.runtimes.base import ExecResult, SandboxHandle
 from sandbox.services import (
-    Services, begin, finish_stage, job_spec, owned_handle, pinned, stage_end, stage_start)
+    Services, begin, finish_stage, job_spec, live_holder, owned_handle, pinned, stage_end, stage_start, stale_unless)
 from sandbox.spec import JobSpec, job_id_of, parse_job
-from sandbox.state import JobRecord, JobStatus, new_record
+from sandbox.state import JobRecord, JobStatus, moved_past, new_record
 
 log = logging.getLogger("sandbox.lifecycle")
 audit = logging.getLogger("sandbox.audit")
@@ -109,7 +109,13 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec 
 
         if not svc.admission.admit(job_id, Request.of(spec.resources), admit_wait_s, still_wanted):
             return not still_wanted()
-    record = begin(svc, job_id, "create", JobStatus.CREATING)
+    try:
+        record = begin(svc, job_id, "create", JobStatus.CREATING)
+    except StaleDelivery as stale:
+        sandbox_host = (svc.store.get(job_id).get("sandbox") or {}).get("host")
+        if svc.admission is not None and sandbox_host != svc.host:
+            svc.admission.release(job_id)  # admitted here for a copy: the job's sandbox lives elsewhere
+        raise stale
     if record is None:
         if svc.admission is not None and not svc.store.get(job_id).get("sandbox"):
             svc.admission.release(job_id)  # cancelled between admission and start: nothing to hold
@@ -177,10 +183,23 @@ def _run_setup(svc: Services, job_id: str, handle: SandboxHandle, spec: JobSpec)
 
 def execute(svc: Services, job_id: str, token: str) -> None:
     """Run the command exactly once; its ending is recorded as the job's outcome."""
-    # the stage's start and the never-twice claim (taken only while the job is still to run) in one step
+    # the stage's start and the never-twice claim (taken only while the job is still to run) in one
+    # step; a copy of this stage (the job moved past it, or another live task runs the command)
+    # writes nothing and takes no claim: it must not record the command's task as lost
+    copy: dict[str, bool] = {}
+
+    def fresh(r: JobRecord) -> bool:
+        copy["live"] = not moved_past(r, JobStatus.RUNNING) and live_holder(svc, r, "execute", token)
+        return not moved_past(r, JobStatus.RUNNING) and not copy["live"]
+
     record, claimed = svc.store.transition_and_claim(job_id, JobStatus.RUNNING, token,
-                                                     also=stage_start(svc, "execute"))
-    if JobStatus(record["status"]).terminal or record.get("outcome"):
+                                                     also=stage_start(svc, "execute", token), only_if=fresh)
+    if JobStatus(record["status"]).terminal:
+        return
+    stale_unless(record, "execute", JobStatus.RUNNING)
+    if copy.get("live"):
+        raise StaleDelivery(f"execute of job {job_id} delivered again while another task runs its command")
+    if record.get("outcome"):
         return
     handle = owned_handle(svc, record)
     if not claimed:

@@ -46,6 +46,13 @@ _ORDER = [JobStatus.QUEUED, JobStatus.CREATING, JobStatus.PREPARING, JobStatus.R
 JobRecord = dict[str, Any]
 
 
+def moved_past(record: JobRecord, status: JobStatus) -> bool:
+    """True when a job that has not ended is already later in its life than `status`: a stage
+    message for `status` arriving now is a stale copy (sandbox.services.begin)."""
+    current = JobStatus(record["status"])
+    return not current.terminal and _ORDER.index(current) > _ORDER.index(status)
+
+
 class EventPublisher(Protocol):
     """Where status and security events go (sandbox.events.EventBus in production)."""
 
@@ -250,7 +257,8 @@ class JobStore:
                 record["updated_at"] = time.time()
                 terminal = JobStatus(record["status"]).terminal
                 new = json.dumps(record)
-            token = (claim(record) if claim else None) or ""
+            # a record left unwritten (ended, or refused by only_if) takes no claim either
+            token = (claim(record) if claim and new else None) or ""
             event_keys, event_args = self._status_event(record) if record["status"] != before else ([], [])
             reply = self._update_script(keys=[key, ACTIVE_SET, claim_key(job_id), *event_keys],
                                         args=[raw, new, int(terminal), job_id, token, self.ttl_s, *event_args])
@@ -294,15 +302,17 @@ class JobStore:
         return change
 
     def transition_and_claim(self, job_id: str, status: JobStatus, token: str,
-                             also: Callable[[JobRecord], None] | None = None) -> tuple[JobRecord, bool]:
+                             also: Callable[[JobRecord], None] | None = None,
+                             only_if: Callable[[JobRecord], bool] | None = None) -> tuple[JobRecord, bool]:
         """`transition`, and in the same atomic step `claim_execution(job_id, token)` when the job
-        is still to run (not terminal, no outcome yet); (record, True) only when the claim was
-        taken by this call. The claim is as exclusive as claim_execution's: one SET NX per job."""
+        is still to run (not terminal, no outcome yet) and the record was written (`only_if`);
+        (record, True) only when the claim was taken by this call. The claim is as exclusive as
+        claim_execution's: one SET NX per job."""
 
         def wants(record: JobRecord) -> str | None:
             return None if JobStatus(record["status"]).terminal or record.get("outcome") else token
 
-        return self._update(job_id, self._transition_change(status, also, {}), claim=wants)
+        return self._update(job_id, self._transition_change(status, also, {}, only_if), claim=wants)
 
     def claim_execution(self, job_id: str, token: str) -> bool:
         """True exactly once per job: the command is never started twice."""

@@ -11,7 +11,7 @@ from celery.worker.control import control_command
 
 from config.settings import EXECUTE_HARD_MARGIN_S
 from sandbox import collecting, lifecycle, sweeps
-from sandbox.errors import JobNotFound, TransientError
+from sandbox.errors import JobNotFound, StaleDelivery, TransientError
 from sandbox.observability import logging as obs_logging
 from sandbox.observability import metrics
 from sandbox.spec import JobSpec
@@ -45,6 +45,11 @@ def run_stage(task: Task, stage: Callable[..., Any], job_id: str, notify: bool =
     result = None
     try:
         result = stage(services(), job_id, **kwargs)
+    except StaleDelivery as stale:
+        # a copy of a stage the job has moved past (or of its running execute): it changed nothing,
+        # and Ignore keeps Celery from sending a second copy of the later stages after it
+        log.warning("stage %s: %s; dropped the copy", name, stale)
+        raise Ignore() from stale
     except JobNotFound:
         # The record is gone (a Redis that lost data): nothing may outlive it on this host.
         log.error("stage %s: job %s has no record; tearing its sandbox down", name, job_id)
@@ -120,6 +125,10 @@ def _create_here(job_id: str, spec: dict, notify: bool) -> bool:
     token = obs_logging.bind(stage="create")
     try:
         done = lifecycle.create(svc, job_id, admit_wait_s=0.0, spec=JobSpec.from_dict(spec))
+    except StaleDelivery as stale:
+        # the job's stages already run elsewhere: this submit sends nothing (never a second chain)
+        log.warning("create of job %s in its submit: %s; dropped", job_id, stale)
+        raise Ignore() from stale
     except JobNotFound:
         log.error("stage create: job %s has no record; tearing its sandbox down", job_id)
         sweeps.abandon(svc, job_id)
