@@ -49,10 +49,13 @@ def sweep_done(client: Any, name: str, count: int, node: str) -> None:
     client.set(nodes.sweep_last_key(name), json.dumps({"at": time.time(), "count": count, "node": node}))
 
 
-def reconcile(svc: Services, booted_at: float) -> tuple[list[JobRecord], list[str]]:
+def reconcile(svc: Services, booted_at: float,
+              ended: list[JobRecord] | None = None) -> tuple[list[JobRecord], list[str]]:
     """At start-up: end the jobs a dead process of this node was running, then sweep the node (its
-    admitted capacity, then its host's orphans: `sweep_node`)."""
-    ended = []
+    admitted capacity, then its host's orphans: `sweep_node`). Each job ended is appended to `ended`
+    at once, so a caller that retries after Redis dropped mid-way still announces it (the retry
+    finds it terminal and ends it no more)."""
+    ended = [] if ended is None else ended
     reason = "the worker was lost while a stage ran (the node restarted); the job is not run again"
     for job_id in svc.store.active_ids():
         record = svc.store.find(job_id)
@@ -62,12 +65,14 @@ def reconcile(svc: Services, booted_at: float) -> tuple[list[JobRecord], list[st
         if done is not None:
             ended.append(done)
             log.warning("reconcile: job %s ended %s: %s", job_id, done["status"], reason)
-    return ended, sweep_node(svc, booted_at=booted_at)
+    return ended, sweep_node(svc, booted_at=booted_at, ended=ended)
 
 
-def sweep_node(svc: Services, booted_at: float = 0.0, now: float | None = None) -> list[str]:
+def sweep_node(svc: Services, booted_at: float = 0.0, now: float | None = None,
+               ended: list[JobRecord] | None = None) -> list[str]:
     """One sweep of this node from one listing of its sandboxes: give back the admitted capacity no
-    sandbox holds (a killed worker's), then destroy the sandboxes their jobs no longer need.
+    sandbox holds (a killed worker's), then destroy the sandboxes their jobs no longer need (a job
+    that outlived its expiry ends `error`, appended to `ended` for the caller to announce).
 
     Capacity first, straight after the listing: a sandbox created after the listing is missing
     from it, and its entry is kept only because it is young (admitted within ADMIT_GRACE_S) and its
@@ -77,7 +82,7 @@ def sweep_node(svc: Services, booted_at: float = 0.0, now: float | None = None) 
     (`_destroy`), and a sandbox created after the listing is not in it, so it is never destroyed."""
     listed = svc.runtime.list_sandboxes()
     reconcile_admission(svc, listed)
-    return sweep_orphans(svc, now, booted_at, listed=listed)
+    return sweep_orphans(svc, now, booted_at, listed=listed, ended=ended)
 
 
 def reconcile_admission(svc: Services, listed: list[SandboxInfo]) -> list[str]:
@@ -89,14 +94,17 @@ def reconcile_admission(svc: Services, listed: list[SandboxInfo]) -> list[str]:
 
 
 def sweep_orphans(svc: Services, now: float | None = None, booted_at: float = 0.0,
-                  dead_after_s: float | None = None, listed: list[SandboxInfo] | None = None) -> list[str]:
+                  dead_after_s: float | None = None, listed: list[SandboxInfo] | None = None,
+                  ended: list[JobRecord] | None = None) -> list[str]:
     """Destroy every sandbox in this host's work dir (whatever node it names) its job no longer needs
-    (`listed`: the work dir's sandboxes as just listed)."""
+    (`listed`: the work dir's sandboxes as just listed). A job that outlived its expiry ends `error`
+    and is appended to `ended`: the caller announces it (waiters, webhook), as sweep_stuck's are."""
+    ended = [] if ended is None else ended
     now = time.time() if now is None else now
     dead_after_s = svc.settings.node_dead_after_s if dead_after_s is None else dead_after_s
     destroyed = []
     for info in svc.runtime.list_sandboxes() if listed is None else listed:
-        why = _orphaned(svc, info, now, booted_at, dead_after_s)
+        why = _orphaned(svc, info, now, booted_at, dead_after_s, ended)
         if why is None:
             continue
         _destroy(svc, _handle(svc, info))
@@ -125,7 +133,8 @@ def _job_ended(svc: Services, job_id: str) -> bool:
     return record is None or JobStatus(record["status"]).terminal
 
 
-def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, dead_after_s: float) -> str | None:
+def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, dead_after_s: float,
+              ended: list[JobRecord]) -> str | None:
     record = svc.store.find(info.job_id)
     if record is None:
         return None if now - info.created_at < YOUNG_S else "its job record is gone"
@@ -142,10 +151,13 @@ def _orphaned(svc: Services, info: SandboxInfo, now: float, booted_at: float, de
     if started is None or now < started + lifetime_s + GRACE_S:
         return None
     reason = f"still running {int(now - started)} s after execute started (timeout + margins passed)"
-    ended = nodes.end_if(svc.store, info.job_id,
-                         lambda r, _read: (r.get("stages", {}).get("execute") or {}).get("started_at") == started,
-                         reason)
-    return reason if ended is not None else None
+    done = nodes.end_if(svc.store, info.job_id,
+                        lambda r, _read: (r.get("stages", {}).get("execute") or {}).get("started_at") == started,
+                        reason)
+    if done is None:
+        return None
+    ended.append(done)
+    return reason
 
 
 def _stage_alive(svc: Services, record: JobRecord, booted_at: float, dead_after_s: float, now: float) -> bool:

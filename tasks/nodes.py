@@ -64,7 +64,10 @@ def _start(sender: str, instance: Any) -> None:
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     queues = sorted({*instance.app.amqp.queues.consume_from, CONTROL_QUEUE})  # + ControlConsumer's
     # Redis restarting while the node boots (both started together, say) is waited for; each step
-    # below is safe to run again after a partial run (the reconcile is a sweep's own work).
+    # below is safe to run again after a partial run (the reconcile is a sweep's own work). The jobs
+    # ended are gathered across attempts: one an attempt ended before Redis dropped is terminal by
+    # the retry, which would not end (nor announce) it again.
+    ended: list[dict] = []
     for attempt in Retrying(retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
                             stop=stop_after_delay(START_REDIS_WAIT_S), wait=wait_exponential(max=5), reraise=True,
                             before_sleep=lambda state: log.warning("start-up waits for Redis: %s",
@@ -77,7 +80,7 @@ def _start(sender: str, instance: Any) -> None:
                 raise SystemExit(f"refusing to start: {e}") from e
             nodes.beat(client, sender, queues, booted_at, settings.node_dead_after_s)
             svc = services()
-            ended, destroyed = sweeps.reconcile(svc, booted_at)
+            _, destroyed = sweeps.reconcile(svc, booted_at, ended)
             if svc.admission is not None:
                 svc.admission.publish_capacity()
     for record in ended:

@@ -56,9 +56,14 @@ def sweep_orphans() -> list[str] | None:
 @app.task(name="sandbox.sweep_node", ignore_result=True)
 def sweep_node() -> list[str]:
     from tasks.nodes import booted_at
+    from tasks.stages import announce_end
 
     # a stage of this node begun before this process started is judged by its own process's life
-    return sweeps.sweep_node(services(), booted_at=booted_at())
+    ended: list[dict] = []
+    destroyed = sweeps.sweep_node(services(), booted_at=booted_at(), ended=ended)
+    for record in ended:  # a job past its expiry ended here: its waiters and webhook are told
+        announce_end(record)
+    return destroyed
 
 
 @app.task(name="sandbox.sweep_stuck")
