@@ -121,3 +121,10 @@ def test_an_execute_whose_holder_is_dead_or_itself_is_recorded_lost_never_run_tw
     record = svc.store.get(job_id)
     assert "worker was lost while the command ran" in record["error"]["message"]
     assert svc.runtime.calls == []  # the command never ran a second time
+
+
+def test_a_transition_refused_by_only_if_never_attempts_the_claim(svc, redis_client):
+    job_id = _job(svc, JobStatus.RUNNING)  # no claim held (one that expired, say)
+    record, claimed = svc.store.transition_and_claim(job_id, JobStatus.RUNNING, "copy", only_if=lambda r: False)
+    assert not claimed and redis_client.get(claim_key(job_id)) is None
+    assert svc.store.transition_and_claim(job_id, JobStatus.RUNNING, "real")[1]  # written: claimed
