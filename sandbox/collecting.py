@@ -14,8 +14,8 @@ from sandbox import parallel
 from sandbox.errors import StorageError
 from sandbox.events import escape_line
 from sandbox.layout import check_key, log_key, output_key
-from sandbox.services import Services, finish_stage, job_spec, owned_handle, stage_start, stale_unless
-from sandbox.state import JobStatus, moved_past
+from sandbox.services import Fresh, Services, finish_stage, job_spec, owned_handle, stage_start
+from sandbox.state import JobStatus
 
 
 def collect(svc: Services, job_id: str) -> None:
@@ -26,11 +26,10 @@ def collect(svc: Services, job_id: str) -> None:
     """
     # One round trip: the stage's start, written only when the command ran (an outcome), the job
     # has not ended and has not moved past collect (a stale copy); it answers the current record.
+    fresh = Fresh(svc, "collect", JobStatus.COLLECTING, None)
     record = svc.store.transition(job_id, JobStatus.COLLECTING, also=stage_start(svc, "collect"),
-                                  only_if=lambda r: r.get("outcome") is not None
-                                  and not moved_past(r, JobStatus.COLLECTING))
-    if not JobStatus(record["status"]).terminal:
-        stale_unless(record, "collect", JobStatus.COLLECTING)
+                                  only_if=lambda r: fresh(r) and r.get("outcome") is not None)
+    fresh.check(record)
     if record.get("outcome") is None:
         return
     handle = owned_handle(svc, record)

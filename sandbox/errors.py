@@ -11,7 +11,7 @@ SandboxError
  ├── SandboxFailure       the sandbox could not be created, prepared or run (not the job's own exit)
  │    └── AgentConflict    the agent refused a request that does not fit its state (409; `reason` says which)
  ├── PlacementError       a stage ran on a host other than the one holding its sandbox
- ├── StaleDelivery        a copy of a stage message the job has moved past (or a live copy of its execute)
+ ├── StaleDelivery        a copy of a stage message: the job moved past the stage, or another task ran or runs it
  └── JobNotFound          no record for that job id
 
 A job that exits non-zero, times out or hits a limit is not an exception: it is the job's outcome,

@@ -16,13 +16,14 @@ from typing import Any
 from config.settings import Settings
 from sandbox import webhooks
 from sandbox.admission import Request, check_possible, published_capacities
+from sandbox.dispatching import created_not_dispatched, dispatched, unsent_from  # noqa: F401 - submit's API
 from sandbox.events import check_job_id
 from sandbox.errors import JobNotFound, JobRejected, SandboxError, SandboxFailure, StaleDelivery
 from sandbox.runtimes.base import ExecResult, SandboxHandle
 from sandbox.services import (
-    Services, begin, finish_stage, job_spec, live_holder, owned_handle, pinned, stage_end, stage_start, stale_unless)
+    Fresh, Services, begin, finish_stage, job_spec, owned_handle, pinned, stage_end, stage_start)
 from sandbox.spec import JobSpec, job_id_of, parse_job
-from sandbox.state import JobRecord, JobStatus, moved_past, new_record
+from sandbox.state import JobRecord, JobStatus, new_record
 
 log = logging.getLogger("sandbox.lifecycle")
 audit = logging.getLogger("sandbox.audit")
@@ -65,20 +66,6 @@ def submit(svc: Services, raw: Any, task_id: str) -> tuple[JobRecord, bool]:
     return existing, redelivered
 
 
-def dispatched(svc: Services, job_id: str) -> None:
-    """Mark that the job's stages are being sent: a redelivered submit must not send them again."""
-    svc.store.update(job_id, lambda r: r.update(dispatched_at=time.time()))
-
-
-def created_not_dispatched(record: JobRecord, task_id: str) -> bool:
-    """True when this submit (`task_id`) built the job's sandbox itself and died before it sent the
-    later stages: its redelivery sends them (a submit that sends the whole chain marks it dispatched
-    before any create can run, so only the submit's own create leaves this state)."""
-    create = (record.get("stages") or {}).get("create") or {}
-    return (record.get("submit_task_id") == task_id and not record.get("dispatched_at")
-            and bool(record.get("sandbox")) and create.get("finished_at") is not None)
-
-
 def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     job_id = job_id_of(raw) or f"rejected-{uuid.uuid4().hex}"
     record = new_record(job_id, JobStatus.REJECTED)
@@ -95,12 +82,14 @@ def _reject(svc: Services, raw: Any, rejection: JobRejected) -> JobRecord:
     return record
 
 
-def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec | None = None) -> bool:
+def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec | None = None,
+           token: str | None = None) -> bool:
     """Admit the job on this node, then make its sandbox and remember its handle.
 
     False when the node could not admit it within `admit_wait_s` (0: one try, no wait): nothing was
     built, the job is still `queued`, and the caller puts it back in the queue. `spec`: the job's
-    stored spec when the caller has read it already.
+    stored spec when the caller has read it already; `token`: the create task's id (a copy of it
+    is told by another id, services.Fresh).
     """
     spec = spec or job_spec(svc, job_id)
     if svc.admission is not None:
@@ -110,12 +99,14 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec 
         if not svc.admission.admit(job_id, Request.of(spec.resources), admit_wait_s, still_wanted):
             return not still_wanted()
     try:
-        record = begin(svc, job_id, "create", JobStatus.CREATING)
-    except StaleDelivery as stale:
-        sandbox_host = (svc.store.get(job_id).get("sandbox") or {}).get("host")
-        if svc.admission is not None and sandbox_host != svc.host:
-            svc.admission.release(job_id)  # admitted here for a copy: the job's sandbox lives elsewhere
-        raise stale
+        record = begin(svc, job_id, "create", JobStatus.CREATING, token)
+    except StaleDelivery:
+        if svc.admission is not None:
+            current = svc.store.get(job_id)
+            owner = (current.get("sandbox") or {}).get("host") or (current["stages"].get("create") or {}).get("host")
+            if owner != svc.host:
+                svc.admission.release(job_id)  # admitted here for a copy: the job's sandbox is elsewhere
+        raise
     if record is None:
         if svc.admission is not None and not svc.store.get(job_id).get("sandbox"):
             svc.admission.release(job_id)  # cancelled between admission and start: nothing to hold
@@ -133,9 +124,9 @@ def create(svc: Services, job_id: str, admit_wait_s: float = 0.0, spec: JobSpec 
     return True
 
 
-def prepare(svc: Services, job_id: str) -> None:
+def prepare(svc: Services, job_id: str, token: str | None = None) -> None:
     """Write every input file (inline or streamed from R2) into the sandbox's workspace."""
-    record = begin(svc, job_id, "prepare", JobStatus.PREPARING)
+    record = begin(svc, job_id, "prepare", JobStatus.PREPARING, token)
     if record is None:
         return
     handle = owned_handle(svc, record)
@@ -184,21 +175,14 @@ def _run_setup(svc: Services, job_id: str, handle: SandboxHandle, spec: JobSpec)
 def execute(svc: Services, job_id: str, token: str) -> None:
     """Run the command exactly once; its ending is recorded as the job's outcome."""
     # the stage's start and the never-twice claim (taken only while the job is still to run) in one
-    # step; a copy of this stage (the job moved past it, or another live task runs the command)
-    # writes nothing and takes no claim: it must not record the command's task as lost
-    copy: dict[str, bool] = {}
-
-    def fresh(r: JobRecord) -> bool:
-        copy["live"] = not moved_past(r, JobStatus.RUNNING) and live_holder(svc, r, "execute", token)
-        return not moved_past(r, JobStatus.RUNNING) and not copy["live"]
-
+    # step; a copy of this stage (the job moved past it, another task ran it or runs it) writes
+    # nothing and takes no claim: it must not record the command's task as lost (services.Fresh)
+    fresh = Fresh(svc, "execute", JobStatus.RUNNING, token)
     record, claimed = svc.store.transition_and_claim(job_id, JobStatus.RUNNING, token,
                                                      also=stage_start(svc, "execute", token), only_if=fresh)
     if JobStatus(record["status"]).terminal:
         return
-    stale_unless(record, "execute", JobStatus.RUNNING)
-    if copy.get("live"):
-        raise StaleDelivery(f"execute of job {job_id} delivered again while another task runs its command")
+    fresh.check(record)
     if record.get("outcome"):
         return
     handle = owned_handle(svc, record)

@@ -33,39 +33,60 @@ class Services:
     admission: Admission | None = None  # None where sandboxes do not use this node (unpinned runtimes)
 
 
-def begin(svc: Services, job_id: str, stage: str, status: JobStatus) -> JobRecord | None:
+def begin(svc: Services, job_id: str, stage: str, status: JobStatus,
+          token: str | None = None) -> JobRecord | None:
     """Mark a stage started; None when the job already ended (cancelled) and the stage should skip.
 
-    Raises StaleDelivery, having written nothing, when the job already moved past `status`: this
-    delivery is a copy (a publish retried after a lost reply, a restore after a lost ack), and
-    running the stage again would touch the live sandbox and send a second copy of the later stages.
-    A delivery at the stage's own status (a retry, a redelivery) runs again, as every stage is idempotent."""
-    record = svc.store.transition(job_id, status, also=stage_start(svc, stage),
-                                  only_if=lambda r: not moved_past(r, status))
+    Raises StaleDelivery, having written nothing, when this delivery is a copy (a publish retried
+    after a lost reply, a restore after a lost ack; see `Fresh`): running the stage again would
+    touch the live sandbox and send a second copy of the later stages. A delivery at the stage's own
+    status by the same task (a retry, a redelivery) runs again, as every stage is idempotent."""
+    fresh = Fresh(svc, stage, status, token)
+    record = svc.store.transition(job_id, status, also=stage_start(svc, stage, token), only_if=fresh)
     if JobStatus(record["status"]).terminal:
         return None
-    stale_unless(record, stage, status)
+    fresh.check(record)
     return record
 
 
-def stale_unless(record: JobRecord, stage: str, status: JobStatus) -> None:
-    """Raise StaleDelivery when the job (not ended) has moved past the stage's own `status`."""
-    if moved_past(record, status):
-        raise StaleDelivery(f"{stage} of job {record['id']} delivered again once the job was {record['status']}")
+class Fresh:
+    """The `only_if` of a stage's first transition: False for a copy of the stage message, which
+    then writes nothing (and takes no claim); `check` raises StaleDelivery for it afterwards.
 
+    A copy: the job (not ended) has moved past the stage's own `status`, or another task (its
+    `token` recorded in the stage entry) finished the stage or still runs it in a live process (on
+    this host) or on a live node (its heartbeat). The same task again, a holder that is dead (its
+    stage is re-run, or for execute recorded lost: never run twice), or an entry without a token
+    (a task without one: the inline create, a record older than tokens) is no copy."""
 
-def live_holder(svc: Services, record: JobRecord, stage: str, token: str) -> bool:
-    """True when another task (not `token`) began `stage`, has not finished it, and may still run
-    it: its process lives on this host, or its node still beats. Such a delivery is a live copy."""
-    entry = record.get("stages", {}).get(stage) or {}
-    if entry.get("started_at") is None or entry.get("finished_at") is not None:
-        return False
-    if entry.get("token") in (None, token):  # this very task again (a retry, a redelivery)
-        return False
-    if entry.get("host") == svc.host:
-        return nodes.process_alive(entry.get("pid"), entry["started_at"])
-    beat = nodes.heartbeat(svc.store.redis, entry.get("host"))
-    return not nodes.is_dead(beat, svc.settings.node_dead_after_s, time.time())
+    def __init__(self, svc: Services, stage: str, status: JobStatus, token: str | None) -> None:
+        self.svc, self.stage, self.status, self.token = svc, stage, status, token
+        self.why: str | None = None
+
+    def __call__(self, record: JobRecord) -> bool:
+        self.why = self._copy(record)
+        return self.why is None
+
+    def check(self, record: JobRecord) -> None:
+        """After the transition: raise StaleDelivery if it was refused as a copy (record not ended)."""
+        if self.why is not None and not JobStatus(record["status"]).terminal:
+            raise StaleDelivery(f"{self.stage} of job {record['id']}: {self.why}")
+
+    def _copy(self, record: JobRecord) -> str | None:
+        if moved_past(record, self.status):
+            return f"delivered again once the job was {record['status']}"
+        entry = record.get("stages", {}).get(self.stage) or {}
+        holder = entry.get("token")
+        if self.token is None or holder in (None, self.token) or entry.get("started_at") is None:
+            return None
+        if entry.get("finished_at") is not None:
+            return f"a copy: task {holder} already finished it"
+        if entry.get("host") == self.svc.host:
+            alive = nodes.process_alive(entry.get("pid"), entry["started_at"])
+        else:
+            beat = nodes.heartbeat(self.svc.store.redis, entry.get("host"))
+            alive = not nodes.is_dead(beat, self.svc.settings.node_dead_after_s, time.time())
+        return f"a copy: task {holder} still runs it" if alive else None
 
 
 def stage_start(svc: Services, stage: str, token: str | None = None) -> Callable[[JobRecord], None]:

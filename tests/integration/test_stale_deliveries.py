@@ -16,6 +16,7 @@ import pytest
 from config import load_settings
 from sandbox import collecting, lifecycle, nodes
 from sandbox.errors import StaleDelivery
+from sandbox.runtimes.base import SandboxHandle
 from sandbox.services import Services
 from sandbox.spec import JobSpec, ResourceLimits
 from sandbox.state import JobStatus, JobStore, claim_key, new_record, record_key
@@ -31,6 +32,10 @@ class SpyRuntime:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+
+    def create(self, spec: JobSpec, host: str) -> SandboxHandle:
+        self.calls.append("create")
+        return SandboxHandle(f"sbx-{spec.id}", spec.id, "local", host, time.time(), time.time() + 600)
 
     def __getattr__(self, op: str) -> Any:
         if op.startswith("_"):
@@ -128,3 +133,27 @@ def test_a_transition_refused_by_only_if_never_attempts_the_claim(svc, redis_cli
     record, claimed = svc.store.transition_and_claim(job_id, JobStatus.RUNNING, "copy", only_if=lambda r: False)
     assert not claimed and redis_client.get(claim_key(job_id)) is None
     assert svc.store.transition_and_claim(job_id, JobStatus.RUNNING, "real")[1]  # written: claimed
+
+
+@pytest.mark.parametrize("stage", ["create", "prepare"])
+def test_a_copy_of_create_or_prepare_another_task_ran_or_runs_writes_nothing(stage, svc, redis_client):
+    status = {"create": JobStatus.CREATING, "prepare": JobStatus.PREPARING}[stage]
+    run = {"create": lifecycle.create, "prepare": lifecycle.prepare}[stage]
+    now = time.time()
+    holders = {"finished": {"host": HOST, "pid": _dead_pid(), "started_at": now - 2, "finished_at": now - 1},
+               "alive-here": {"host": HOST, "pid": os.getpid(), "started_at": now - 1},
+               "dead-here": {"host": HOST, "pid": _dead_pid(), "started_at": now - 1}}
+    for name, holder in holders.items():
+        job_id = _job(svc, status, stages={stage: {"attempts": 1, "token": "real", **holder}})
+        before = redis_client.get(record_key(job_id))
+        if name == "dead-here":  # its holder died: the stage runs again, as a redelivery would
+            run(svc, job_id, token="copy")
+            assert svc.store.get(job_id)["stages"][stage]["token"] == "copy"
+            continue
+        with pytest.raises(StaleDelivery):
+            run(svc, job_id, token="copy")
+        assert redis_client.get(record_key(job_id)) == before, name
+        assert svc.runtime.calls == []
+    job_id = _job(svc, status, stages={stage: {"attempts": 1, "token": "real", **holders["alive-here"]}})
+    run(svc, job_id, token="real")  # the same task again (a retry): runs
+    assert svc.store.get(job_id)["stages"][stage]["attempts"] == 2
