@@ -74,16 +74,17 @@ def submit(self, job: Any) -> dict | None:
     svc = services()
     record, run = lifecycle.submit(svc, job, self.request.id)
     if not run:
-        if lifecycle.created_not_dispatched(record, self.request.id):
-            # this very submit built the sandbox and died before it sent the later stages: send them
-            # now (a cancelled job's too: its collect keeps the logs, its cleanup destroys the sandbox)
+        first = lifecycle.unsent_from(record, self.request.id)
+        if first is not None:
+            # this very submit died before (or while) it sent the stages: send them now (a cancelled
+            # job's too: its collect keeps the logs, its cleanup destroys the sandbox and answers)
             spec = svc.store.spec(record["id"])
-            _send(self, pipeline(record["id"], float(spec["timeout_s"]), _wants_all(record),
-                                 first="prepare", queue=node_queue(record["sandbox"]["host"])))
+            queue = node_queue(record["sandbox"]["host"]) if first == "prepare" else create_queue(_intake(self))
+            _send(self, pipeline(record["id"], float(spec["timeout_s"]), _wants_all(record), first=first, queue=queue))
             return None
         if record.get("submit_task_id") == self.request.id and not JobStatus(record["status"]).terminal:
-            # this very submit, redelivered: its stages already carry its result, or it died while
-            # building the sandbox, and the node's reconcile or the stuck sweep ends the job (never twice)
+            # this very submit, redelivered: its stages began (they carry its result), or it died
+            # while building the sandbox, and the node's reconcile or the stuck sweep ends the job
             raise Ignore()
         self.backend.store_result(self.request.id, record, states.SUCCESS, request=self.request)
         return record
@@ -93,7 +94,7 @@ def submit(self, job: Any) -> dict | None:
         _notify_transitions(job_id)
     spec = svc.store.spec(job_id)
     created = _create_here(job_id, spec, notify)
-    lifecycle.dispatched(svc, job_id)  # a redelivered submit must not send them again
+    lifecycle.dispatched(svc, job_id)  # a redelivered submit builds nothing; it re-sends only unbegun stages
     if created:  # the rest goes where create would have sent it: this node's own queue
         _send(self, pipeline(job_id, float(spec["timeout_s"]), notify, first="prepare", queue=node_queue(svc.host)))
     else:  # the job waits in `<intake>.create` for any node that admits it, as every job used to
@@ -213,14 +214,14 @@ def create(self, job_id: str, notify: bool = False) -> str:
         _route_rest_of_chain(self, node_queue(svc.host))
     else:  # any worker of the job's intake may drive its machine: the stages stay there
         _route_rest_of_chain(self, _intake(self))
-    if run_stage(self, lifecycle.create, job_id, notify, admit_wait_s=ADMIT_WAIT_S) is False:
+    if run_stage(self, lifecycle.create, job_id, notify, admit_wait_s=ADMIT_WAIT_S, token=self.request.id) is False:
         raise Reject(f"job {job_id} not admitted on {svc.host} yet", requeue=True)
     return job_id
 
 
 @app.task(name="sandbox.prepare", bind=True, ignore_result=True)
 def prepare(self, job_id: str, notify: bool = False) -> str:
-    run_stage(self, lifecycle.prepare, job_id, notify)
+    run_stage(self, lifecycle.prepare, job_id, notify, token=self.request.id)
     return job_id
 
 
