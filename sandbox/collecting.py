@@ -47,7 +47,7 @@ def collect(svc: Services, job_id: str) -> None:
                     raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
                 check_key(key)  # a job-chosen name: control characters or '..' never reach S3
             except StorageError as e:
-                refused.append({"path": shown, "reason": str(e)})
+                refused.append({"path": f.relpath, "reason": str(e)})
                 continue
             outputs.append((key, f.open, f.size, f.relpath))
     finally:
@@ -78,11 +78,11 @@ def collect(svc: Services, job_id: str) -> None:
     artifacts = []
     for upload, entry in zip(outputs, _upload_all(svc, job_id, outputs, tolerate=True)):
         if isinstance(entry, Exception):  # refused by S3 or unreadable: this object only
-            refused.append({"path": shown_path(upload[3]), "reason": str(entry)[:500]})
+            refused.append({"path": upload[3], "reason": str(entry)[:500]})
         else:
             artifacts.append(entry)
-    # over a cap, links, devices, bad names: every job-chosen path in the record is shown escaped
-    skipped = [{**s, "path": shown_path(s["path"])} for s in getattr(collected, "skipped", [])] + refused
+    # over a cap, links, devices, bad names: every job-chosen path in the record is shown escaped and cut
+    skipped = listed_skips(list(getattr(collected, "skipped", [])) + refused, getattr(collected, "not_listed", 0))
     finish_stage(svc, job_id, "collect", also=lambda r: r.update(logs=logs, artifacts=artifacts,
                                                                   skipped_outputs=skipped))
 
@@ -90,6 +90,41 @@ def collect(svc: Services, job_id: str) -> None:
 def shown_path(relpath: str) -> str:
     """A job-chosen path as text that shows what it is: bad UTF-8, controls, bidi and zero-width escaped."""
     return escape_line(relpath.encode("utf-8", "surrogateescape"))
+
+
+# The job record is kept for days, re-sent on every update and in every webhook: what a job names
+# must not grow it. A skipped path (32 levels of 255-byte names) escaped ran to 48 KiB of JSON each.
+SHOWN_PATH_CHARS = 512
+SKIPPED_BUDGET_BYTES = 64 * 1024  # skipped_outputs as JSON, the closing "more not listed" entry aside
+
+
+def listed_path(relpath: str) -> dict[str, Any]:
+    """{"path": shown_path(relpath)} cut to SHOWN_PATH_CHARS + "…", with "cut": True if it was."""
+    # Escaping only the head keeps the work bounded too. Invalid UTF-8 turns at most 3 characters
+    # (surrogate-escaped bytes) into one U+FFFD, so a head of 4x the shown length always shows more
+    # than SHOWN_PATH_CHARS when the path goes on past it: a cut is never missed.
+    shown = shown_path(relpath[:4 * SHOWN_PATH_CHARS])
+    if len(shown) <= SHOWN_PATH_CHARS:
+        return {"path": shown}
+    return {"path": shown[:SHOWN_PATH_CHARS] + "\u2026", "cut": True}
+
+
+def listed_skips(skipped: list[dict[str, Any]], not_listed: int = 0) -> list[dict[str, Any]]:
+    """`skipped` ({"path" as the job named it, "reason"}) as the record shows it: paths escaped and
+    cut, at most SKIPPED_BUDGET_BYTES of them, then one {"path": "", "reason": "N more not listed",
+    "not_listed": N} for the rest and the `not_listed` the walk did not keep."""
+    shown: list[dict[str, Any]] = []
+    used = 0
+    for i, entry in enumerate(skipped):
+        item = {**entry, **listed_path(str(entry["path"])), "reason": str(entry["reason"])[:500]}
+        used += len(json.dumps(item))
+        if used > SKIPPED_BUDGET_BYTES:
+            not_listed += len(skipped) - i
+            break
+        shown.append(item)
+    if not_listed:
+        shown.append({"path": "", "reason": f"{not_listed} more not listed", "not_listed": not_listed})
+    return shown
 
 
 UPLOAD_THREADS = 4  # per collect: S3 PUTs are round trips, not CPU; a few at once cut collect's wall time

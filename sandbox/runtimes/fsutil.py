@@ -207,8 +207,15 @@ def open_beneath(root: str, relpath: str) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
+# What collect remembers of the entries it leaves out: a job chooses how many and how long, so both
+# are bounded here (worker memory, the agent's answer) before collecting bounds what the record shows.
+MAX_SKIPPED = 1000
+SKIPPED_PATH_CHARS = 2048  # 4 x what the record shows (collecting.SHOWN_PATH_CHARS): enough to tell a cut
+
+
 class CollectedFiles:
-    """Iterates the regular files under the collected dirs, within caps; `.skipped` says what was not."""
+    """Iterates the regular files under the collected dirs, within caps; `.skipped` says what was not,
+    `.not_listed` how many more were left out than `.skipped` lists."""
 
     MAX_DEPTH = 32
 
@@ -218,6 +225,7 @@ class CollectedFiles:
         self.dirs = dirs
         self.max_files, self.max_file_bytes, self.max_total_bytes = max_files, max_file_bytes, max_total_bytes
         self.skipped: list[dict[str, Any]] = []  # {"path", "reason"} for each entry left out
+        self.not_listed = 0
         self.total_bytes = 0
         self._it = self._walk_all()
 
@@ -232,8 +240,10 @@ class CollectedFiles:
         self._it.close()
 
     def _skip(self, relpath: str, reason: str) -> None:
-        if len(self.skipped) < 1000:  # a job must not grow the worker's memory through this list
-            self.skipped.append({"path": relpath, "reason": reason})
+        if len(self.skipped) < MAX_SKIPPED:  # a job must not grow the worker's memory through this list
+            self.skipped.append({"path": relpath[:SKIPPED_PATH_CHARS], "reason": reason})
+        else:
+            self.not_listed += 1
 
     def _walk_all(self) -> Iterator[OutputFile]:
         count = 0
