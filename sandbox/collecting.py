@@ -38,6 +38,7 @@ def collect(svc: Services, job_id: str) -> None:
     collected = svc.runtime.collect(handle, spec.collect)  # (kills what is left of the job first)
     outputs: list[tuple[str, Callable[[], Any], int | None, str | None]] = []
     refused: list[dict[str, str]] = []
+    taken: set[str] = set()
     try:
         for f in collected:
             key = output_key(job_id, f.relpath)
@@ -46,9 +47,12 @@ def collect(svc: Services, job_id: str) -> None:
                 if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
                     raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
                 check_key(key)  # a job-chosen name: control characters or '..' never reach S3
+                if key in taken:  # collect ["artifacts", "x"]: artifacts/x/f and x/f share a key
+                    raise StorageError("its object key is taken by a file collected before it")
             except StorageError as e:
                 refused.append({"path": f.relpath, "reason": str(e)})
                 continue
+            taken.add(key)
             outputs.append((key, f.open, f.size, f.relpath))
     finally:
         close = getattr(collected, "close", None)

@@ -92,8 +92,10 @@ class _Bucket:
         return f"https://bucket.invalid/{key}"
 
 
-def collect_through_lifecycle(runtime, settings, script: str) -> tuple[dict, _Bucket]:  # type: ignore[no-untyped-def]
-    """Run `script` in a sandbox, then collecting.collect it; returns the record and what was uploaded."""
+def collect_through_lifecycle(runtime, settings, script: str,  # type: ignore[no-untyped-def]
+                              collect: tuple[str, ...] | None = None) -> tuple[dict, _Bucket]:
+    """Run `script` in a sandbox, then collecting.collect it (`collect`: other dirs than the default);
+    returns the record and what was uploaded."""
     from sandbox import collecting
     from sandbox.services import Services
     from sandbox.runtimes.base import ExecResult
@@ -101,6 +103,8 @@ def collect_through_lifecycle(runtime, settings, script: str) -> tuple[dict, _Bu
     from tests.integration.test_local_runtime import make_spec
 
     spec = make_spec(["/usr/bin/python3", "-c", script])
+    if collect is not None:
+        spec = dataclasses.replace(spec, collect=collect)
     handle = runtime.create(spec, "h")
     result = runtime.execute(handle, spec, lambda s, c: None)
     assert result.outcome == "succeeded", runtime.logs(handle)["stderr"].read()

@@ -33,3 +33,14 @@ def test_skipped_outputs_cannot_grow_the_job_record(runtime, settings) -> None: 
     assert all(len(s["path"]) == 513 and s["path"].startswith("output/\ufffd") and s["path"].endswith("\u2026")
                for s in listed)
     assert closing == {"path": "", "reason": f"{1100 - len(listed)} more not listed", "not_listed": 1100 - len(listed)}
+
+
+def test_two_collected_files_never_share_an_object_key(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    # Attack: collect ["artifacts", "x"] maps artifacts/x/f and x/f to one key, jobs/{id}/artifacts/x/f:
+    # the record would list two files (two paths, two sizes) whose URLs serve one object.
+    script = ("import os; os.makedirs('artifacts/x'); os.makedirs('x')\n"
+              "open('artifacts/x/f', 'w').write('A' * 10); open('x/f', 'w').write('B' * 3)\n")
+    record, bucket = collect_through_lifecycle(runtime, settings, script, collect=("artifacts", "x"))
+    assert [(a["path"], a["size"]) for a in record["artifacts"]] == [("artifacts/x/f", 10)]
+    assert bucket.objects[record["artifacts"][0]["key"]] == b"A" * 10
+    assert record["skipped_outputs"] == [{"path": "x/f", "reason": "its object key is taken by a file collected before it"}]
