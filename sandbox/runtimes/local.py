@@ -25,7 +25,7 @@ from sandbox.runtimes.base import ExecResult, OutputSink, SandboxHandle, Sandbox
 from sandbox.egress import EgressService
 from sandbox.runtimes import executor, prestart
 from sandbox.runtimes.executor import run_job
-from sandbox.spec import JobSpec
+from sandbox.spec import JOB_ID, JobSpec
 
 log = logging.getLogger("sandbox.runtime")
 
@@ -37,8 +37,10 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
 
 def sandbox_id_for(job_id: str) -> str:
     """The sandbox id of a job: deterministic, so a redelivered create finds the same sandbox."""
-    if not _SAFE_ID.fullmatch(job_id):
-        raise JobRejected("/id", "sandbox_id", "job id must match [A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
+    # Any id the contract accepts ('-abc' and '_abc' among them): the "sbx-" prefix is what makes the
+    # sandbox id a safe file, cgroup and argv word, so the id itself needs no letter first.
+    if not JOB_ID.fullmatch(job_id):
+        raise JobRejected("/id", "pattern", "the id must match [A-Za-z0-9_-]{1,64}")
     return f"sbx-{job_id}"
 
 

@@ -160,3 +160,22 @@ def test_schema_alone_accepts_a_full_job_and_refuses_unknown_fields() -> None:
     assert not validator.is_valid({"command": "ls", "eta": 1})
     assert not validator.is_valid({"command": "ls", "timeout": True})
     assert not validator.is_valid({"command": "ls", "files": [{"path": "a", "content": "x", "r2_key": "shared/a"}]})
+
+
+@pytest.mark.parametrize("job_id", ["-abc", "_abc", "--", "a" * 64, "x"])
+def test_every_id_the_contract_accepts_gets_a_safe_sandbox_id(job_id: str, settings: Settings) -> None:
+    # (the local runtime wanted a letter or digit first: '-abc' passed submit and failed every create)
+    from sandbox.runtimes.local import _SAFE_ID, sandbox_id_for
+
+    spec = parse_job({"id": job_id, "command": "ls"}, settings)
+    sid = sandbox_id_for(spec.id)
+    assert sid == f"sbx-{job_id}" and _SAFE_ID.fullmatch(sid)
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "..", "a/b", "", "a" * 65, "a\n"])
+def test_a_sandbox_id_is_never_made_of_an_id_the_contract_refuses(job_id: str) -> None:
+    from sandbox.runtimes.local import sandbox_id_for
+
+    with pytest.raises(JobRejected) as e:
+        sandbox_id_for(job_id)
+    assert e.value.field == "/id"
