@@ -8,6 +8,7 @@ component at a time with openat (dir_fd) and O_NOFOLLOW, and only regular files 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -215,7 +216,12 @@ SKIPPED_PATH_CHARS = 2048  # 4 x what the record shows (collecting.SHOWN_PATH_CH
 
 class CollectedFiles:
     """Iterates the regular files under the collected dirs, within caps; `.skipped` says what was not,
-    `.not_listed` how many more were left out than `.skipped` lists."""
+    `.not_listed` how many more were left out than `.skipped` lists.
+
+    The walk looks at no more than `2 * max_files + MAX_SKIPPED` entries (files, directories, links)
+    in all: past them there is nothing it could collect or list, and a job that made 655k of them
+    cost the worker 330 MiB and 10 s a walk. Where it stops, the first entry of `.skipped` says so.
+    """
 
     MAX_DEPTH = 32
 
@@ -227,6 +233,10 @@ class CollectedFiles:
         self.skipped: list[dict[str, Any]] = []  # {"path", "reason"} for each entry left out
         self.not_listed = 0
         self.total_bytes = 0
+        # (directories count too: 655k empty ones would cost as much; 2 x files leaves one per file)
+        self.max_entries = 2 * max_files + MAX_SKIPPED
+        self.entries = 0  # looked at so far
+        self.stopped = False
         self._it = self._walk_all()
 
     def __iter__(self) -> "CollectedFiles":
@@ -245,9 +255,18 @@ class CollectedFiles:
         else:
             self.not_listed += 1
 
+    def _stop(self, relpath: str) -> None:
+        """Record, once and first (past any cap: it says the listing is partial), where the walk stopped."""
+        if not self.stopped:
+            self.stopped = True
+            self.skipped.insert(0, {"path": relpath[:SKIPPED_PATH_CHARS],
+                                    "reason": f"walk stopped: more than {self.max_entries} entries"})
+
     def _walk_all(self) -> Iterator[OutputFile]:
         count = 0
         for top in self.dirs:
+            if self.stopped:
+                break
             try:
                 fd = _open_dirs(self.root, split_relpath(top, "/collect"), None)
             except FileNotFoundError:
@@ -271,10 +290,22 @@ class CollectedFiles:
                 self.total_bytes += item.size
                 yield item
 
+    def _names(self, dir_fd: int) -> tuple[list[str], bool]:
+        """Up to the walk's remaining entries of the directory, sorted, and whether it holds more.
+        Streamed: a directory of 655k names is never read (or sorted) whole."""
+        room = self.max_entries - self.entries
+        with os.scandir(dir_fd) as it:  # (on a duplicate of dir_fd, closed here: no handle kept across yields)
+            names = [entry.name for entry in itertools.islice(it, room + 1)]
+        return sorted(names[:room]), len(names) > room
+
     def _walk(self, dir_fd: int, prefix: str, depth: int) -> Iterator[OutputFile]:
         try:
-            names = sorted(os.listdir(dir_fd))
+            names, more = self._names(dir_fd)
             for name in names:
+                if self.entries >= self.max_entries:  # (a subdirectory took the rest)
+                    more = True
+                    break
+                self.entries += 1
                 rel = f"{prefix}/{name}"
                 try:
                     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -290,5 +321,7 @@ class CollectedFiles:
                     yield OutputFile(rel, st.st_size, lambda r=rel: open_beneath(self.root, r))
                 else:
                     self._skip(rel, "not a regular file" if not stat.S_ISDIR(st.st_mode) else "too deep")
+            if more:
+                self._stop(prefix)
         finally:
             os.close(dir_fd)
