@@ -44,8 +44,11 @@ def collect(svc: Services, job_id: str) -> None:
             key = output_key(job_id, f.relpath)
             shown = shown_path(f.relpath)
             try:
-                if shown != f.relpath:  # a name that displays as another one ('a\u202efdp.exe') is no name
-                    raise StorageError("name is not UTF-8 or has control, bidi or invisible characters")
+                # a name that displays as another one ('a\u202efdp.exe') is no name; nor is one with
+                # U+FFFD, which is how an invalid byte of another name is shown
+                if shown != f.relpath or "\ufffd" in f.relpath:
+                    raise StorageError("name is not UTF-8 or has control, bidi, invisible or "
+                                       "replacement characters")
                 check_key(key)  # a job-chosen name: control characters or '..' never reach S3
                 if key in taken:  # collect ["artifacts", "x"]: artifacts/x/f and x/f share a key
                     raise StorageError("its object key is taken by a file collected before it")

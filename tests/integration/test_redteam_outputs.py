@@ -89,3 +89,19 @@ def test_collect_walk_stops_past_what_it_could_collect_or_list(runtime, settings
     assert files.skipped[0] == {"path": "output", "reason": f"walk stopped: more than {max_entries} entries"}
     assert len(files.skipped) == 1 + MAX_SKIPPED and files.not_listed == max_entries - MAX_SKIPPED - len(collected)
     assert peak < 4 * MiB, f"the walk of one job's output dir peaked at {peak / MiB:.0f} MiB of worker heap"
+
+
+# An invalid byte is shown as U+FFFD: a second file literally named with U+FFFD would be uploaded
+# under the very path shown for the refused one.
+LOOKALIKE = ("import os; os.makedirs('output')\n"
+             "open(b'output/report\\xff.pdf', 'w').write('real')\n"
+             "open('output/report\\ufffd.pdf', 'w').write('decoy')\n")
+
+
+def test_a_refused_name_never_shows_as_an_uploaded_one(runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    record, _ = collect_through_lifecycle(runtime, settings, LOOKALIKE)
+    skipped = {s["path"] for s in record["skipped_outputs"]}
+    uploaded = {a["path"] for a in record["artifacts"]}
+    assert "output/report\ufffd.pdf" in skipped  # both refused, shown alike
+    assert not skipped & uploaded
+    assert not any(a["path"].startswith("output/report") for a in record["artifacts"])
