@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -66,6 +68,8 @@ class Session:
         self.tasks: set[asyncio.Task] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.closing = False
+        self.limit_hit = False  # past max_connections: one entry logged, listener closed
+        self.lingering: set[asyncio.WriteTransport] = set()  # job-side transports still flushing
 
     async def serve(self, listener: Any) -> None:
         """Accept connections on a listening socket (bound inside the sandbox's network namespace)."""
@@ -82,7 +86,16 @@ class Session:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         for server in self.servers:
             await server.wait_closed()
+        for transport in list(self.lingering):  # every flow ends with the stage, flushed or not
+            transport.abort()
+        self.lingering.clear()
         return self.summary()
+
+    def _stop_accepting(self) -> None:
+        """Close the listener: later connects are refused by the kernel inside the job's namespace,
+        at no cost to the worker (no accept, no parse, no audit line, no live event)."""
+        for server in self.servers:
+            server.close()
 
     def summary(self) -> dict[str, Any]:
         return {"policy": {"allowed_hosts": list(self.policy.allowed_hosts),
@@ -98,9 +111,13 @@ class Session:
         assert task is not None
         self.tasks.add(task)
         flow = Flow()
+        if self.limit_hit:  # already in the backlog when the listener closed: drop, count nothing
+            writer.transport.abort()
+            self.tasks.discard(task)
+            return
         self.active += 1
+        self.totals["connections"] += 1
         try:
-            self.totals["connections"] += 1
             self._admit()
             head = http.parse_head(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S))
             if head.method == "CONNECT":
@@ -110,7 +127,10 @@ class Session:
                 flow.kind = "http"
                 await self._plain(head, reader, writer, flow)
         except Refused as refused:
-            flow.verdict, flow.reason, flow.detail = "refused", refused.reason, refused.detail[:200]
+            # A cap that cuts a flow already relaying upstream bytes ends an allowed connection.
+            cut = refused.reason == "bandwidth_exceeded" and (flow.relaying or flow.responded)
+            flow.verdict = "allowed" if cut else "refused"
+            flow.reason, flow.detail = refused.reason, refused.detail[:200]
             self._answer_refusal(writer, flow, refused)
         except asyncio.CancelledError:
             flow.reason = flow.reason or "stage_ended"
@@ -124,17 +144,39 @@ class Session:
             flow.verdict, flow.reason = "refused", "proxy_error"
         finally:
             self.active -= 1
-            for w in (flow.upstream, writer):
-                if w is not None:
-                    w.close()
+            self._end_transports(flow, writer)
             self._log(flow)
             self.tasks.discard(task)
+
+    def _end_transports(self, flow: Flow, writer: asyncio.StreamWriter) -> None:
+        """Close both sides of a flow so that neither outlives it (nor the stage).
+
+        close() on a transport with unsent data keeps the socket open until the peer reads it,
+        forever if it never does. The upstream's unsent bytes have no one left to answer: abort.
+        The job's side may still be reading a response's tail: let it flush, but only until the
+        stage ends (close() aborts what is left)."""
+        if flow.upstream is not None:
+            up = flow.upstream.transport
+            if self.closing or up.get_write_buffer_size():
+                up.abort()
+            else:
+                up.close()
+        down = writer.transport
+        if self.closing:
+            down.abort()
+        else:
+            buffered = down.get_write_buffer_size() > 0
+            down.close()
+            if buffered:
+                self.lingering.add(down)
 
     def _admit(self) -> None:
         p = self.policy
         if self.closing:
             raise Refused("stage_ended", "the stage that allowed network has ended")
         if self.totals["connections"] > p.max_connections:
+            self.limit_hit = True
+            self._stop_accepting()
             raise Refused("connection_limit", f"the job may open {p.max_connections} connections")
         if self.active > p.max_concurrent:
             raise Refused("too_many_connections", f"the job may hold {p.max_concurrent} connections at once")
@@ -143,7 +185,7 @@ class Session:
 
     def _answer_refusal(self, writer: asyncio.StreamWriter, flow: Flow, refused: Refused) -> None:
         try:
-            if not flow.responded:
+            if not flow.responded:  # once upstream bytes went back, a 403 would land inside them
                 writer.write(http.refusal(_STATUS.get(refused.reason, 403), refused.reason, refused.detail))
             elif flow.kind == "connect" and not flow.relaying:
                 writer.write(tls.ACCESS_DENIED_ALERT)  # inside the tunnel a 403 would be read as TLS
@@ -258,6 +300,8 @@ class Session:
         self.bytes_total += n
         await self.bucket.take(n)
         dst.write(data)
+        if not up:
+            flow.responded = True  # from here on a refusal can only close the connection
         await dst.drain()  # a job that never reads stops us reading upstream: memory stays flat
         if up:
             flow.bytes_up += n
@@ -275,8 +319,7 @@ class Session:
             self.dropped += 1
         audit.info(json.dumps({"op": "egress", "job_id": self.job_id, **entry}, sort_keys=True))
         if self.on_entry is not None:
-            loop = asyncio.get_running_loop()
-            loop.run_in_executor(None, _quietly, self.on_entry, entry)  # a Redis write off the loop
+            _publisher.put(self.on_entry, entry)  # a Redis write off the loop, never on DNS's executor
 
 
 def _host_key(authority: str, default_port: int | None) -> tuple[str, int | None]:
@@ -287,8 +330,38 @@ def _host_key(authority: str, default_port: int | None) -> tuple[str, int | None
         return ("", None)
 
 
-def _quietly(fn: Callable[[dict[str, Any]], None], entry: dict[str, Any]) -> None:
-    try:
-        fn(entry)
-    except Exception:  # noqa: BLE001 - a lost live event must not break the flow; the record keeps it
-        logging.getLogger("sandbox.egress").exception("publishing a connection log entry failed")
+class _Publisher:
+    """Live connection-log events, published by one thread of their own from a bounded queue.
+
+    Not the loop's default executor: getaddrinfo for every job's lookups runs there, and a job
+    that makes many connections must not queue other jobs' DNS behind its events. When the queue
+    is full the event is dropped (the record's log keeps the entry)."""
+
+    MAX_QUEUED = 5000  # a few jobs' worth at the default connection cap; entries are ~0.5 KiB
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+
+    def put(self, fn: Callable[[dict[str, Any]], None], entry: dict[str, Any]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sandbox-egress-events", daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait((fn, entry))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            fn, entry = self._queue.get()
+            try:
+                fn(entry)
+            except Exception:  # noqa: BLE001 - a lost live event must not break the flow; the record keeps it
+                logging.getLogger("sandbox.egress").exception("publishing a connection log entry failed")
+
+
+_publisher = _Publisher()

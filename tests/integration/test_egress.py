@@ -145,9 +145,13 @@ def test_tls_naming_another_host_than_the_connect_host_is_cut(box: Box) -> None:
 def test_every_request_on_a_kept_alive_plain_connection_must_name_the_same_host(box: Box) -> None:
     got, result, _ = box.probe("keepalive", "api.test", "other.test", "api.test", hosts=["api.test"], ports=[80])
     assert got["first"]["status"] == 200 and "hello api.test" in got["first_body"]
-    assert got["second"] == {"status": 403, "reason": "host_mismatch"}
-    got, _, _ = box.probe("keepalive", "api.test", "api.test", "other.test", hosts=["api.test", "other.test"], ports=[80])
-    assert got["second"] == {"status": 403, "reason": "host_mismatch"}  # another host in the URL, too
+    # Upstream bytes went back on this connection: the proxy closes it instead of writing a 403
+    # (which could land inside a response still streaming); the log says why.
+    assert got["second"] == {"status": None, "reason": None}
+    assert [(e["verdict"], e["reason"]) for e in result.network["connections"]] == [("refused", "host_mismatch")]
+    got, result, _ = box.probe("keepalive", "api.test", "api.test", "other.test", hosts=["api.test", "other.test"], ports=[80])
+    assert got["second"] == {"status": None, "reason": None}  # another host in the URL, too
+    assert [e["reason"] for e in result.network["connections"]] == ["host_mismatch"]
     got, _, _ = box.probe("keepalive", "api.test", "api.test", "api.test", hosts=["api.test"], ports=[80])
     assert got["second"]["status"] == 200
 
