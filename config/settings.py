@@ -290,7 +290,7 @@ class Settings:
     egress_hosts: tuple[tuple[str, tuple[str, ...]], ...] = _setting("SANDBOX_EGRESS_HOSTS", "", _host_map)
     default_bandwidth_bps: int = _setting("SANDBOX_DEFAULT_BANDWIDTH", "10Mbps", parse_bandwidth)
     max_bandwidth_bps: int = _setting("SANDBOX_MAX_BANDWIDTH", "1Gbps", parse_bandwidth)
-    egress_max_bytes: int = _setting("SANDBOX_EGRESS_MAX_BYTES", "1Gi", parse_size)  # per job, up + down
+    egress_max_bytes: int = _setting("SANDBOX_EGRESS_MAX_BYTES", "1Gi", parse_size)  # per stage (setup, command), up + down
     egress_max_connections: int = _setting("SANDBOX_EGRESS_MAX_CONNECTIONS", "1000", _positive_int)
     egress_max_concurrent: int = _setting("SANDBOX_EGRESS_MAX_CONCURRENT", "32", _positive_int)
     egress_log_entries: int = _setting("SANDBOX_EGRESS_LOG_ENTRIES", "200", _positive_int)
