@@ -278,7 +278,7 @@ def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[s
     sel.register(proc.stdout, selectors.EVENT_READ, captures["stdout"])
     sel.register(proc.stderr, selectors.EVENT_READ, captures["stderr"])
     timed_out = False
-    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    devnull = -1  # opened only for a job past its log cap: two syscalls less for every other run
     try:
         while sel.get_map():
             remaining = deadline - time.monotonic()
@@ -289,6 +289,8 @@ def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[s
             only_discarded = True
             for key, _ in sel.select(timeout=max(0.0, min(remaining, 0.5)) if not timed_out else 0.5):
                 if key.data.full:
+                    if devnull < 0:
+                        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
                     if not key.data.discard(key.fd, devnull):
                         sel.unregister(key.fileobj)
                     continue
@@ -306,7 +308,8 @@ def _pump(rt: "LocalRuntime", sid: str, proc: subprocess.Popen, captures: dict[s
                 rt.cgroups.kill(sid)  # bwrap is gone; a stray holder of the pipe must not keep us here
     finally:
         sel.close()
-        os.close(devnull)
+        if devnull >= 0:
+            os.close(devnull)
         proc.stdout.close()
         proc.stderr.close()
     return timed_out

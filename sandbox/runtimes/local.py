@@ -40,7 +40,7 @@ def sandbox_id_for(job_id: str) -> str:
     # Any id the contract accepts ('-abc' and '_abc' among them): the "sbx-" prefix is what makes the
     # sandbox id a safe file, cgroup and argv word, so the id itself needs no letter first.
     if not JOB_ID.fullmatch(job_id):
-        raise JobRejected("/id", "pattern", "the id must match [A-Za-z0-9_-]{1,64}")
+        raise JobRejected("/id", "pattern", f"the id must match {JOB_ID.pattern}")
     return f"sbx-{job_id}"
 
 
