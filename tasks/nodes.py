@@ -1,11 +1,13 @@
 """Start-up of a worker node, in one handler and in this order: consume the node's queues, start the
 metrics endpoint and the audit trail, check the broker keeps what it is given, write a first
 heartbeat, reconcile what a dead process of this node left (its jobs, its admitted capacity, its
-sandboxes), publish the node's capacity, then keep a heartbeat in Redis. All of it before the worker
+sandboxes, the messages it held), publish the node's capacity, then keep a heartbeat in Redis. All of it before the worker
 consumes (celeryd_after_setup)."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Any
@@ -17,6 +19,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from config import load_settings
 from sandbox import nodes, sweeps
 from sandbox.errors import ConfigError
+from tasks import transport
 from tasks.app import app, consume_own_queues, services
 from tasks.consumer import CONTROL_QUEUE, ControlConsumer
 from tasks.monitoring import start_endpoint
@@ -59,6 +62,8 @@ def _start_node(sender: str, instance: Any, **_: object) -> None:
 def _start(sender: str, instance: Any) -> None:
     booted_at = _booted["at"] = time.time()
     consume_own_queues(sender, instance)  # Celery's default `celery` among them: stock producers
+    host = socket.gethostname()
+    transport.set_holder(sender, os.getpid(), booted_at, host)
     start_endpoint(sender)
     settings = load_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
@@ -81,18 +86,28 @@ def _start(sender: str, instance: Any) -> None:
             nodes.beat(client, sender, queues, booted_at, settings.node_dead_after_s)
             svc = services()
             _, destroyed = sweeps.reconcile(svc, booted_at, ended)
+            # what a dead process of this node had taken and not finished goes back to its queues
+            # now, not after the visibility timeout (its begun stages' jobs were just ended)
+            restored = transport.restore_held(app, lambda holder, _queue: _gone(holder, sender, host))
             if svc.admission is not None:
                 svc.admission.publish_capacity()
     for record in ended:
         from tasks.stages import announce_end
 
         announce_end(record)
-    if ended or destroyed:
-        log.warning("reconciled node %s: ended %d lost job(s), destroyed %d sandbox(es)", sender, len(ended),
-                    len(destroyed))
+    if ended or destroyed or restored:
+        log.warning("reconciled node %s: ended %d lost job(s), destroyed %d sandbox(es), gave back %d message(s)"
+                    " a dead process of it held", sender, len(ended), len(destroyed), len(restored))
     thread = threading.Thread(target=_beat_forever, args=(client, sender, queues, booted_at, settings),
                               name="sandbox-heartbeat", daemon=True)
     thread.start()
+
+
+def _gone(holder: dict[str, Any], node: str, host: str) -> bool:
+    """True for a holder that was a process of this node on this host and is no longer running."""
+    since = holder.get("since")
+    return (holder.get("node") == node and holder.get("host") == host and isinstance(since, (int, float))
+            and not nodes.process_alive(holder.get("pid"), since))
 
 
 def _beat_forever(client: redis.Redis, node: str, queues: list[str], booted_at: float, settings: Any) -> None:

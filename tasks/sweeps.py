@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+import time
 from typing import Any
 
 import redis
@@ -12,6 +13,7 @@ from celery.signals import beat_init
 
 from config import load_settings
 from sandbox import nodes, sweeps
+from tasks import transport
 from tasks.app import app, node_queue, services
 
 log = logging.getLogger("sandbox.sweeps")
@@ -77,8 +79,28 @@ def sweep_stuck() -> list[str] | None:
     ended = sweeps.sweep_stuck(svc, max_idle_s=svc.settings.visibility_timeout_s + STUCK_MARGIN_S)
     for record in ended:
         announce_end(record)
+    restored = restore_dead_nodes_messages(svc)
+    if restored:
+        log.warning("gave back %d message(s) that nodes with no heartbeat held", len(restored))
     sweeps.sweep_done(svc.store.redis, "stuck", len(ended), svc.host)
     return [r["id"] for r in ended]
+
+
+def restore_dead_nodes_messages(svc: Any) -> list[str]:
+    """Give back to their queues the messages held by nodes whose heartbeat stopped (a create
+    waiting for admission, a prefetched submit): another node takes them now, not after the
+    visibility timeout. Not those routed to the dead node's own queue: nobody else would take them,
+    their jobs are ended above, and a node restarted under that name gives them back itself."""
+    beats: dict[str, Any] = {}
+    now = time.time()
+
+    def dead(holder: dict[str, Any], queue: str) -> bool:
+        node = str(holder.get("node"))
+        if node not in beats:
+            beats[node] = nodes.heartbeat(svc.store.redis, node)
+        return queue != node_queue(node) and nodes.is_dead(beats[node], svc.settings.node_dead_after_s, now)
+
+    return transport.restore_held(app, dead)
 
 
 @app.task(name="sandbox.sweep_artifacts")

@@ -6,6 +6,13 @@ raised inside the connection's read and the worker logged "connection lost" and 
 Here such an item goes to `sandbox.dead` instead; it was never taken into kombu's unacked set, so
 dropping it is its acknowledgement. It also keeps a Redis restart from killing the worker (see
 Channel._connparams). Everything else is kombu's own code path.
+
+It also records which worker process holds each unacknowledged message (`HOLDERS_KEY`), in the same
+transaction that puts the message in kombu's `unacked` set and takes it out: a process SIGKILLed
+with messages fetched but not begun (its prefetch, a create waiting for admission) had them
+come back only after the visibility timeout (90 min by default). `restore_held` gives a dead
+process's messages back at once: at the restarted node's start-up, and in the stuck sweep for a
+node whose heartbeat stopped.
 """
 from __future__ import annotations
 
@@ -13,12 +20,15 @@ import base64
 import binascii
 import json
 import logging
+import time
 from queue import Empty
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from config import load_settings
 from sandbox import deadletters
@@ -58,8 +68,39 @@ def envelope_problem(raw: Any, max_bytes: int) -> str | None:
     return None
 
 
+HOLDERS_KEY = "sandbox:unacked:holders"  # delivery tag -> the process that took it (JSON), beside `unacked`
+_holder: dict[str, str] = {}
+
+
+def set_holder(node: str, pid: int, since: float, host: str) -> None:
+    """Name this process as the holder of the messages it takes from now on (a worker's start-up)."""
+    _holder["value"] = json.dumps({"node": node, "pid": pid, "since": since, "host": host})
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, with each unacknowledged message's holder kept beside it."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        # kombu's QoS.append (kombu 5.7) with one more field in its transaction
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag,
+                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
+            if "value" in _holder:
+                pipe.hset(HOLDERS_KEY, delivery_tag, _holder["value"])
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # every way out of `unacked` (ack, reject, restore) goes through here
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(HOLDERS_KEY, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; a queue item that is not a valid envelope is dead-lettered."""
+
+    QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,6 +159,44 @@ class Channel(kombu_redis.Channel):
         deadletters.push(_client(), queue, problem, item, headers.get("task"), headers.get("id"),
                          cap=settings.dead_letter_max)
         return None
+
+
+def held(client: redis.Redis, unacked_key: str = "unacked") -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(delivery tag, its holder, its routing key: the queue it goes back to) of every message a holder is
+    recorded for; holder None for a record that is no JSON object, queue None for a message no
+    longer unacknowledged (a record left by a holder killed between two steps)."""
+    for tag, raw in client.hgetall(HOLDERS_KEY).items():
+        tag = bytes_to_str(tag)
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = None
+        entry = client.hget(unacked_key, tag)
+        try:
+            queue = loads(bytes_to_str(entry))[2] if entry else None
+        except (ValueError, IndexError, TypeError):
+            queue = None
+        yield tag, holder if isinstance(holder, dict) else None, queue
+
+
+def restore_held(app: Any, dead: Callable[[dict[str, Any], str], bool]) -> list[str]:
+    """Give back to their queues, first in line, the unacknowledged messages whose holder
+    `dead(holder, queue)` says is gone; the delivery tags restored. kombu's own restore: the
+    message is flagged redelivered (the consumer's delivery count sees it), and a message
+    acknowledged or restored meanwhile is not sent twice (it WATCHes `unacked`)."""
+    restored = []
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        for tag, holder, queue in held(client, channel.unacked_key):
+            if queue is None or holder is None:
+                if queue is None:  # its message already left `unacked`: only the record is left
+                    client.hdel(HOLDERS_KEY, tag)
+                continue
+            if dead(holder, queue):
+                channel.qos.restore_by_tag(tag, client=client)  # (rpush: taken next, as it was)
+                restored.append(tag)
+    return restored
 
 
 class Transport(kombu_redis.Transport):

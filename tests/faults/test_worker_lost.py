@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from sandbox.nodes import node_queue
+from tasks.transport import held
 from tests.conftest import new_job_id, wait_for
 from tests.faults.conftest import assert_host_clean, sandbox_dirs
 from tests.support.jobs import lines_of, normal_job_succeeds, record_of, wait_terminal
@@ -68,3 +70,86 @@ def test_a_killed_worker_that_never_returns_has_its_job_ended_by_the_stuck_sweep
     assert_host_clean(fault_work_dir)
     normal_job_succeeds(fault_client, queue="faults-survivor")
 
+
+
+QUICK = "python3 -c \"print('quick ran', flush=True)\""
+
+
+def unacked_of(client, job_id: str) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """(task, holder node) of every unacknowledged message of the job (taken, not finished)."""
+    holders = {tag: holder for tag, holder, _ in held(client)}
+    found = []
+    for tag, entry in client.hgetall("unacked").items():
+        headers = json.loads(entry)[0].get("headers") or {}
+        if job_id in str(headers.get("argsrepr")):
+            found.append((headers.get("task"), (holders.get(tag.decode()) or {}).get("node")))
+    return found
+
+
+def create_held_by(client, job_id: str) -> str | None:  # type: ignore[no-untyped-def]
+    """The node whose process holds the job's create message unacknowledged."""
+    return next((node for task, node in unacked_of(client, job_id) if task == "sandbox.create"), None)
+
+
+def one_slot_holding_a_create(start_worker, fault_client, client, node: str, queue: str):  # type: ignore[no-untyped-def]
+    """A node with one sandbox slot, busy with a slow job, holding the next job's create while it
+    waits for admission: (that worker, slow job, its pending result, next job, its pending result)."""
+    worker = start_worker(node, queue=queue, SANDBOX_NODE_MAX_SANDBOXES="1")
+    slow_id, slow_pending = submit_slow(fault_client, queue)
+    wait_for(lambda: lines_of(client, slow_id, b"started") == 1, timeout_s=60)
+    next_id = new_job_id("f-held")
+    next_pending = fault_client.send_task("sandbox.submit", args=[json.dumps({"id": next_id, "command": QUICK})],
+                                          queue=queue)
+    wait_for(lambda: create_held_by(client, next_id) == node, timeout_s=30)
+    assert record_of(client, next_id)["status"] == "queued"
+    return worker, slow_id, slow_pending, next_id, next_pending
+
+
+def test_a_killed_worker_restarted_gives_back_the_create_it_held_at_start_up(start_worker, fault_client,
+                                                                             fault_redis_client, fault_work_dir):
+    # What a killed process had taken and not begun used to wait out the visibility timeout (here
+    # SANDBOX_MAX_TIMEOUT + 30 min = 40 min): the next job stayed `queued` long after the restart.
+    client = fault_redis_client
+    node, queue = "fw-held@host-h", "faults-held"
+    first, slow_id, slow_pending, next_id, next_pending = one_slot_holding_a_create(
+        start_worker, fault_client, client, node, queue)
+
+    first.kill_by_pid()
+    start_worker(node, queue=queue, SANDBOX_NODE_MAX_SANDBOXES="1")
+
+    record = wait_terminal(client, next_id, timeout_s=60)
+    assert record["status"] == "succeeded", record
+    assert next_pending.get(timeout=30)["status"] == "succeeded"
+    assert lines_of(client, next_id, b"quick ran") == 1
+    lost = wait_terminal(client, slow_id)
+    assert lost["status"] == "error" and lost["error"]["code"] == "worker_lost", lost
+    assert slow_pending.get(timeout=30)["status"] == "error"
+    assert lines_of(client, slow_id, b"started") == 1 and lines_of(client, slow_id, b"finished") == 0
+    # every message the dead process held went back (its slow job's execute too: dropped as ended)
+    wait_for(lambda: not unacked_of(client, slow_id) and not unacked_of(client, next_id), timeout_s=30)
+    assert_host_clean(fault_work_dir)
+
+
+def test_a_create_held_by_a_node_that_never_returns_goes_to_another_node(start_worker, fault_client,
+                                                                         fault_redis_client, fault_work_dir):
+    client = fault_redis_client
+    queue = "faults-held-away"
+    doomed, slow_id, _, next_id, next_pending = one_slot_holding_a_create(
+        start_worker, fault_client, client, "fw-held-doomed@host-hd", queue)
+    survivor = start_worker("fw-held-survivor@host-hs", queue=queue)
+
+    doomed.kill_by_pid()
+
+    def swept() -> dict | None:
+        fault_client.send_task("sandbox.sweep_stuck", queue=node_queue(survivor.node)).get(timeout=30)
+        record = record_of(client, next_id)
+        return record if record.get("finished_at") else None
+
+    record = wait_for(swept, timeout_s=60, interval_s=0.5)
+    assert record["status"] == "succeeded", record
+    assert record["sandbox"]["host"] == survivor.node
+    assert next_pending.get(timeout=30)["status"] == "succeeded"
+    assert lines_of(client, next_id, b"quick ran") == 1
+    assert record_of(client, slow_id)["status"] == "error"  # ended by the same sweep, as before
+    # the dead node's begun execute stays unacknowledged: routed to its own queue, nobody would take it
+    assert [q for _, h, q in held(client) if h and h["node"] == doomed.node] == [node_queue(doomed.node)]

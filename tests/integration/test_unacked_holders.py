@@ -1,0 +1,93 @@
+"""Which process holds each unacknowledged message, kept beside kombu's `unacked` by the transport
+(tasks.transport.QoS) on a real Redis: written when a message is taken, gone by every way out (ack,
+reject, restore), and a dead holder's messages given back to their queue at once."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+from tasks import transport
+
+
+@pytest.fixture()
+def app(redis_url: str) -> Iterator[Celery]:
+    app = Celery("holders-test", broker=redis_url)
+    app.conf.broker_transport = "tasks.transport:Transport"
+    yield app
+    transport._holder.clear()
+
+
+@pytest.fixture()
+def queue(app: Celery) -> Iterator[object]:
+    with app.connection_for_write() as conn:
+        q = conn.SimpleQueue(f"holders-{uuid.uuid4().hex[:8]}")
+        yield q
+        q.clear()
+        q.close()
+
+
+def holders(client: redis.Redis) -> dict[str, dict]:
+    return {tag.decode(): json.loads(raw) for tag, raw in client.hgetall(transport.HOLDERS_KEY).items()}
+
+
+def take(queue, body: str):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    queue.put(body)
+    message = queue.get(timeout=5)
+    assert message.payload == body
+    return message
+
+
+def test_a_taken_message_names_its_holder_until_it_is_acked(app, queue, redis_client) -> None:  # noqa: ANN001
+    transport.set_holder("node-a@h", 4242, 1000.0, "host-a")
+    message = take(queue, "one")
+    assert holders(redis_client)[message.delivery_tag] == {"node": "node-a@h", "pid": 4242, "since": 1000.0,
+                                                           "host": "host-a"}
+    assert redis_client.hexists("unacked", message.delivery_tag)
+    message.ack()
+    assert message.delivery_tag not in holders(redis_client)
+    assert not redis_client.hexists("unacked", message.delivery_tag)
+
+
+@pytest.mark.parametrize("way", ["reject", "requeue"])
+def test_a_rejected_message_leaves_no_holder(app, queue, redis_client, way) -> None:  # noqa: ANN001
+    transport.set_holder("node-a@h", 4242, 1000.0, "host-a")
+    message = take(queue, way)
+    getattr(message, way)()
+    assert message.delivery_tag not in holders(redis_client)
+    if way == "requeue":
+        assert queue.get(timeout=5).payload == "requeue"
+
+
+def test_a_dead_holders_message_goes_back_to_its_queue_first_in_line_and_flagged(app, queue, redis_client) -> None:  # noqa: ANN001
+    transport.set_holder("node-dead@h", 4242, 1000.0, "host-a")
+    lost = take(queue, "held by the dead")
+    transport.set_holder("node-live@h", 4343, 1000.0, "host-a")
+    kept = take(queue, "held by the living")
+    queue.put("waiting")
+
+    seen: list[tuple[dict, str]] = []
+
+    def dead(holder: dict, routed_to: str) -> bool:
+        seen.append((holder, routed_to))
+        return holder["node"] == "node-dead@h"
+
+    assert transport.restore_held(app, dead) == [lost.delivery_tag]
+    assert (lost.delivery_tag not in holders(redis_client) and kept.delivery_tag in holders(redis_client))
+    assert {h["node"] for h, routed in seen if routed == queue.queue.name} >= {"node-dead@h", "node-live@h"}
+    again = queue.get(timeout=5)  # before the one that was waiting: it was taken first
+    assert again.payload == "held by the dead" and again.delivery_info.get("redelivered")
+    assert queue.get(timeout=5).payload == "waiting"
+    # a second pass restores nothing again (never a second copy)
+    assert transport.restore_held(app, dead) == []
+    kept.ack()
+
+
+def test_a_holder_record_whose_message_left_unacked_is_dropped(app, queue, redis_client) -> None:  # noqa: ANN001
+    redis_client.hset(transport.HOLDERS_KEY, "tag-gone", json.dumps({"node": "n", "pid": 1, "since": 0, "host": "h"}))
+    assert transport.restore_held(app, lambda holder, routed: holder["node"] == "n") == []
+    assert "tag-gone" not in holders(redis_client)
