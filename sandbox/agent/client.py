@@ -22,6 +22,7 @@ import requests.adapters
 from sandbox.agent.protocol import CHUNK, MAX_EVENT_LINE_BYTES, STREAMS
 from sandbox.errors import AgentConflict, AgentUnavailable, JobRejected, SandboxFailure
 from sandbox.runtimes.base import ExecResult, OutputFile, OutputSink, SandboxHandle
+from sandbox.runtimes.fsutil import MAX_SKIPPED, SKIPPED_PATH_CHARS
 from sandbox.spec import JobSpec
 
 RESULT_POLL_S = 20.0  # one long poll of GET /result; below any sane read timeout
@@ -42,9 +43,10 @@ def shared_session() -> requests.Session:
 
 
 class OutputList(list):  # type: ignore[type-arg]
-    """The collected files, with `.skipped` as LocalRuntime.collect has it."""
+    """The collected files, with `.skipped` and `.not_listed` as LocalRuntime.collect has them."""
 
     skipped: list[dict[str, Any]]
+    not_listed: int = 0
 
 
 class AgentClient:
@@ -145,8 +147,14 @@ class AgentClient:
             relpath, size = _parse(lambda e=entry: (str(e["relpath"]), int(e["size"])), "files")
             files.append(OutputFile(relpath, size, lambda r=relpath, s=size: RemoteFile(
                 self, f"/outputs/file?path={_q(r)}", expected_size=s)))
-        files.skipped = _parse(lambda: [{"path": str(e["path"]), "reason": str(e["reason"])[:200]}
-                                        for e in raw.get("skipped", [])[:1000]], "skipped")
+        skipped = _parse(lambda: list(raw.get("skipped", [])), "skipped")
+        keep = MAX_SKIPPED + 1  # the walk's own list: its stop entry and MAX_SKIPPED more
+        files.skipped = _parse(lambda: [{"path": str(e["path"])[:SKIPPED_PATH_CHARS], "reason": str(e["reason"])[:200]}
+                                        for e in skipped[:keep]], "skipped")
+        not_listed = _parse(lambda: int(raw.get("not_listed", 0)), "not_listed")
+        if not 0 <= not_listed < 1 << 53:
+            raise SandboxFailure("agent sent a malformed not_listed")
+        files.not_listed = not_listed + max(0, len(skipped) - keep)  # (what a list cut here left out)
         return files
 
     def kill(self) -> None:

@@ -282,9 +282,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _outputs(self) -> int:
         dirs = tuple(d for d in self.query.get("dirs", "output,artifacts").split(",") if d)
-        files, skipped = self.agent.collect(dirs)
+        files, skipped, not_listed = self.agent.collect(dirs)
         return self._send(200, {"files": [{"relpath": f.relpath, "size": f.size} for f in files],
-                                "skipped": skipped})
+                                "skipped": skipped, "not_listed": not_listed})
 
     def _output_file(self) -> int:
         return self._stream_file(self.agent.open_output(self.query.get("path", "")))

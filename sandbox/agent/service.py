@@ -186,8 +186,9 @@ class Agent:
     def logs(self) -> dict[str, IO[bytes]]:
         return self.runtime.logs(self._handle())
 
-    def collect(self, dirs: tuple[str, ...]) -> tuple[list[OutputFile], list[dict[str, Any]]]:
-        """The files under `dirs` (after the command ended) and what was skipped; remembered for open."""
+    def collect(self, dirs: tuple[str, ...]) -> tuple[list[OutputFile], list[dict[str, Any]], int]:
+        """The files under `dirs` (after the command ended), what was skipped and how many more were
+        left out than that lists (the walk's `not_listed`); the files are remembered for open."""
         handle = self._handle()
         if self.state == "running":
             raise Conflict("running", "outputs are collected after the command has ended")
@@ -195,7 +196,7 @@ class Agent:
         files = list(collected)
         with self.lock:
             self.outputs = {f.relpath: f for f in files}
-        return files, list(getattr(collected, "skipped", []))
+        return files, list(getattr(collected, "skipped", [])), int(getattr(collected, "not_listed", 0))
 
     def open_output(self, relpath: str) -> IO[bytes]:
         """A file the last collect listed, opened without following links; others are not served."""

@@ -59,6 +59,21 @@ def client(agent: AgentProcess, token: str = TOKEN, read_s: float = 10.0) -> Age
     return AgentClient(agent.url, token, timeout=(2.0, read_s))
 
 
+def test_what_the_walk_left_unlisted_reaches_the_worker(start_agent) -> None:  # type: ignore[no-untyped-def]
+    # 1,100 files where 5 may be collected: the walk looks at 2 x 5 + 1000 entries, lists 1000 of
+    # the 1,005 it leaves out (after its "walk stopped" entry), and counts the other 5. The count
+    # was lost on the way from the agent, and the answer's list cut one entry short.
+    agent = start_agent()
+    c = client(agent)
+    c.create(sh("mkdir output && cd output && i=0; while [ $i -lt 1100 ]; do : > f$i; i=$((i+1)); done",
+                timeout_s=60))
+    assert c.execute(lambda s, d: None).outcome == "succeeded"
+    outputs = c.outputs(("output",))
+    assert len(outputs) == 5 and outputs.skipped[0]["reason"] == "walk stopped: more than 1010 entries"
+    assert len(outputs.skipped) == 1 + 1000 and outputs.not_listed == 5
+    c.destroy()
+
+
 def test_every_route_needs_the_token(start_agent) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent()
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"},
@@ -113,7 +128,7 @@ def test_a_job_through_the_agent(start_agent, runtime) -> None:  # type: ignore[
         f.close()
     outputs = c.outputs(("output", "artifacts"))
     assert [(f.relpath, f.size) for f in outputs] == [("output/deep/r.txt", 7)]
-    assert outputs.skipped == [{"path": "output/link", "reason": "symlink"}]
+    assert outputs.skipped == [{"path": "output/link", "reason": "symlink"}] and outputs.not_listed == 0
     with outputs[0].open() as fh:
         assert fh.read() == b"result\n"
     for path in ("output%2Flink", "..%2F..%2Fmeta.json", "output%2Fdeep"):  # listed files only

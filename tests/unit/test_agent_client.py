@@ -100,6 +100,8 @@ def test_a_good_stream_feeds_the_sink_and_survives_a_broken_sink(fake_agent) -> 
     (status(200, b"[]"), SandboxFailure),  # not an object
     (status(200, b'{"files":[{"relpath":"a"}]}'), SandboxFailure),  # no size
     (status(200, b'{"files":[],"skipped":[{"path":"a"}]}'), SandboxFailure),  # no reason
+    (status(200, b'{"files":[],"skipped":[],"not_listed":-1}'), SandboxFailure),
+    (status(200, b'{"files":[],"skipped":[],"not_listed":"many"}'), SandboxFailure),
 ])
 def test_bad_answers_are_typed_errors(fake_agent, answer: Answer, error: type) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error) as raised:
@@ -131,3 +133,11 @@ def test_unreachable_is_transient() -> None:
     with pytest.raises(AgentUnavailable) as raised:
         AgentClient(f"http://127.0.0.1:{port}", "tok-xyz", timeout=(1, 1)).health()
     assert "tok-xyz" not in str(raised.value) and "tok-xyz" not in repr(raised.value.__cause__)
+
+
+def test_a_skipped_list_past_the_walks_own_is_cut_and_counted(fake_agent) -> None:  # type: ignore[no-untyped-def]
+    skipped = [{"path": "output/" + "p" * 5000, "reason": "max_output_files"}] * 1050
+    answer = json.dumps({"files": [], "skipped": skipped, "not_listed": 7}).encode()
+    outputs = fake_agent(status(200, answer)).outputs(("output",))
+    assert len(outputs.skipped) == 1001 and outputs.not_listed == 7 + 49
+    assert all(len(e["path"]) == 2048 for e in outputs.skipped)
