@@ -19,6 +19,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from config import load_settings
 from sandbox import nodes, sweeps
 from sandbox.errors import ConfigError
+from sandbox.observability import metrics
 from tasks import transport
 from tasks.app import app, consume_own_queues, services
 from tasks.consumer import CONTROL_QUEUE, ControlConsumer
@@ -95,6 +96,7 @@ def _start(sender: str, instance: Any) -> None:
         from tasks.stages import announce_end
 
         announce_end(record)
+    metrics.restored("startup", len(restored))
     if ended or destroyed or restored:
         log.warning("reconciled node %s: ended %d lost job(s), destroyed %d sandbox(es), gave back %d message(s)"
                     " a dead process of it held", sender, len(ended), len(destroyed), len(restored))

@@ -13,6 +13,7 @@ from celery.signals import beat_init
 
 from config import load_settings
 from sandbox import nodes, sweeps
+from sandbox.observability import metrics
 from tasks import transport
 from tasks.app import app, node_queue, services
 
@@ -80,6 +81,7 @@ def sweep_stuck() -> list[str] | None:
     for record in ended:
         announce_end(record)
     restored = restore_dead_nodes_messages(svc)
+    metrics.restored("sweep", len(restored))
     if restored:
         log.warning("gave back %d message(s) that nodes with no heartbeat held", len(restored))
     sweeps.sweep_done(svc.store.redis, "stuck", len(ended), svc.host)

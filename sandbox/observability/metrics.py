@@ -28,6 +28,9 @@ STAGE_FAILURES = Counter("sandbox_stage_failures", "Jobs ended as error by a sta
                          "(create: sandbox create failures; cleanup: destroy failures).", ["stage"])
 SWEPT = Counter("sandbox_swept", "What beat's sweeps ended: orphans (sandboxes destroyed), "
                 "stuck (jobs ended as error).", ["sweep"])
+RESTORED = Counter("sandbox_messages_restored", "Unacknowledged messages a dead worker process held, "
+                   "given back to their queues: at its node's restart (startup), or by the stuck sweep "
+                   "once its node's heartbeat stopped (sweep).", ["by"])
 STAGE_SECONDS = Histogram("sandbox_stage_duration_seconds", "Wall time of one stage task.", ["stage"],
                           buckets=DURATION_BUCKETS_S)
 JOB_SECONDS = Histogram("sandbox_job_duration_seconds", "Submit to terminal status.", ["status"],
@@ -130,3 +133,7 @@ def webhooks_delivered(attempts: Iterable[dict[str, Any]]) -> None:
 
 def swept(sweep: str, count: int) -> None:
     SWEPT.labels(sweep=label_word(sweep)).inc(count)
+
+
+def restored(by: str, count: int) -> None:
+    RESTORED.labels(by=label_word(by)).inc(count)

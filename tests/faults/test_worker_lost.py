@@ -4,6 +4,9 @@ Either way the job ends exactly once, its command never runs twice, and nothing 
 from __future__ import annotations
 
 import json
+import re
+
+import requests
 
 from sandbox.nodes import node_queue
 from tasks.transport import held
@@ -115,7 +118,9 @@ def test_a_killed_worker_restarted_gives_back_the_create_it_held_at_start_up(sta
         start_worker, fault_client, client, node, queue)
 
     first.kill_by_pid()
-    start_worker(node, queue=queue, SANDBOX_NODE_MAX_SANDBOXES="1")
+    second = start_worker(node, queue=queue, SANDBOX_NODE_MAX_SANDBOXES="1")
+    metrics = requests.get(f"{second.metrics_url}/metrics", timeout=10).text
+    assert re.search(r'^sandbox_messages_restored_total\{by="startup"\} [1-9]', metrics, re.M), metrics
 
     record = wait_terminal(client, next_id, timeout_s=60)
     assert record["status"] == "succeeded", record
@@ -148,6 +153,8 @@ def test_a_create_held_by_a_node_that_never_returns_goes_to_another_node(start_w
     record = wait_for(swept, timeout_s=60, interval_s=0.5)
     assert record["status"] == "succeeded", record
     assert record["sandbox"]["host"] == survivor.node
+    metrics = requests.get(f"{survivor.metrics_url}/metrics", timeout=10).text
+    assert re.search(r'^sandbox_messages_restored_total\{by="sweep"\} [1-9]', metrics, re.M), metrics
     assert next_pending.get(timeout=30)["status"] == "succeeded"
     assert lines_of(client, next_id, b"quick ran") == 1
     assert record_of(client, slow_id)["status"] == "error"  # ended by the same sweep, as before
