@@ -162,9 +162,14 @@ class Channel(kombu_redis.Channel):
 
 
 def held(client: redis.Redis, unacked_key: str = "unacked") -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """(delivery tag, its holder, its routing key: the queue it goes back to) of every message a holder is
-    recorded for; holder None for a record that is no JSON object, queue None for a message no
-    longer unacknowledged (a record left by a holder killed between two steps)."""
+    """(delivery tag, its holder, its routing key: the queue it goes back to) of every message a
+    holder is recorded for; holder None for a record that is no JSON object, queue None for a
+    message no longer unacknowledged (a record whose message left by a path outside this transport)."""
+    for tag, _, holder, queue in _held(client, unacked_key):
+        yield tag, holder, queue
+
+
+def _held(client: redis.Redis, unacked_key: str) -> Iterator[tuple[str, bytes, dict[str, Any] | None, str | None]]:
     for tag, raw in client.hgetall(HOLDERS_KEY).items():
         tag = bytes_to_str(tag)
         try:
@@ -176,27 +181,47 @@ def held(client: redis.Redis, unacked_key: str = "unacked") -> Iterator[tuple[st
             queue = loads(bytes_to_str(entry))[2] if entry else None
         except (ValueError, IndexError, TypeError):
             queue = None
-        yield tag, holder if isinstance(holder, dict) else None, queue
+        yield tag, raw, holder if isinstance(holder, dict) else None, queue
 
 
 def restore_held(app: Any, dead: Callable[[dict[str, Any], str], bool]) -> list[str]:
     """Give back to their queues, first in line, the unacknowledged messages whose holder
-    `dead(holder, queue)` says is gone; the delivery tags restored. kombu's own restore: the
-    message is flagged redelivered (the consumer's delivery count sees it), and a message
-    acknowledged or restored meanwhile is not sent twice (it WATCHes `unacked`)."""
+    `dead(holder, queue)` says is gone; the delivery tags restored. kombu's own restore (the message
+    is flagged redelivered: the consumer's delivery count sees it), in one transaction that first
+    checks the message is still held by that same holder: one acknowledged, or restored and taken
+    again by a live process, since the holders were read is never sent twice."""
     restored = []
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         client = channel.client
-        for tag, holder, queue in held(client, channel.unacked_key):
+        for tag, raw, holder, queue in _held(client, channel.unacked_key):
             if queue is None or holder is None:
                 if queue is None:  # its message already left `unacked`: only the record is left
                     client.hdel(HOLDERS_KEY, tag)
                 continue
-            if dead(holder, queue):
-                channel.qos.restore_by_tag(tag, client=client)  # (rpush: taken next, as it was)
+            if dead(holder, queue) and _restore_if_held_by(channel, client, tag, raw):
                 restored.append(tag)
     return restored
+
+
+def _restore_if_held_by(channel: Any, client: redis.Redis, tag: str, holder: bytes) -> bool:
+    """kombu's QoS.restore_by_tag (kombu 5.7), only while `holder` still holds the message."""
+    done: list[str] = []
+
+    def restore(pipe: Any) -> None:
+        done.clear()
+        if pipe.hget(HOLDERS_KEY, tag) != holder:
+            return
+        entry = pipe.hget(channel.unacked_key, tag)
+        pipe.multi()
+        channel.qos._remove_from_indices(tag, pipe)
+        if entry:
+            message, exchange, routing_key = loads(bytes_to_str(entry))
+            channel._do_restore_message(message, exchange, routing_key, pipe)  # rpush: taken next, as it was
+            done.append(tag)
+
+    client.transaction(restore, channel.unacked_key, HOLDERS_KEY)
+    return bool(done)
 
 
 class Transport(kombu_redis.Transport):

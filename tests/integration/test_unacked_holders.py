@@ -91,3 +91,27 @@ def test_a_holder_record_whose_message_left_unacked_is_dropped(app, queue, redis
     redis_client.hset(transport.HOLDERS_KEY, "tag-gone", json.dumps({"node": "n", "pid": 1, "since": 0, "host": "h"}))
     assert transport.restore_held(app, lambda holder, routed: holder["node"] == "n") == []
     assert "tag-gone" not in holders(redis_client)
+
+
+def test_a_message_given_back_and_taken_again_meanwhile_is_not_given_back_twice(app, queue, redis_client) -> None:  # noqa: ANN001
+    # Two restorers at once (a node's start-up and another node's stuck sweep): the second one read
+    # the holders before the first gave the message back and a live process took it again.
+    transport.set_holder("node-dead@h", 4242, 1000.0, "host-a")
+    lost = take(queue, "raced")
+    retaken = []
+
+    def dead(holder: dict, routed_to: str) -> bool:
+        if holder["node"] != "node-dead@h":
+            return False
+        if not retaken:  # meanwhile: the other restorer, then a live process takes it again
+            with app.connection_for_write() as conn:
+                conn.default_channel.qos.restore_by_tag(lost.delivery_tag)
+            transport.set_holder("node-live@h", 4343, 1000.0, "host-a")
+            retaken.append(queue.get(timeout=5))
+        return True
+
+    assert transport.restore_held(app, dead) == []
+    assert retaken[0].delivery_tag == lost.delivery_tag and retaken[0].payload == "raced"
+    assert holders(redis_client)[lost.delivery_tag]["node"] == "node-live@h"
+    assert redis_client.llen(queue.queue.name) == 0  # not queued a second time while the live process runs it
+    retaken[0].ack()
