@@ -24,6 +24,7 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from botocore.retries.quota import RetryQuota
 from botocore.httpsession import ProxyConfiguration, get_cert_path
 from botocore.utils import get_environ_proxies
 
@@ -40,6 +41,7 @@ class DirectS3:
         self._credentials = Credentials(access_key, secret_key)
         self._signer = S3SigV4Auth(self._credentials, "s3", REGION)
         self._http = _pool_manager(endpoint, timeout_s, pool_connections)
+        self.retry_quota = RetryQuota()  # the callers' retries of these PUTs, as a boto3 client has one
 
     def url(self, bucket: str, key: str) -> str:
         """The path-style object URL, the key percent-encoded as botocore encodes it (`/` and `~` kept)."""

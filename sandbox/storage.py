@@ -16,6 +16,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from botocore.exceptions import BotoCoreError
+from botocore.retries.standard import RetryQuotaChecker, ThrottledRetryableChecker
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -35,6 +36,12 @@ PART_BYTES = 8 * MIB            # multipart part size (R2: all parts equal excep
 MAX_PARTS = 10_000              # S3 and R2 limit per multipart upload
 PRESIGN_MAX_S = 7 * 24 * 3600   # R2 and S3 SigV4 limit
 RETRY_BACKOFF_MAX_S = 20.0      # botocore standard mode's cap on one wait between attempts
+# botocore standard mode's retry quota costs, read from botocore (14 a retry, 5 after a throttling
+# answer such as S3's SlowDown, 1 back for a call that needed none, in botocore 1.4x)
+RETRY_COST = RetryQuotaChecker._RETRY_COST
+THROTTLED_RETRY_COST = RetryQuotaChecker._THROTTLING_RETRY_COST
+NO_RETRY_INCREMENT = RetryQuotaChecker._NO_RETRY_INCREMENT
+THROTTLED_CODES = frozenset(ThrottledRetryableChecker._THROTTLED_ERROR_CODES)
 
 
 def retention_from_settings(settings: Any) -> dict[str, int]:
@@ -177,16 +184,27 @@ class ArtifactStore:
 
     def _put_small(self, key: str, body: bytes) -> None:
         """One PUT of a body in memory, retried as botocore's standard mode retries a call: up to
-        max_attempts on a transient failure, waiting a random 0..2^(n-1) s (at most 20 s) between."""
+        max_attempts on a transient failure, waiting a random 0..2^(n-1) s (at most 20 s) between,
+        each retry paid from the process's retry quota (botocore's own RetryQuota of 500 and its
+        costs; a success gives back what its last retry took, else 1). In a long
+        outage the quota runs dry and calls fail at their first error instead of each waiting out
+        its retries: no retry storm against a store that is down, and stages give up sooner."""
         what = f"put {key}"
         attempts = max(1, self._max_attempts)
+        quota = self.direct.retry_quota
+        taken = 0
         for attempt in range(1, attempts + 1):
             try:
                 self.direct.put(self.bucket, key, body, self._sse_headers)
+                quota.release(taken or NO_RETRY_INCREMENT)
                 return
             except EDGE as e:
                 err = self._translate(e, what)
                 if not isinstance(err, StorageUnavailable) or attempt == attempts:
+                    raise err from e
+                taken = THROTTLED_RETRY_COST if error_code(e) in THROTTLED_CODES else RETRY_COST
+                if not quota.acquire(taken):
+                    log.warning("not retrying %s after %s: the retry quota is spent", what, type(e).__name__)
                     raise err from e
                 log.info("retrying %s after %s (attempt %d)", what, type(e).__name__, attempt + 1)
             time.sleep(random.uniform(0, min(RETRY_BACKOFF_MAX_S, 2.0 ** (attempt - 1))))

@@ -10,6 +10,7 @@ import urllib3
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 from botocore.parsers import RestXMLParser
+from botocore.retries.quota import RetryQuota
 from botocore.retries.standard import (OrRetryChecker, RetryContext, ThrottledRetryableChecker,
                                        ThrottlingStatusCodeChecker, TransientRetryableChecker)
 
@@ -148,3 +149,41 @@ def test_a_failure_is_transient_exactly_when_botocore_standard_mode_re_sends_it(
     with pytest.raises(StorageUnavailable if retried else StorageError):
         store.upload("jobs/u2/logs/stdout.log", io.BytesIO(b"x"), "u2")
     assert len(sent) == (3 if retried else 1)
+
+
+@pytest.mark.parametrize("failure,cost", [(_refusal(503, SLOW_DOWN), storage.THROTTLED_RETRY_COST),
+                                          (urllib3.exceptions.ProtocolError("reset"), storage.RETRY_COST)])
+def test_a_long_outage_spends_the_retry_quota_then_puts_fail_at_their_first_error(
+        store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, failure: Exception, cost: int) -> None:
+    # botocore's standard mode stops retrying once its quota (500) is spent; _put_small did not:
+    # in an outage every PUT of every job waited out all its retries, forever.
+    store = ArtifactStore(store._settings, actor="w", max_attempts=2, upload_attempts=1)
+    monkeypatch.setattr(store.direct, "retry_quota", RetryQuota())  # this test's own, full
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    sent: list[int] = []
+    answer: list[Exception | None] = [failure]
+
+    def put(*_: Any) -> None:
+        sent.append(1)
+        if answer[0] is not None:
+            raise answer[0]
+
+    monkeypatch.setattr(store.direct, "put", put)
+
+    def sends_of_one_upload() -> int:
+        before = len(sent)
+        try:
+            store.upload("jobs/q1/logs/stdout.log", io.BytesIO(b"x"), "q1")
+        except StorageUnavailable:
+            pass
+        return len(sent) - before
+
+    sends = [sends_of_one_upload() for _ in range(RetryQuota.INITIAL_CAPACITY // cost + 5)]
+    assert sends == [2] * (RetryQuota.INITIAL_CAPACITY // cost) + [1] * 5
+    # the store answers again: each call that needed no retry gives 1 back, until a retry is paid
+    answer[0] = None
+    spare = RetryQuota.INITIAL_CAPACITY % cost
+    for _ in range(cost - spare):
+        assert sends_of_one_upload() == 1
+    answer[0] = failure
+    assert sends_of_one_upload() == 2 and sends_of_one_upload() == 1
