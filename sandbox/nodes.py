@@ -92,6 +92,17 @@ def is_dead(beat_value: dict[str, Any] | None, dead_after_s: float, now: float) 
     return beat_value is None or now - float(beat_value.get("at", 0)) > dead_after_s
 
 
+def heartbeats_tell(client: Any, dead_after_s: float) -> bool:
+    """True when a missing or old heartbeat can mean a dead node: Redis has been up at least
+    `dead_after_s`. A Redis that restarted after being down longer than that has let every
+    heartbeat expire (their TTL is an absolute time in its AOF), and every live node looks dead
+    until its next beat: a sweep then would end, or take the messages of, nodes that run."""
+    try:
+        return float(client.info("server").get("uptime_in_seconds", 0)) >= dead_after_s
+    except (redis.RedisError, TypeError, ValueError):
+        return False
+
+
 # -- the broker must keep what it is given ------------------------------------------------------
 
 def durability_problems(client: redis.Redis) -> list[str]:

@@ -193,20 +193,22 @@ def _handle(svc: Services, info: SandboxInfo) -> SandboxHandle:
 
 
 def sweep_stuck(svc: Services, max_idle_s: float, now: float | None = None) -> list[JobRecord]:
-    """End as `error` every started job whose node is dead, or that made no progress for `max_idle_s`."""
+    """End as `error` every started job whose node is dead, or that made no progress for `max_idle_s`.
+    Nodes are judged only once Redis has been up `SANDBOX_NODE_DEAD_AFTER` (nodes.heartbeats_tell)."""
     now = time.time() if now is None else now
     dead_after_s = svc.settings.node_dead_after_s
     by_node = pinned(svc)
     beats: dict[str, dict | None] = {}  # one heartbeat read per node per sweep, not per job
+    judge_nodes = nodes.heartbeats_tell(svc.store.redis, dead_after_s)
     ended = []
     for job_id in svc.store.active_ids():
         record = svc.store.find(job_id)
         if record is None or JobStatus(record["status"]).terminal or not _started(record):
             continue
         node = nodes.node_of(record) if by_node else (nodes.running_stage(record) or (None, {}))[1].get("host")
-        if node and node not in beats:
+        if node and judge_nodes and node not in beats:
             beats[node] = nodes.heartbeat(svc.store.redis, node)
-        if node and nodes.is_dead(beats[node], dead_after_s, now):
+        if node and judge_nodes and nodes.is_dead(beats[node], dead_after_s, now):
             reason = f"worker node {node} was lost: no heartbeat for over {dead_after_s:g} s"
 
             def still(r: JobRecord, read: Any, node: str = node) -> bool:

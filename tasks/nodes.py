@@ -89,7 +89,7 @@ def _start(sender: str, instance: Any) -> None:
             _, destroyed = sweeps.reconcile(svc, booted_at, ended)
             # what a dead process of this node had taken and not finished goes back to its queues
             # now, not after the visibility timeout (its begun stages' jobs were just ended)
-            restored = transport.restore_held(app, lambda holder, _queue: _gone(holder, sender, host))
+            restored = transport.restore_held(app, lambda holder, _read: _gone(holder, sender, host))
             if svc.admission is not None:
                 svc.admission.publish_capacity()
     for record in ended:

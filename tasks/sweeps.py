@@ -3,6 +3,7 @@ the orphan sweep fans out per node."""
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import socket
 import time
@@ -92,17 +93,23 @@ def restore_dead_nodes_messages(svc: Any) -> list[str]:
     """Give back to their queues the messages held by nodes whose heartbeat stopped (a create
     waiting for admission, a prefetched submit): another node takes them now, not after the
     visibility timeout. Not those routed to the dead node's own queue: nobody else would take them,
-    their jobs are ended above, and a node restarted under that name gives them back itself."""
-    beats: dict[str, Any] = {}
-    now = time.time()
+    their jobs are ended above, and a node restarted under that name gives them back itself. The
+    heartbeat is read again, WATCHed, in the step that gives each message back: a node that beats
+    again meanwhile keeps its messages. Nothing while Redis is younger than the dead-after time."""
+    client, dead_after_s = svc.store.redis, svc.settings.node_dead_after_s
+    if not nodes.heartbeats_tell(client, dead_after_s):
+        return []
 
-    def dead(holder: dict[str, Any], queue: str) -> bool:
-        node = str(holder.get("node"))
-        if node not in beats:
-            beats[node] = nodes.heartbeat(svc.store.redis, node)
-        return queue != node_queue(node) and nodes.is_dead(beats[node], svc.settings.node_dead_after_s, now)
+    def gone(holder: dict[str, Any], read: Any) -> bool:
+        beat = read(nodes.heartbeat_key(str(holder.get("node"))))
+        try:
+            beat = json.loads(beat) if beat else None
+        except ValueError:
+            beat = None
+        return nodes.is_dead(beat, dead_after_s, time.time())
 
-    return transport.restore_held(app, dead)
+    return transport.restore_held(app, gone, watch=lambda holder: (nodes.heartbeat_key(str(holder.get("node"))),),
+                                  movable=lambda holder: holder.get("queue") != node_queue(str(holder.get("node"))))
 
 
 @app.task(name="sandbox.sweep_artifacts")

@@ -48,6 +48,9 @@ def envelope_problem(raw: Any, max_bytes: int) -> str | None:
         return "envelope has no 'properties.delivery_tag'"
     if not isinstance(props.get("delivery_info"), dict):
         return "envelope has no 'properties.delivery_info' object"
+    for key in ("exchange", "routing_key"):  # (taking it into `unacked` reads both; a restore routes by them)
+        if not isinstance(props["delivery_info"].get(key), str):
+            return f"envelope has no 'properties.delivery_info.{key}' string"
     if props.get("body_encoding") not in _ENCODINGS:
         return f"unknown body encoding {str(props.get('body_encoding'))[:50]!r}"
     body = raw.get("body")
@@ -68,27 +71,31 @@ def envelope_problem(raw: Any, max_bytes: int) -> str | None:
     return None
 
 
-HOLDERS_KEY = "sandbox:unacked:holders"  # delivery tag -> the process that took it (JSON), beside `unacked`
-_holder: dict[str, str] = {}
+HOLDERS_KEY = "sandbox:unacked:holders"  # delivery tag -> who took it, when, for which queue (JSON)
+_holder: dict[str, Any] = {}
 
 
 def set_holder(node: str, pid: int, since: float, host: str) -> None:
     """Name this process as the holder of the messages it takes from now on (a worker's start-up)."""
-    _holder["value"] = json.dumps({"node": node, "pid": pid, "since": since, "host": host})
+    _holder["value"] = {"node": node, "pid": pid, "since": since, "host": host}
 
 
 class QoS(kombu_redis.QoS):
     """kombu's Redis ack emulation, with each unacknowledged message's holder kept beside it."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        # kombu's QoS.append (kombu 5.7) with one more field in its transaction
+        # kombu's QoS.append (kombu 5.7) with one more field in its transaction. The record carries
+        # this take's score in `unacked_index` ("at"): kombu keeps a message's tag when it restores
+        # it, so the score is what tells this take from a later one of the same message.
         delivery = message.delivery_info
+        now = time.time()
         with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.zadd(self.unacked_index_key, {delivery_tag: now})
             pipe.hset(self.unacked_key, delivery_tag,
                       dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
             if "value" in _holder:
-                pipe.hset(HOLDERS_KEY, delivery_tag, _holder["value"])
+                pipe.hset(HOLDERS_KEY, delivery_tag, json.dumps({**_holder["value"], "at": now,
+                                                                  "queue": delivery["routing_key"]}))
             pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)
 
@@ -161,67 +168,92 @@ class Channel(kombu_redis.Channel):
         return None
 
 
-def held(client: redis.Redis, unacked_key: str = "unacked") -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """(delivery tag, its holder, its routing key: the queue it goes back to) of every message a
-    holder is recorded for; holder None for a record that is no JSON object, queue None for a
-    message no longer unacknowledged (a record whose message left by a path outside this transport)."""
-    for tag, _, holder, queue in _held(client, unacked_key):
-        yield tag, holder, queue
+Holder = dict[str, Any]
+Read = Callable[[str], Any]
 
 
-def _held(client: redis.Redis, unacked_key: str) -> Iterator[tuple[str, bytes, dict[str, Any] | None, str | None]]:
-    for tag, raw in client.hgetall(HOLDERS_KEY).items():
-        tag = bytes_to_str(tag)
-        try:
-            holder = json.loads(raw)
-        except ValueError:
-            holder = None
-        entry = client.hget(unacked_key, tag)
-        try:
-            queue = loads(bytes_to_str(entry))[2] if entry else None
-        except (ValueError, IndexError, TypeError):
-            queue = None
-        yield tag, raw, holder if isinstance(holder, dict) else None, queue
+def held(client: redis.Redis, index_key: str = "unacked_index") -> Iterator[tuple[str, Holder | None, bool]]:
+    """(delivery tag, its holder record, whether that very take is still unacknowledged) for every
+    record: not unacknowledged any more when the message left `unacked` (or was taken again) by a
+    path outside this transport. Two round trips, whatever the messages' size."""
+    records = [(bytes_to_str(tag), raw) for tag, raw in client.hgetall(HOLDERS_KEY).items()]
+    scores = client.zmscore(index_key, [tag for tag, _ in records]) if records else []
+    for (tag, raw), score in zip(records, scores):
+        holder = _record(raw)
+        yield tag, holder, holder is not None and score is not None and score == holder.get("at")
 
 
-def restore_held(app: Any, dead: Callable[[dict[str, Any], str], bool]) -> list[str]:
-    """Give back to their queues, first in line, the unacknowledged messages whose holder
-    `dead(holder, queue)` says is gone; the delivery tags restored. kombu's own restore (the message
-    is flagged redelivered: the consumer's delivery count sees it), in one transaction that first
-    checks the message is still held by that same holder: one acknowledged, or restored and taken
-    again by a live process, since the holders were read is never sent twice."""
+def restore_held(app: Any, gone: Callable[[Holder, Read], bool],
+                 watch: Callable[[Holder], tuple[str, ...]] = lambda holder: (),
+                 movable: Callable[[Holder], bool] = lambda holder: True) -> list[str]:
+    """Give back to their queues, first in line, the unacknowledged messages whose holder is gone;
+    the delivery tags restored.
+
+    `gone(holder, read)` judges the process a record names ("node", "pid", "since", "host"), reading
+    any Redis key it needs with `read`: once per process, then again for each of its messages inside
+    the transaction that gives it back, which WATCHes the keys `watch(holder)` names along with
+    `unacked`, its index and the records. So a message is given back only while that very take (the
+    record and its index score unchanged) is held by a process judged gone at that moment: never one
+    acknowledged, or given back and taken again by a live process, since the records were read.
+    `movable(holder)` may keep a message where it is (by its "queue"). The giving back is kombu's
+    own (flagged redelivered: the consumer's delivery count sees it). A record whose take is no
+    longer unacknowledged is dropped.
+    """
     restored = []
     with app.connection_for_write() as conn:
         channel = conn.default_channel
-        client = channel.client
-        for tag, raw, holder, queue in _held(client, channel.unacked_key):
-            if queue is None or holder is None:
-                if queue is None:  # its message already left `unacked`: only the record is left
-                    client.hdel(HOLDERS_KEY, tag)
+        client, qos = channel.client, channel.qos
+        verdicts: dict[tuple, bool] = {}
+        for tag, holder, current in held(client, qos.unacked_index_key):
+            if holder is None:
                 continue
-            if dead(holder, queue) and _restore_if_held_by(channel, client, tag, raw):
+            if current:
+                if not movable(holder):
+                    continue
+                process = tuple(str(holder.get(k)) for k in ("node", "pid", "since", "host"))
+                if process not in verdicts:
+                    verdicts[process] = gone(holder, client.get)
+                if not verdicts[process]:
+                    continue
+            if _settle(channel, client, qos, tag, holder, gone, watch(holder)):
                 restored.append(tag)
     return restored
 
 
-def _restore_if_held_by(channel: Any, client: redis.Redis, tag: str, holder: bytes) -> bool:
-    """kombu's QoS.restore_by_tag (kombu 5.7), only while `holder` still holds the message."""
-    done: list[str] = []
+def _settle(channel: Any, client: redis.Redis, qos: Any, tag: str, holder: Holder,
+            gone: Callable[[Holder, Read], bool], watch: tuple[str, ...]) -> bool:
+    """In one transaction: give the message back (kombu's QoS.restore_by_tag, kombu 5.7) if the record
+    is unchanged, its take still unacknowledged and its holder still gone; or drop a record whose take
+    left. True if the message was given back."""
+    given: list[bool] = []
 
-    def restore(pipe: Any) -> None:
-        done.clear()
-        if pipe.hget(HOLDERS_KEY, tag) != holder:
+    def step(pipe: Any) -> None:
+        given.clear()
+        if _record(pipe.hget(HOLDERS_KEY, tag)) != holder:
+            return  # acknowledged, given back or taken again since it was read
+        if pipe.zscore(qos.unacked_index_key, tag) != holder.get("at"):
+            pipe.multi()
+            pipe.hdel(HOLDERS_KEY, tag)  # this take left `unacked` by a path outside this transport
             return
-        entry = pipe.hget(channel.unacked_key, tag)
+        entry = pipe.hget(qos.unacked_key, tag)
+        if entry is None or not gone(holder, pipe.get):
+            return
         pipe.multi()
-        channel.qos._remove_from_indices(tag, pipe)
-        if entry:
-            message, exchange, routing_key = loads(bytes_to_str(entry))
-            channel._do_restore_message(message, exchange, routing_key, pipe)  # rpush: taken next, as it was
-            done.append(tag)
+        qos._remove_from_indices(tag, pipe)
+        message, exchange, routing_key = loads(bytes_to_str(entry))
+        channel._do_restore_message(message, exchange, routing_key, pipe)  # rpush: taken next, as it was
+        given.append(True)
 
-    client.transaction(restore, channel.unacked_key, HOLDERS_KEY)
-    return bool(done)
+    client.transaction(step, qos.unacked_key, qos.unacked_index_key, HOLDERS_KEY, *watch)
+    return bool(given)
+
+
+def _record(raw: Any) -> Holder | None:
+    try:
+        holder = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 class Transport(kombu_redis.Transport):

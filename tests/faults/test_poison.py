@@ -55,6 +55,9 @@ POISON = {
     "body not base64": envelope(b"", task_headers()).replace(b'"body": ""', b'"body": "%%%not base64%%%"'),
     "eta not a time": envelope(GOOD_BODY, task_headers(eta="tomorrow-ish")),
     "args not a list": envelope(json.dumps([{"a": 1}, {}, {}]).encode(), task_headers()),
+    # taken into `unacked` it raised KeyError after BRPOP: in no list, dead-lettered by nobody
+    "delivery_info without routing": envelope(GOOD_BODY, task_headers()).replace(
+        b'"delivery_info": {"exchange": "", "routing_key": "sandbox"}', b'"delivery_info": {}'),
 }
 
 

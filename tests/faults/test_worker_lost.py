@@ -80,7 +80,7 @@ QUICK = "python3 -c \"print('quick ran', flush=True)\""
 
 def unacked_of(client, job_id: str) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
     """(task, holder node) of every unacknowledged message of the job (taken, not finished)."""
-    holders = {tag: holder for tag, holder, _ in held(client)}
+    holders = {tag: holder for tag, holder, _ in held(client)}  # (tests/integration/test_unacked_holders.py)
     found = []
     for tag, entry in client.hgetall("unacked").items():
         headers = json.loads(entry)[0].get("headers") or {}
@@ -159,4 +159,5 @@ def test_a_create_held_by_a_node_that_never_returns_goes_to_another_node(start_w
     assert lines_of(client, next_id, b"quick ran") == 1
     assert record_of(client, slow_id)["status"] == "error"  # ended by the same sweep, as before
     # the dead node's begun execute stays unacknowledged: routed to its own queue, nobody would take it
-    assert [q for _, h, q in held(client) if h and h["node"] == doomed.node] == [node_queue(doomed.node)]
+    assert [h["queue"] for _, h, current in held(client) if current and h and h["node"] == doomed.node] \
+        == [node_queue(doomed.node)]

@@ -1,17 +1,19 @@
 """Beat's sweeps against a real Redis and real sandboxes: they find work by labels, not memory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 
 import pytest
+import redis
 
-from sandbox import sweeps
+from sandbox import nodes, sweeps
 from sandbox.lifecycle import Services
 from sandbox.spec import JobSpec, ResourceLimits
 from sandbox.state import JobStatus, JobStore, new_record
-from tests.conftest import new_job_id
+from tests.conftest import new_job_id, running_redis, wait_for
 
 
 HOST = "sweeper@host"
@@ -90,8 +92,15 @@ def test_a_cancelled_job_whose_collect_and_cleanup_are_still_queued_keeps_its_sa
     assert sweeps.sweep_orphans(services, now=late) == [f"sbx-{job_id}"]
 
 
+def _judging_nodes(services: Services, dead_after_s: float = 1.0) -> Services:
+    """The services with a short dead-after time, once this Redis has been up that long (before,
+    a missing heartbeat may be a restart's: nodes.heartbeats_tell)."""
+    wait_for(lambda: nodes.heartbeats_tell(services.store.redis, dead_after_s), timeout_s=dead_after_s + 5)
+    return dataclasses.replace(services, settings=dataclasses.replace(services.settings, node_dead_after_s=dead_after_s))
+
+
 def test_stuck_sweep_ends_started_jobs_of_dead_nodes_and_never_queued_ones(services):
-    from sandbox import nodes
+    services = _judging_nodes(services)
 
     lost, alive, queued = new_job_id("lost"), new_job_id("alive"), new_job_id("queued")
     for job_id, node in ((lost, "gone@host"), (alive, "live@host")):
@@ -109,6 +118,27 @@ def test_stuck_sweep_ends_started_jobs_of_dead_nodes_and_never_queued_ones(servi
     assert "gone@host" in record["error"]["message"]
     assert services.store.get(alive)["status"] == "running"
     assert lost not in [r["id"] for r in sweeps.sweep_stuck(services, max_idle_s=10**7)]  # ended once
+
+
+def test_a_redis_younger_than_the_dead_after_time_makes_no_node_dead(services, tmp_path):
+    # Redis back from an outage longer than the dead-after time has let every heartbeat expire: until
+    # the nodes beat again, every live node looks dead. The sweep must not end their jobs then.
+    servers = running_redis(tmp_path)
+    fresh = redis.Redis.from_url(next(servers).url)
+    try:
+        services = dataclasses.replace(services, store=JobStore(fresh))
+        job_id = new_job_id("young")
+        services.store.create(new_record(job_id, JobStatus.RUNNING))
+        services.store.update(job_id, lambda r: r["stages"].update(execute={"host": "quiet@host", "started_at": time.time()}))
+        young = dataclasses.replace(services, settings=dataclasses.replace(services.settings, node_dead_after_s=60.0))
+        assert not nodes.heartbeats_tell(fresh, 60.0)  # (a Redis started a moment ago)
+        assert sweeps.sweep_stuck(young, max_idle_s=10**7) == []
+        assert services.store.get(job_id)["status"] == "running"
+        # the same node, once this Redis has been up longer than the dead-after time: dead
+        assert [r["id"] for r in sweeps.sweep_stuck(_judging_nodes(services), max_idle_s=10**7)] == [job_id]
+    finally:
+        fresh.close()
+        next(servers, None)  # stops it
 
 
 def test_reconcile_ends_what_a_dead_process_of_this_node_ran_and_nothing_else(services):

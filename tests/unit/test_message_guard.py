@@ -10,6 +10,7 @@ import pytest
 from tasks.consumer import Poison, check_message
 from tasks.transport import envelope_problem
 
+ROUTED = {"exchange": "", "routing_key": "sandbox"}
 GOOD_HEADERS = {"task": "sandbox.submit", "id": "t-1", "retries": 0, "eta": None, "timelimit": [None, None]}
 GOOD_BODY = json.dumps([["{}"], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
 
@@ -50,9 +51,12 @@ def test_each_malformed_message_says_why(msg, why) -> None:  # noqa: ANN001
     ({"body": ""}, "'properties'"),
     ({"properties": {"delivery_info": {}}}, "delivery_tag"),
     ({"properties": {"delivery_tag": "t"}}, "delivery_info"),
-    ({"properties": {"delivery_tag": "t", "delivery_info": {}, "body_encoding": "rot13"}}, "encoding"),
-    ({"body": "%%%", "properties": {"delivery_tag": "t", "delivery_info": {}, "body_encoding": "base64"}}, "base64"),
-    ({"body": "", "headers": [], "properties": {"delivery_tag": "t", "delivery_info": {}}}, "headers"),
+    ({"properties": {"delivery_tag": "t", "delivery_info": {}}}, "delivery_info.exchange"),
+    ({"properties": {"delivery_tag": "t", "delivery_info": {"exchange": ""}}}, "delivery_info.routing_key"),
+    ({"properties": {"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": 5}}}, "routing_key"),
+    ({"properties": {"delivery_tag": "t", "delivery_info": ROUTED, "body_encoding": "rot13"}}, "encoding"),
+    ({"body": "%%%", "properties": {"delivery_tag": "t", "delivery_info": ROUTED, "body_encoding": "base64"}}, "base64"),
+    ({"body": "", "headers": [], "properties": {"delivery_tag": "t", "delivery_info": ROUTED}}, "headers"),
 ])
 def test_each_broken_envelope_says_why(raw, why) -> None:  # noqa: ANN001
     assert why in (envelope_problem(raw, max_bytes=1024) or "")

@@ -47,6 +47,8 @@ def test_a_reconcile_retried_after_a_redis_drop_announces_the_jobs_its_first_att
     monkeypatch.setattr(node_start.nodes, "beat", lambda *a, **k: None)
     monkeypatch.setattr(node_start, "consume_own_queues", lambda sender, instance: None)
     monkeypatch.setattr(node_start, "start_endpoint", lambda sender: None)
+    monkeypatch.setattr(node_start.transport, "_holder", {})  # (this process takes no messages)
+    monkeypatch.setattr(node_start.transport, "restore_held", lambda *a, **k: [])  # (its own tests)
     monkeypatch.setattr(node_start.threading, "Thread", lambda *a, **k: SimpleNamespace(start=lambda: None))
     import tasks.stages
     monkeypatch.setattr(tasks.stages, "announce_end", lambda record: announced.append(record["id"]))
