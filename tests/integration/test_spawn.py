@@ -136,6 +136,23 @@ _DIE_BEFORE_THE_GO_AHEAD = (
     "getattr(rt, sys.argv[3])(h, s, lambda stream, chunk: None)\n")
 
 
+def _processes(pids: list[int]) -> list[str]:
+    """Each process's pid, parent, state and command line, for a failure's message."""
+    described = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ")[:300]
+            with open(f"/proc/{pid}/wchan", "rb") as f:
+                wchan = f.read()
+            described.append(f"{pid} ppid={fields[1].decode()} state={fields[0].decode()} wchan={wchan.decode()} {cmdline!r}")
+        except OSError as e:
+            described.append(f"{pid}: {e}")
+    return described
+
+
 def _with_setup(spec, argv: list[str]):  # type: ignore[no-untyped-def]
     return replace(spec, setup=SetupSpec(command=argv[0], argv=tuple(argv), timeout_s=20))
 
@@ -162,7 +179,10 @@ def test_a_worker_dying_before_the_go_ahead_of_an_ordinary_spawn_never_lets_the_
     # what is left is at most bwrap's child, blocked on a gate that never sees EOF, in the job's
     # cgroup (none when the worker died before the launcher's "joined" byte: its write to a pipe
     # nobody reads kills it with SIGPIPE before bwrap, which a loaded host makes common);
-    wait_for(lambda: len(runtime.cgroups.pids(sid)) <= 1, timeout_s=10)
+    deadline = time.monotonic() + 10
+    while len(runtime.cgroups.pids(sid)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(left := runtime.cgroups.pids(sid)) <= 1, _processes(left)  # (what they are, if not)
     # the redelivered run does not run it either (never twice), and kills what is left;
     result = getattr(runtime, kind)(handle, spec, lambda stream, chunk: None)
     assert result.outcome == "error" and "not re-run" in result.reason
