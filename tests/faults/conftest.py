@@ -15,7 +15,7 @@ from celery import Celery
 
 from tests.conftest import E2E_COMMANDS, running_redis
 from tests.support.jobs import (  # noqa: F401  (the fault tests import these from here)
-    TERMINAL, client_app, lines_of, normal_job_succeeds, record_of, wait_terminal,
+    MADE_JOB_IDS, TERMINAL, client_app, lines_of, normal_job_succeeds, record_of, wait_terminal,
 )
 from tests.support.services import RedisServer, Worker, sandbox_work_dir
 
@@ -135,10 +135,16 @@ def assert_host_clean(work_dir: Path) -> None:
         except OSError:
             continue
     assert not loops, f"loop devices still attached: {loops}"
-    # groups are named after sandbox ids, and every job of these tests has an id starting "f-"
+    # groups are named after sandbox ids, and every job of these tests has an id starting "f-" made
+    # by new_job_id: the cgroup tree is the host's, so only the groups of ids this run made are its
+    # own (another suite's fault tests on the same host have "f-" jobs too)
     # (a teardown still under way, in another controller's hierarchy, gets a few seconds to finish)
+    def own_groups() -> list[str]:
+        return [str(g) for g in Path("/sys/fs/cgroup").glob("*/sandbox/sbx-f-*")
+                if g.name.removeprefix("sbx-") in MADE_JOB_IDS]
+
     deadline = time.monotonic() + 10
-    while (groups := [str(g) for g in Path("/sys/fs/cgroup").glob("*/sandbox/sbx-f-*")]) and time.monotonic() < deadline:
+    while (groups := own_groups()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not groups, f"job cgroups left: {groups}"
     procs = []

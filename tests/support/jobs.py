@@ -25,8 +25,15 @@ def client_app(name: str, redis_url: str) -> Celery:
     return app
 
 
+# Every id this test process made: a check of host-wide state (cgroups are named after job ids)
+# tells this run's leftovers from another run's on the same host.
+MADE_JOB_IDS: set[str] = set()
+
+
 def new_job_id(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+    job_id = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    MADE_JOB_IDS.add(job_id)
+    return job_id
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30, interval_s: float = 0.05) -> Any:
