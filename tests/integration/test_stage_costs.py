@@ -217,6 +217,10 @@ def test_the_shared_etc_is_fingerprinted_at_most_once_per_interval_and_follows_a
 
     monkeypatch.setattr(hostetc, "_fingerprint", fingerprint)
     monkeypatch.setattr(hostetc, "_etc_seen", {})
+    # the interval counts from the check before the first copy is built: with the default 1 s, a
+    # build slowed by a busy disk (its fsyncs took over 1 s under the suite's I/O) left the second
+    # call past the interval already, and it fingerprinted again
+    monkeypatch.setattr(hostetc, "ETC_RECHECK_S", 3600.0)
     work = str(tmp_path)
     first = hostetc.shared_etc(work, 65534)
     assert hostetc.shared_etc(work, 65534) == first and len(calls) == 1  # within ETC_RECHECK_S: no stats
