@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import redis
+from kombu.exceptions import OperationalError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,13 @@ class Worker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.node} exited: {self.tail()}")
-            replies = app.control.ping(destination=[self.node], timeout=0.5) or []
+            try:
+                replies = app.control.ping(destination=[self.node], timeout=0.5) or []
+            except (redis.ConnectionError, OperationalError):
+                # a connection of kombu's process-wide pool that Redis closed when it restarted (a
+                # fresh app shares that pool): the next ping takes another
+                time.sleep(0.1)
+                continue
             if replies:
                 return
         raise RuntimeError(f"worker {self.node} did not answer ping: {self.tail()}")
