@@ -52,9 +52,8 @@ def test_a_saturated_pool_never_blocks_the_caller() -> None:
     pool = parallel._pool()
     busy = [pool.submit(release.wait, 10) for _ in range(parallel.HELPER_THREADS)]
     try:
-        start = time.monotonic()
         assert parallel.run_all([lambda i=i: i for i in range(5)], 4) == [0, 1, 2, 3, 4]
-        assert time.monotonic() - start < 5  # not waiting for the blocked helpers (10 s)
+        assert not any(f.done() for f in busy)  # it never waited for a blocked helper (no clock)
     finally:
         release.set()
         for f in busy:
