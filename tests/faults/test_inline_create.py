@@ -96,7 +96,8 @@ def test_a_job_its_node_cannot_admit_at_once_waits_in_the_create_queue(start_wor
                                                                        fault_redis_client, fault_work_dir):
     node, queue = "fw-inline-full@host-i", "faults-inline-full"
     start_worker(node, queue=queue, SANDBOX_NODE_MAX_SANDBOXES="1")
-    holder = {"id": new_job_id("f-hold"), "command": "sleep 2", "timeout": 30}
+    # 6 s: the later job's submit must find the node full, so it must run while the holder does
+    holder = {"id": new_job_id("f-hold"), "command": "sleep 6", "timeout": 30}
     later = {"id": new_job_id("f-later"), "command": "ls"}
     held = fault_client.send_task("sandbox.submit", args=[json.dumps(holder)], queue=queue)
     wait_for(lambda: record_of(fault_redis_client, holder["id"]).get("status") == "running", timeout_s=60)

@@ -265,7 +265,9 @@ def test_a_create_that_waits_too_long_goes_back_to_the_queue_and_runs_once_there
     node, queue = "w-bounce@host-i", "adm-bounce"
     worker = _start(stack_env, celery_client, session_dir, node, queue, "adm-bounce", SANDBOX_NODE_MAX_SANDBOXES="1")
     try:
-        holder = {"id": new_job_id("hold"), "command": "sleep 8", "timeout": 30}
+        # 12 s: the later job's create must begin, and wait out one admission wait (5 s), while the
+        # holder runs; 7 s left for its submit and the hop to its create on a loaded 2-core host
+        holder = {"id": new_job_id("hold"), "command": "sleep 12", "timeout": 30}
         later = {"id": new_job_id("later"), "command": "ls"}
         held = celery_client.send_task("sandbox.submit", args=[json.dumps(holder)], queue=queue)
         wait_for(lambda: record_of(redis_client, holder["id"]).get("status") == "running")
