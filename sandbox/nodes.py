@@ -80,7 +80,11 @@ def beat(client: redis.Redis, node: str, queues: list[str], started_at: float, d
 
 def heartbeat(client: Any, node: str) -> dict[str, Any] | None:
     """The node's last heartbeat, or None."""
-    raw = client.get(heartbeat_key(node))
+    return beat_of(client.get(heartbeat_key(node)))
+
+
+def beat_of(raw: Any) -> dict[str, Any] | None:
+    """A heartbeat as read from its key (None: missing or unreadable)."""
     try:
         return json.loads(raw) if raw else None
     except ValueError:

@@ -24,8 +24,8 @@ from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from botocore.retries.quota import RetryQuota
 from botocore.httpsession import ProxyConfiguration, get_cert_path
+from botocore.retries.quota import RetryQuota
 from botocore.utils import get_environ_proxies
 
 REGION = "auto"             # R2's only region; SigV4 signs it into every credential scope

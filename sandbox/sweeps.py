@@ -212,7 +212,7 @@ def sweep_stuck(svc: Services, max_idle_s: float, now: float | None = None) -> l
             reason = f"worker node {node} was lost: no heartbeat for over {dead_after_s:g} s"
 
             def still(r: JobRecord, read: Any, node: str = node) -> bool:
-                beat = json.loads(read(nodes.heartbeat_key(node)) or "null")
+                beat = nodes.beat_of(read(nodes.heartbeat_key(node)))
                 return _started(r) and nodes.node_of(r) == node and nodes.is_dead(beat, dead_after_s, time.time())
 
             done = nodes.end_if(svc.store, job_id, still, reason, watch=(nodes.heartbeat_key(node),))

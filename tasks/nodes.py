@@ -1,8 +1,8 @@
 """Start-up of a worker node, in one handler and in this order: consume the node's queues, start the
 metrics endpoint and the audit trail, check the broker keeps what it is given, write a first
 heartbeat, reconcile what a dead process of this node left (its jobs, its admitted capacity, its
-sandboxes, the messages it held), publish the node's capacity, then keep a heartbeat in Redis. All of it before the worker
-consumes (celeryd_after_setup)."""
+sandboxes, the messages it held), publish the node's capacity, then keep a heartbeat in Redis. All
+of it before the worker consumes (celeryd_after_setup)."""
 from __future__ import annotations
 
 import logging

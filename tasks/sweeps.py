@@ -3,7 +3,6 @@ the orphan sweep fans out per node."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import socket
 import time
@@ -101,11 +100,7 @@ def restore_dead_nodes_messages(svc: Any) -> list[str]:
         return []
 
     def gone(holder: dict[str, Any], read: Any) -> bool:
-        beat = read(nodes.heartbeat_key(str(holder.get("node"))))
-        try:
-            beat = json.loads(beat) if beat else None
-        except ValueError:
-            beat = None
+        beat = nodes.beat_of(read(nodes.heartbeat_key(str(holder.get("node")))))
         return nodes.is_dead(beat, dead_after_s, time.time())
 
     return transport.restore_held(app, gone, watch=lambda holder: (nodes.heartbeat_key(str(holder.get("node"))),),
