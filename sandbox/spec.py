@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 import re
@@ -269,8 +270,31 @@ def _check_values(value: Any, path: tuple[str | int, ...] = (), depth: int = 0) 
         raise JobRejected(pointer(*path), "type", f"{type(value).__name__} is not a JSON value")
 
 
+def _too_many(doc: dict[str, Any], settings: Settings, schema: dict[str, Any] | None = None,
+              path: tuple[str, ...] = ()) -> JobRejected | None:
+    """The first array or object holding more items than the contract allows, checked by length
+    before the schema: jsonschema reports every bad item of an array even past its maxItems, and
+    kept one error (~12 KiB) per item: a 16 MB job of 1.2M `{"path": "a"}` files took 15 GiB."""
+    schema = job_schema() if schema is None else schema
+    if not path and isinstance(doc.get("files"), list) and len(doc["files"]) > settings.max_input_files:
+        return JobRejected("/files", "too_many", f"{len(doc['files'])} files; the limit is {settings.max_input_files}")
+    for key, sub in schema.get("properties", {}).items():
+        value = doc.get(key)
+        limit = sub.get("maxItems") if isinstance(value, list) else sub.get("maxProperties") if isinstance(value, dict) else None
+        if limit is not None and len(value) > limit:
+            return JobRejected(pointer(*path, key), "too_large", f"{pointer(*path, key)} holds {len(value)} items; at most {limit}")
+        if isinstance(value, dict) and "properties" in sub:
+            inner = _too_many(value, settings, sub, path + (key,))
+            if inner is not None:
+                return inner
+    return None
+
+
+MAX_SCHEMA_ERRORS = 100  # looked at to find the outermost one (the length checks bound the rest)
+
+
 def _schema_error(doc: Any) -> JobRejected | None:
-    errors = list(_validator().iter_errors(doc))
+    errors = list(itertools.islice(_validator().iter_errors(doc), MAX_SCHEMA_ERRORS))
     if not errors:
         return None
     error = min(errors, key=lambda e: len(e.absolute_path))  # the outermost, in document order
@@ -308,6 +332,9 @@ def parse_job(raw: bytes | str | dict[str, Any], settings: Settings, policy: "Po
     doc = dict(raw) if isinstance(raw, dict) else load_json(raw, max_document_bytes(settings))
     if not isinstance(doc, dict):
         raise JobRejected("", "type", "a job must be a JSON object")
+    error = _too_many(doc, settings)
+    if error is not None:
+        raise error
     _check_values(doc)
     error = _schema_error(doc)
     if error is not None:

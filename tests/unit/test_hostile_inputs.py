@@ -322,3 +322,38 @@ def test_rejection_with_real_base_image_for_missing_program(settings: Settings) 
     with pytest.raises(JobRejected) as caught:
         parse_job(raw("ls"), settings, empty)
     assert caught.value.rule == "not_installed"
+
+
+# A job far under the document cap whose arrays hold hundreds of thousands of items: jsonschema
+# reported every bad item past maxItems, one ~12 KiB error each, before the count was checked (a
+# 16 MB job of 1.2M sourceless files took 15 GiB of the worker). Run under a 1 GiB address-space
+# limit: a MemoryError or a crash fails the test.
+_HUGE_ARRAYS = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from config.settings import load_settings
+from sandbox.spec import parse_job
+from sandbox.errors import JobRejected
+docs = {
+    "files": '{"command":"ls","files":[' + ",".join(['{"path":"a"}'] * 150_000) + ']}',
+    "ports": '{"command":"ls","network":{"blocked_ports":[' + ",".join(["0"] * 500_000) + ']}}',
+    "env": '{"command":"ls","environment":{' + ",".join('"x%d":"v"' % i for i in range(150_000)) + '}}',
+}
+for name, doc in docs.items():
+    try:
+        parse_job(doc.encode(), load_settings({}))
+        print(name, "ACCEPTED")
+    except JobRejected as e:
+        print(name, e.field, e.rule)
+"""
+
+
+def test_huge_arrays_are_refused_by_their_count_within_a_bounded_memory() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _HUGE_ARRAYS], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.split("\n")[:3] == ["files /files too_many", "ports /network/blocked_ports too_large",
+                                           "env /environment too_large"], (done.stdout, done.stderr[-2000:])
