@@ -48,6 +48,18 @@ REFUSED_ENV: tuple[tuple[str, str], ...] = (
     ("WGETRC", "points wget at a config file"), ("SYSTEM_WGETRC", "points wget at a config file"),
     ("TAR_OPTIONS", "adds tar options"), ("GREP_OPTIONS", "adds grep options"),
     ("XDG_CONFIG_HOME", "points programs at config files"),
+    # programs' own hooks: each names code or a command a program on the list (or one it calls)
+    # runs, so a job could run its own code with no interpreter allowed (curl's OpenSSL loads an
+    # engine from OPENSSL_CONF; git runs EDITOR through /bin/sh)
+    ("OPENSSL_*", "loads code or config from a path"), ("SSL_ENGINE*", "loads code from a path"),
+    ("EDITOR", "a command programs run"), ("VISUAL", "a command programs run"),
+    ("PAGER", "a command programs run"), ("MANPAGER", "a command programs run"),
+    ("BROWSER", "a command programs run"), ("SHELL", "a command programs run"),
+    ("LESS*", "runs commands in less"), ("SSH_*", "changes what ssh runs"), ("RSYNC_*", "changes what rsync runs"),
+    ("TAPE", "points tar at a remote archive"), ("RMT", "points tar at a remote archive"),
+    ("TERMINFO*", "loads terminal data from a path"), ("TERMCAP", "loads terminal data from a path"),
+    ("GNUPGHOME", "points gpg at config files"), ("MAKEFLAGS", "changes what make runs"),
+    ("MAKEFILES", "changes what make runs"), ("MFLAGS", "changes what make runs"),
     ("SANDBOX_*", "reserved for the service"), ("CELERY_*", "reserved for the service"), ("AWS_*", "reserved for the service"),
 )
 

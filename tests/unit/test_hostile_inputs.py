@@ -178,7 +178,11 @@ HOSTILE: list[tuple[str, bytes, str, str]] = [
     *[(f"env {name}", raw(environment={name: "x"}), f"/environment/{name}", "env_refused") for name in (
         "LD_PRELOAD", "GLIBC_TUNABLES", "BASH_ENV", "ENV", "IFS", "PS4", "PROMPT_COMMAND", "SHELLOPTS", "PATH",
         "PYTHONSTARTUP", "NODE_OPTIONS", "PERL5OPT", "RUBYOPT", "HTTPS_PROXY", "NO_PROXY", "SANDBOX_R2_BUCKET",
-        "CELERY_BROKER_URL", "AWS_SECRET_ACCESS_KEY", "GCONV_PATH", "GIT_SSH_COMMAND", "TAR_OPTIONS")],
+        "CELERY_BROKER_URL", "AWS_SECRET_ACCESS_KEY", "GCONV_PATH", "GIT_SSH_COMMAND", "TAR_OPTIONS",
+        # what a program on the list runs or loads (session-8 review: curl + OPENSSL_CONF loaded a
+        # job's .so; git ran EDITOR through /bin/sh)
+        "OPENSSL_CONF", "OPENSSL_MODULES", "EDITOR", "VISUAL", "PAGER", "SSH_ASKPASS", "TAPE", "LESSOPEN",
+        "RSYNC_RSH", "TERMINFO", "MAKEFLAGS")],
     ("env lowercase", raw(environment={"path": "/x"}), "/environment/path", "env_name"),
     ("env dash", raw(environment={"A-B": "x"}), "/environment/A-B", "env_name"),
     ("env name newline", raw(environment={"A\n": "x"}), "/environment/A\n", "env_name"),
