@@ -406,15 +406,28 @@ def _timeout(value: Any, settings: Settings) -> float:
     return float(value)
 
 
+# The least a sandbox starts in: bwrap's child, its pid 1 and the command are three processes
+# (pids 2: bwrap "Can't fork for pid 1"), and below ~1 MiB bwrap itself does not start. Measured on
+# `ls`; 4 MiB leaves a margin. Smaller limits were accepted and ended `error` naming no field.
+MIN_MEMORY_BYTES = 4 << 20
+MIN_PIDS = 3
+
+
 def _resources(doc: dict[str, Any], settings: Settings) -> ResourceLimits:
     cpu = _unit("/resources/cpu", doc.get("cpu"), parse_cpu, settings.default_cpu, settings.max_cpu, "SANDBOX_MAX_CPU")
     memory = _unit("/resources/memory", doc.get("memory"), parse_size, settings.default_memory_bytes,
                    settings.max_memory_bytes, "SANDBOX_MAX_MEMORY")
+    if memory < MIN_MEMORY_BYTES:
+        raise JobRejected("/resources/memory", "below_minimum",
+                          f"{_show(doc.get('memory'))} is below the {format_size(MIN_MEMORY_BYTES)} a sandbox needs to start")
     disk = _unit("/resources/disk", doc.get("disk"), parse_size, settings.default_disk_bytes,
                  settings.max_disk_bytes, "SANDBOX_MAX_DISK")
     pids = doc.get("pids", settings.default_pids)
     if pids > settings.max_pids:
         raise JobRejected("/resources/pids", "above_maximum", f"pids {_show(pids)} exceeds the operator maximum of {settings.max_pids}")
+    if pids < MIN_PIDS:
+        raise JobRejected("/resources/pids", "below_minimum",
+                          f"pids {pids} is below the {MIN_PIDS} a sandbox needs (bwrap, its pid 1, the command)")
     bandwidth = _unit("/resources/bandwidth", doc.get("bandwidth"), parse_bandwidth, settings.default_bandwidth_bps,
                       settings.max_bandwidth_bps, "SANDBOX_MAX_BANDWIDTH")
     return ResourceLimits(cpu=cpu, memory_bytes=memory, disk_bytes=disk, pids=int(pids), bandwidth_bps=bandwidth)

@@ -174,6 +174,10 @@ HOSTILE: list[tuple[str, bytes, str, str]] = [
     ("wget -P home", raw("wget -P '~/x' https://a.example.com"), "/command", "output_path"),
     ("wget -e", raw("wget -e use_askpass=sh https://a.example.com"), "/command", "dangerous_option"),
     ("wget -i", raw("wget -i urls.txt"), "/command", "dangerous_option"),
+    # --- limits a sandbox cannot start in (they ended `error` naming no field) -------------------
+    ("memory too small", raw(resources={"memory": "64Ki"}), "/resources/memory", "below_minimum"),
+    ("memory one byte", raw(resources={"memory": "1"}), "/resources/memory", "below_minimum"),
+    ("pids 2", raw(resources={"pids": 2}), "/resources/pids", "below_minimum"),
     # --- environment ---------------------------------------------------------------------------
     *[(f"env {name}", raw(environment={name: "x"}), f"/environment/{name}", "env_refused") for name in (
         "LD_PRELOAD", "GLIBC_TUNABLES", "BASH_ENV", "ENV", "IFS", "PS4", "PROMPT_COMMAND", "SHELLOPTS", "PATH",
