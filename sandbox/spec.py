@@ -320,6 +320,17 @@ def _schema_error(doc: Any) -> JobRejected | None:
     return JobRejected(pointer(*path), rule, f"{where}: {error.message[:160]}")
 
 
+def _sized_object(raw: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """A job that arrived as an object, refused past the document limit as its JSON would be."""
+    try:
+        size = len(json.dumps(raw, ensure_ascii=False, allow_nan=False).encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError, RecursionError):
+        size = 0  # not plain JSON (NaN, odd types, too deep): _check_values names what is wrong
+    if size > max_bytes:
+        raise JobRejected("", "too_large", f"the job is {size} bytes; the limit is {max_bytes}")
+    return dict(raw)
+
+
 def max_document_bytes(settings: Settings) -> int:
     """The largest raw job accepted: inline content as base64 plus room for everything else."""
     return settings.max_inline_bytes * 4 // 3 + 4 + 2 * 2**20
@@ -329,7 +340,12 @@ def parse_job(raw: bytes | str | dict[str, Any], settings: Settings, policy: "Po
     """Validate a submitted job (raw bytes preferred, so parser tricks count) into a JobSpec."""
     from sandbox.policy import Policy  # policy imports this module's dataclasses
 
-    doc = dict(raw) if isinstance(raw, dict) else load_json(raw, max_document_bytes(settings))
+    if isinstance(raw, dict):
+        # a job sent as an object was decoded before it got here (kombu, with a repeated key's last
+        # value kept): only its size can still be checked as the raw bytes' is
+        doc = _sized_object(raw, max_document_bytes(settings))
+    else:
+        doc = load_json(raw, max_document_bytes(settings))
     if not isinstance(doc, dict):
         raise JobRejected("", "type", "a job must be a JSON object")
     error = _too_many(doc, settings)

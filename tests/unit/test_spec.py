@@ -110,6 +110,20 @@ def test_dict_input_gets_the_same_checks(settings: Settings) -> None:
     assert parse_job({"command": "ls", "timeout": 5}, settings).timeout_s == 5.0
 
 
+def test_an_object_job_past_the_document_limit_is_refused_as_its_json_would_be(settings: Settings) -> None:
+    # A stock producer (send_task with a dict) sends the job as an object: kombu decodes it before
+    # parse_job sees it, and the document limit never applied (a 56 MB job was accepted).
+    from sandbox.spec import max_document_bytes
+
+    content = "\u0001" * (max_document_bytes(settings) // 5)  # 6 bytes each as JSON
+    with pytest.raises(JobRejected) as caught:
+        parse_job({"command": "ls", "files": [{"path": "a", "content": content}]}, settings)
+    assert (caught.value.field, caught.value.rule) == ("", "too_large")
+    # just under it, as text and as an object alike, it gets to the checks that follow
+    small = {"command": "ls", "files": [{"path": "a", "content": "x" * 1000}]}
+    assert parse_job(small, settings).files == parse_job(json.dumps(small), settings).files
+
+
 def test_text_input_is_accepted(settings: Settings) -> None:
     assert parse_job('{"command": "grep \u00e9 f"}', settings).argv[1] == "\u00e9"
 
