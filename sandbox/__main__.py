@@ -79,17 +79,35 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _with_id(raw: bytes) -> tuple[str, str | None]:
-    """The job text to send, and its id; a job without one gets a fresh id so it can be followed."""
+def _with_id(raw: bytes, max_bytes: int | None = None) -> tuple[str, str | None]:
+    """The job text to send, and its id; a job without one gets a fresh id so it can be followed.
+
+    The file's text is sent as it is, the id spliced in after its opening brace: never parsed and
+    written out again, which would drop a duplicate key, turn NaN into a number the worker then
+    reads, or grow the document past the size limit, so `submit` refuses exactly what `validate`
+    refuses. A document the strict loader refuses goes unchanged (the worker records why); one
+    the id would push past `max_bytes` (default: the settings' limit) goes without an id.
+    """
+    from sandbox.spec import _check_values, load_json, max_document_bytes
+
     text = raw.decode("utf-8", errors="strict")
+    limit = max_document_bytes(load_settings()) if max_bytes is None else max_bytes
     try:
-        job = json.loads(text)
-    except ValueError:
+        job = load_json(raw, limit)
+        _check_values(job)  # duplicate keys, NaN, lone surrogates, NUL: what load_json leaves marked
+    except JobRejected:
         return text, None
-    if isinstance(job, dict) and "id" not in job:
-        job["id"] = uuid.uuid4().hex
-        return json.dumps(job), job["id"]
-    return text, job.get("id") if isinstance(job, dict) and isinstance(job.get("id"), str) else None
+    if not isinstance(job, dict):
+        return text, None
+    if "id" in job:
+        return text, job["id"] if isinstance(job["id"], str) else None
+    job_id = uuid.uuid4().hex
+    start = len(text) - len(text.lstrip(" \t\n\r")) + 1  # just past the opening brace
+    empty = text[start:].lstrip(" \t\n\r").startswith("}")
+    member = f'"id":"{job_id}"' + ("" if empty else ",")
+    if len(raw) + len(member) > limit:
+        return text, None
+    return text[:start] + member + text[start:], job_id
 
 
 def _submit(args: argparse.Namespace) -> int:

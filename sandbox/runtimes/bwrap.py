@@ -23,11 +23,14 @@ INSIDE_UID = 65534
 # Set for every job, after its own variables (the policy refuses these names in a job anyway).
 # Tools that read config from $HOME or a system file are pointed at nothing, so a dotfile among a
 # job's inputs (.curlrc, .wgetrc, .gitconfig, a planted bare repository's hooks) changes nothing.
+# wget's (both its user and its system file) is the shared /etc's empty one: wget refuses a WGETRC
+# that is not a regular file, so /dev/null would stop every wget job before it read its arguments.
+_WGETRC = "/etc/" + hostetc.EMPTY_WGETRC
 _GIT_CONFIG = {"core.fsmonitor": "false", "core.hooksPath": "/dev/null", "safe.bareRepository": "explicit",
                "protocol.allow": "never", "protocol.https.allow": "always"}
 FIXED_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/workspace", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-    "CURL_HOME": "/dev/null", "WGETRC": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+    "CURL_HOME": "/dev/null", "WGETRC": _WGETRC, "SYSTEM_WGETRC": _WGETRC, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
     "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_COUNT": str(len(_GIT_CONFIG)),
     **{f"GIT_CONFIG_{kind}_{i}": text for i, (key, value) in enumerate(_GIT_CONFIG.items())
        for kind, text in (("KEY", key), ("VALUE", value))},

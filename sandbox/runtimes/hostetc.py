@@ -26,12 +26,16 @@ HOST_ETC = (
 )
 
 ETC_DIR = ".etc"  # under the work dir: one shared, read-only /etc per (uid, host files) fingerprint
-ETC_VERSION = 1  # bump when the synthetic files below change
+ETC_VERSION = 2  # bump when the synthetic files below change (2: EMPTY_WGETRC)
 ETC_KEEP_S = 2 * 86400.0  # older /etc copies are removed: longer than any sandbox lives
 # The host files are fingerprinted (two stats each, 20 syscalls) at most this often per process
 # and (work dir, uid): a create within this long of the last check reuses its answer.
 ETC_RECHECK_S = 1.0
 _etc_seen: dict[tuple[str, int], tuple[float, str]] = {}  # (work dir, uid) -> (checked at, copy)
+# An empty wgetrc for WGETRC and SYSTEM_WGETRC (bwrap.FIXED_ENV): wget 1.21 exits 1 unless WGETRC
+# names a regular file (/dev/null is refused), and a WGETRC equal to its built-in /etc/wgetrc
+# prints a warning on every run, hence its own name. Read-only to jobs like all of this /etc.
+EMPTY_WGETRC = "empty.wgetrc"
 
 
 def _etc_files(uid: int) -> dict[str, str]:
@@ -41,6 +45,7 @@ def _etc_files(uid: int) -> dict[str, str]:
         "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost ip6-loopback\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
         "resolv.conf": "",
+        EMPTY_WGETRC: "",
     }
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
 from sandbox.state import ACTIVE_SET
@@ -137,6 +138,24 @@ def test_cli_submit_wait_prints_the_record_and_exits_by_status(worker, stack_env
                             cwd=ROOT, env=env, capture_output=True, timeout=180)
     assert failed.returncode == 1
     assert json.loads(failed.stdout)["status"] == "failed"
+
+
+@pytest.mark.runtimes("local")
+def test_cli_submit_refuses_a_duplicate_key_that_validate_refuses_in_a_file_without_an_id(worker, stack_env, tmp_path):
+    # Without an id the CLI adds one; it must not re-serialise the file on the way (json.loads
+    # keeps the last "command", and that job ran).
+    job = tmp_path / "dup.json"
+    job.write_bytes(b'{"command": "python3 -c \'raise SystemExit(5)\'", "command": "ls"}')
+    env = {**os.environ, **stack_env}
+    checked = subprocess.run([sys.executable, "-m", "sandbox", "validate", str(job)], cwd=ROOT, env=env,
+                             capture_output=True, timeout=60)
+    assert checked.returncode == 2 and json.loads(checked.stdout)["error"]["rule"] == "duplicate_key"
+    done = subprocess.run([sys.executable, "-m", "sandbox", "submit", str(job), "--wait", "--timeout", "120"],
+                          cwd=ROOT, env=env, capture_output=True, timeout=180)
+    record = json.loads(done.stdout)
+    assert done.returncode == 2, (record, done.stderr.decode())
+    assert record["status"] == "rejected" and record["error"]["rule"] == "duplicate_key", record
+    assert record["error"]["field"] == "/command"
 
 
 def test_hostile_output_names_are_skipped_with_a_reason_and_the_rest_is_kept(submit):

@@ -252,3 +252,40 @@ def test_hostile_request_heads_are_refused_with_a_reason(box: Box) -> None:
     assert [got[h]["status"] for h in heads] == [400, 400, 400, 400, 403, 400, 400], got
     assert got[heads[4]]["reason"] == "ip_literal"
     assert all(e["address"] is None for e in entries(result))  # none reached an upstream
+
+
+def test_wget_fetches_over_http_and_https_and_a_planted_wgetrc_is_not_read(upstream: Upstream) -> None:
+    """wget is on the default allow-list: it must run at all (a WGETRC that is not a regular file,
+    such as /dev/null, stops it before it reads its arguments), reach upstreams through the proxy,
+    and ignore a .wgetrc among the job's files."""
+    b = Box(upstream, SANDBOX_ALLOWED_COMMANDS="wget")
+    try:
+        spec = b.job("wget -O - --ca-certificate=ca.pem http://api.test/hello https://api.test/hello",
+                     hosts=["api.test"], ports=[80, 443])
+        planted = b"server_response = on\n"  # prints the response head ("  HTTP/1.1 200 OK") to stderr
+
+        def run(job):  # noqa: ANN001, ANN202
+            sink = Sink()
+            handle = b.rt.create(job, "test-host")
+            try:
+                for f in job.files:
+                    b.rt.put_file(handle, f.path, io.BytesIO(f.content or b""), f.mode)
+                b.rt.put_file(handle, ".wgetrc", io.BytesIO(planted), 0o644)  # the policy refuses the name
+                return b.rt.execute(handle, job, sink), sink
+            finally:
+                b.rt.destroy(handle)
+
+        result, sink = run(spec)
+        err = bytes(sink.out["stderr"])
+        assert result.outcome == "succeeded", err
+        assert bytes(sink.out["stdout"]) == b"hello api.test\nhello api.test\n"
+        assert b"WGETRC" not in err and b"wgetrc" not in err, err  # no complaint about its config files
+        assert b"HTTP/1.1 200" not in err, err
+        assert sorted((e["host"], e["port"], e["verdict"]) for e in entries(result)) == [
+            ("api.test", 80, "allowed"), ("api.test", 443, "allowed")]
+        # The same file named on the command line (the policy refuses --config) is read: the
+        # check above can fail.
+        result, sink = run(dataclasses.replace(spec, argv=(spec.argv[0], "--config=.wgetrc", *spec.argv[1:])))
+        assert result.outcome == "succeeded" and b"HTTP/1.1 200" in bytes(sink.out["stderr"])
+    finally:
+        b.close()

@@ -94,7 +94,10 @@ class SandboxClient {
     const withId = job && typeof job === 'object' && !Array.isArray(job) && job.id === undefined
       ? { ...job, id: randomUUID() } : job;
     validateJob(withId);
-    const { taskId, raw } = buildTaskMessage('sandbox.submit', [withId], { queue: this.queue });
+    // The job goes as JSON text, as the Python CLI sends it: the worker then parses it with its
+    // strict loader (duplicate keys, the document size limit) like any other submission. Sent as
+    // an object, kombu would decode it first and parse_job would see a ready-made dict.
+    const { taskId, raw } = buildTaskMessage('sandbox.submit', [JSON.stringify(withId)], { queue: this.queue });
     const [[infoError, info], [pushError]] = await this.redis.multi().info('server').lpush(this.queue, raw).exec();
     if (pushError) throw pushError;
     return { jobId: withId.id, taskId, runId: infoError ? null : runIdOf(info) };

@@ -67,6 +67,17 @@ test('end to end through the worker', opts, async (t) => {
     assert.equal(record.error.field, '/command');
   });
 
+  await t.test('a job past the service\'s document size limit comes back rejected too_large', async () => {
+    // 3 MiB of content (under the 10 MiB inline cap) that is 18 MiB as JSON text, past the
+    // service's ~15 MiB document limit: the limit applies because the job is sent as text. Sent
+    // as an object it was decoded by kombu before the service saw it, and it ran.
+    const content = '\u0001'.repeat(3 * 2 ** 20);
+    const record = await client.run({ id: newId('big'), command: 'ls', files: [{ path: 'a.txt', content }] },
+      { timeoutMs: 120_000 });
+    assert.equal(record.status, 'rejected', JSON.stringify({ ...record, spec: undefined }).slice(0, 2000));
+    assert.equal(record.error.rule, 'too_large');
+  });
+
   await t.test('a job the schema refuses is never sent', async () => {
     const jobId = newId('never');
     await assert.rejects(client.submit({ id: jobId, command: 'ls', countdown: 5 }), JobRejected);
