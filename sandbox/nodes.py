@@ -20,6 +20,9 @@ from sandbox.state import JobRecord, JobStatus, JobStore
 
 log = logging.getLogger("sandbox.nodes")
 NODES_SET = "sandbox:nodes"
+# node -> time of its last heartbeat, kept after the heartbeat key expires: a node that died keeps
+# an age (its alert fires), one stopped on purpose is removed (stopped()), nothing else expires it
+LAST_BEATS_KEY = "sandbox:nodes:last_beat"
 _OUTCOME_STATUS = {s.value: s for s in JobStatus}
 
 
@@ -75,7 +78,14 @@ def beat(client: redis.Redis, node: str, queues: list[str], started_at: float, d
     pipe = client.pipeline()
     pipe.set(heartbeat_key(node), json.dumps(value), px=int(dead_after_s * 1000))
     pipe.sadd(NODES_SET, node)
+    pipe.hset(LAST_BEATS_KEY, node, repr(value["at"]))
     pipe.execute()
+
+
+def stopped(client: Any, node: str) -> None:
+    """A node stopped on purpose (a warm shutdown): its last-beat age is no longer exported, so the
+    heartbeat alert pages for a node that died, not for one taken out of service."""
+    client.hdel(LAST_BEATS_KEY, node)
 
 
 def heartbeat(client: Any, node: str) -> dict[str, Any] | None:

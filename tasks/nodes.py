@@ -30,6 +30,7 @@ app.steps["consumer"].add(ControlConsumer)
 log = logging.getLogger("sandbox.nodes")
 _stop = threading.Event()
 _booted: dict[str, float] = {}
+_beating: dict[str, Any] = {}  # the client and node name the heartbeat thread beats with
 
 
 def booted_at() -> float:
@@ -100,6 +101,7 @@ def _start(sender: str, instance: Any) -> None:
     if ended or destroyed or restored:
         log.warning("reconciled node %s: ended %d lost job(s), destroyed %d sandbox(es), gave back %d message(s)"
                     " a dead process of it held", sender, len(ended), len(destroyed), len(restored))
+    _beating.update(client=client, node=sender)
     thread = threading.Thread(target=_beat_forever, args=(client, sender, queues, booted_at, settings),
                               name="sandbox-heartbeat", daemon=True)
     thread.start()
@@ -134,6 +136,11 @@ def _report_unconsumed(client: redis.Redis, settings: Any) -> None:
 @worker_shutdown.connect
 def _stop_beating(**_: object) -> None:
     _stop.set()
+    if "client" in _beating:  # stopped on purpose: no heartbeat alert for this node
+        try:
+            nodes.stopped(_beating["client"], _beating["node"])
+        except redis.RedisError as e:
+            log.warning("could not record that node %s stopped: %s", _beating["node"], e)
 
 
 __all__ = ["app"]

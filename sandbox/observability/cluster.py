@@ -15,7 +15,7 @@ import redis
 
 from sandbox.admission import admitted_key, capacity_key
 from sandbox.deadletters import DEAD_LIST as DEAD_LETTERS
-from sandbox.nodes import BEAT_STARTED_KEY, NODES_SET, SERVICE_QUEUES, SWEEPS, heartbeat_key, node_queue, sweep_last_key
+from sandbox.nodes import BEAT_STARTED_KEY, LAST_BEATS_KEY, NODES_SET, SERVICE_QUEUES, SWEEPS, heartbeat_key, node_queue, sweep_last_key
 from sandbox.state import ACTIVE_SET
 
 BASE_QUEUES = (*SERVICE_QUEUES, "sandbox.create")  # the intakes, Celery's default, control, creates
@@ -40,7 +40,7 @@ def _json(raw: Any) -> Any:
 
 @dataclass
 class Heartbeat:
-    """One node's last heartbeat; age_s is None when the key expired (the node is gone)."""
+    """One node's last heartbeat; age_s is None for a node stopped on purpose (the node is gone)."""
 
     node: str
     age_s: float | None
@@ -83,15 +83,18 @@ class Cluster:
         return sorted(_text(n) for n in self.redis.smembers(NODES_SET))
 
     def heartbeats(self, now: float | None = None) -> list[Heartbeat]:
-        """Every node seen, with its heartbeat's age (None once the heartbeat's TTL ran out)."""
+        """Every node seen, with its heartbeat's age: once the heartbeat's TTL ran out, the age of its
+        last beat (a node that died); None for a node stopped on purpose or never recorded."""
         now = time.time() if now is None else now
         nodes = self.nodes()
         raws = self.redis.mget([heartbeat_key(n) for n in nodes]) if nodes else []
+        lasts = self.redis.hmget(LAST_BEATS_KEY, nodes) if nodes else []
         beats = []
-        for node, raw in zip(nodes, raws):
+        for node, raw, last in zip(nodes, raws, lasts):
             beat = _json(raw)
             if not isinstance(beat, dict):
-                beats.append(Heartbeat(node, None))
+                last_at = _json(last)
+                beats.append(Heartbeat(node, max(0.0, now - last_at) if isinstance(last_at, (int, float)) else None))
                 continue
             queues = [q for q in beat.get("queues") or [] if isinstance(q, str)]
             beats.append(Heartbeat(node, max(0.0, now - float(beat.get("at") or 0)), queues))

@@ -51,7 +51,7 @@ class ClusterCollector(Collector):
             consumers.add_metric([q.name], len(q.consumers))
         yield from (depth, age, consumers)
         beat_age = _gauge("sandbox_node_heartbeat_age_seconds", "Seconds since a node's last heartbeat "
-                          "(absent once its heartbeat expired).", ("node",))
+                          "(kept growing for a node that died; absent for one stopped on purpose).", ("node",))
         nodes_up = _gauge("sandbox_nodes_live", "Nodes with a fresh heartbeat.")
         beats = c.heartbeats(now)
         for b in beats:

@@ -169,3 +169,25 @@ def test_redis_down_is_down(healthy, health_redis):
     health_redis.stop()
     code, checks = health(healthy)
     assert code == 2 and checks["redis"]["status"] == "down" and "unreachable" in checks["redis"]["detail"]
+
+
+def test_a_node_that_died_keeps_a_growing_heartbeat_age_and_one_stopped_on_purpose_has_none(redis_client) -> None:
+    # The heartbeat key expires after SANDBOX_NODE_DEAD_AFTER (60 s) and its age used to vanish with
+    # it, so the SandboxHeartbeatStale alert (> 60 for 2m) could never fire for a node that died.
+    from sandbox import nodes
+    from sandbox.observability.cluster import Cluster
+    from sandbox.observability.gauges import ClusterCollector
+
+    died, stopped = f"died-{time.time_ns()}@h", f"stopped-{time.time_ns()}@h"
+    for node in (died, stopped):
+        nodes.beat(redis_client, node, ["sandbox"], time.time(), dead_after_s=0.2)
+    nodes.stopped(redis_client, stopped)
+    time.sleep(0.5)  # both heartbeat keys have expired
+    assert redis_client.get(heartbeat_key(died)) is None
+    ages = {b.node: b.age_s for b in Cluster(redis_client).heartbeats(now=time.time() + 300)}
+    assert ages[died] >= 300 and ages[stopped] is None
+    families = {f.name: f for f in ClusterCollector(Cluster(redis_client), fresh_s=60).collect()}
+    exported = {s.labels["node"]: s.value for s in families["sandbox_node_heartbeat_age_seconds"].samples}
+    assert exported[died] >= 0.5 and stopped not in exported
+    redis_client.srem(NODES_SET, died, stopped)
+    redis_client.hdel(nodes.LAST_BEATS_KEY, died)
