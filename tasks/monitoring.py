@@ -180,6 +180,9 @@ def _after(name: str, task_id: str, args: Any, retval: Any, duration_s: float) -
         # once per submit message: a rejection may carry the id of another, running job
         job_finished(retval, once_key=f"sandbox:submit:{task_id}:metered")
         _remember_summary(task_id, summary(retval.get("id"), retval))
+    elif name == "sandbox.submit" and isinstance(retval, dict) and retval.get("status") == "cancelled":
+        # cancelled before its submit ran: no cleanup will count it (once per job, as cleanup's is)
+        job_finished(retval)
     elif name == "sandbox.notify":
         metrics.webhooks_delivered(retval or [])
     elif name == "sandbox.cancel" and isinstance(retval, dict):

@@ -243,3 +243,21 @@ def test_flower_says_which_job_each_stage_is_for_and_how_it_ended(obs_worker, ce
     assert bad["sandbox.cleanup"]["result"] == f"job={bad_id} status=failed exit=3 reason='exited with status 3'"
     assert ok["sandbox.cleanup"]["result"] == f"job={ok_id} status=succeeded exit=0"
     assert not any("never-shown" in json.dumps(t) for t in bad.values())  # env never reaches Flower
+
+
+def test_a_job_cancelled_before_its_submit_ran_is_counted_once(obs_worker, celery_client) -> None:  # type: ignore[no-untyped-def]
+    # Its submit returns the terminal record and no cleanup ever runs: it was never counted.
+    job_id = new_job_id("precancel")
+    answer = celery_client.send_task("sandbox.cancel", args=[job_id], queue=QUEUE).get(timeout=30)
+    assert answer["cancelled"] is False and "submitted later" in answer["message"], answer
+    before = scrape(obs_worker)
+    record = celery_client.send_task("sandbox.submit", args=[json.dumps({"id": job_id, "command": "ls"})],
+                                     queue=QUEUE).get(timeout=60)
+    assert record["status"] == "cancelled", record
+
+    def counted() -> float:
+        after = scrape(obs_worker)
+        return sum(moved(before, after, "sandbox_jobs_total", status="cancelled", runtime=r) for r in ("local", "fly"))
+
+    wait_for(lambda: counted() >= 1, timeout_s=30)  # (the hook runs after the result is stored)
+    assert counted() == 1
