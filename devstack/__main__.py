@@ -136,7 +136,10 @@ def main() -> int:
     args = parser.parse_args()
     port = 6379 if args.action == "up" else free_port()
     stack = Stack(redis_port=int(os.environ.get("DEVSTACK_REDIS_PORT", port)))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # a closed terminal or a dropped SSH session (SIGHUP) stops the stack as ^C and SIGTERM do: its
+    # processes run in sessions of their own and would otherwise outlive it
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.up()
         if args.action == "run":
