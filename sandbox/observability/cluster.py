@@ -40,11 +40,16 @@ def _json(raw: Any) -> Any:
 
 @dataclass
 class Heartbeat:
-    """One node's last heartbeat; age_s is None for a node stopped on purpose (the node is gone)."""
+    """One node's last heartbeat; age_s is None for a node stopped on purpose (the node is gone).
+    `expired`: its heartbeat key ran out, the age is its last beat's (never live, however young)."""
 
     node: str
     age_s: float | None
     queues: list[str] = field(default_factory=list)
+    expired: bool = False
+
+    def live(self, fresh_s: float) -> bool:
+        return not self.expired and self.age_s is not None and self.age_s <= fresh_s
 
 
 @dataclass
@@ -94,7 +99,8 @@ class Cluster:
             beat = _json(raw)
             if not isinstance(beat, dict):
                 last_at = _json(last)
-                beats.append(Heartbeat(node, max(0.0, now - last_at) if isinstance(last_at, (int, float)) else None))
+                beats.append(Heartbeat(node, max(0.0, now - last_at) if isinstance(last_at, (int, float)) else None,
+                                       expired=True))
                 continue
             queues = [q for q in beat.get("queues") or [] if isinstance(q, str)]
             beats.append(Heartbeat(node, max(0.0, now - float(beat.get("at") or 0)), queues))
@@ -114,7 +120,7 @@ class Cluster:
         """Depth, oldest message age and consumers (nodes with a heartbeat younger than fresh_s)."""
         now = time.time() if now is None else now
         beats = self.heartbeats(now)
-        live = [b for b in beats if b.age_s is not None and b.age_s <= fresh_s]
+        live = [b for b in beats if b.live(fresh_s)]
         out = []
         for name in self.queue_names([b.node for b in beats]):
             lists = [name] + [f"{name}{_KOMBU_SEP}{p}" for p in _PRIORITY_STEPS if p]

@@ -57,7 +57,7 @@ class ClusterCollector(Collector):
         for b in beats:
             if b.age_s is not None:
                 beat_age.add_metric([b.node], b.age_s)
-        nodes_up.add_metric([], sum(1 for b in beats if b.age_s is not None and b.age_s <= self.fresh_s))
+        nodes_up.add_metric([], sum(1 for b in beats if b.live(self.fresh_s)))
         yield from (beat_age, nodes_up)
         yield from self._admission([b.node for b in beats])
         dead = _gauge("sandbox_dead_letters", f"Entries in the dead-letter list {'sandbox.dead'}.")

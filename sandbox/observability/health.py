@@ -8,7 +8,7 @@ from typing import Any, Callable
 import redis
 
 from config.settings import Settings
-from sandbox.nodes import sweep_periods
+from sandbox.nodes import LAST_BEATS_KEY, sweep_periods
 from sandbox.observability.cluster import Cluster, node_queue
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
@@ -43,14 +43,24 @@ def run(settings: Settings, artifacts: Callable[[], Any], now: float | None = No
         client.ping()
     except redis.RedisError as e:
         return [Check("redis", DOWN, f"unreachable at {_where(settings.redis_url)}: {e}"), *checks,
-                *(Check(n, DOWN, "unknown: Redis is down") for n in ("workers", "beat", "queues"))]
+                *(Check(n, DOWN, "unknown: Redis is down") for n in ("workers", "beat", "queues", "dead_letters"))]
     cluster = Cluster(client)
     fresh_s = 3 * float(getattr(settings, "heartbeat_interval_s", 10.0))
     checks[:0] = [_guard("redis", lambda: check_redis(cluster))]
     checks += [_guard("workers", lambda: check_workers(cluster, fresh_s, now)),
                _guard("beat", lambda: check_beat(cluster, now, sweep_periods(settings))),
-               _guard("queues", lambda: check_queues(cluster, fresh_s, settings.queue_age_max_s, now))]
+               _guard("queues", lambda: check_queues(cluster, fresh_s, settings.queue_age_max_s, now)),
+               _guard("dead_letters", lambda: check_dead_letters(cluster))]
     return checks
+
+
+def check_dead_letters(cluster: Cluster) -> Check:
+    """Messages no worker could run wait in `sandbox.dead` for someone to look at them."""
+    count = cluster.dead_letters()
+    if not count:
+        return Check("dead_letters", OK, "none")
+    return Check("dead_letters", DEGRADED, f"{count} message(s) no worker could run: "
+                 "python -m sandbox dead-letters (then --drop ID or --drop-all)")
 
 
 def _guard(name: str, check: Callable[[], Check]) -> Check:
@@ -91,12 +101,16 @@ def check_s3(artifacts: Any) -> Check:
 
 def check_workers(cluster: Cluster, fresh_s: float, now: float) -> Check:
     beats = cluster.heartbeats(now)
-    live = [b for b in beats if b.age_s is not None and b.age_s <= fresh_s]
+    live = [b for b in beats if b.live(fresh_s)]
     if not live:
         return Check("workers", DOWN, f"no worker: no heartbeat younger than {fresh_s:.0f} s "
                      f"({len(beats)} node(s) ever seen)")
     problems = [f"{b.node} does not consume {', '.join(missing)}" for b in live
                 if (missing := [q for q in ("sandbox", node_queue(b.node)) if q not in b.queues])]
+    # a node that died keeps its last beat's age (one stopped on purpose has none): it is a problem
+    # even while another node serves, until it beats again or is forgotten
+    problems += [f"{b.node} died: no heartbeat for {b.age_s:.0f} s (once it is gone for good: "
+                 f"redis-cli hdel {LAST_BEATS_KEY} {b.node})" for b in beats if b not in live and b.age_s is not None]
     gone = [b.node for b in beats if b not in live]
     detail = f"{len(live)} live: {', '.join(b.node for b in live)}" + (f"; gone: {', '.join(gone)}" if gone else "")
     return Check("workers", DEGRADED if problems else OK, "; ".join(problems) or detail)

@@ -56,7 +56,7 @@ def health(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
 def test_healthy_stack_is_green(healthy):
     code, checks = health(healthy)
     assert code == 0, checks
-    assert all(checks[n]["status"] == "ok" for n in ("redis", "s3", "workers", "beat", "queues"))
+    assert all(checks[n]["status"] == "ok" for n in ("redis", "s3", "workers", "beat", "queues", "dead_letters"))
 
 
 def test_table_names_every_check(healthy):
@@ -64,7 +64,31 @@ def test_table_names_every_check(healthy):
                           env={**os.environ, **healthy}, timeout=60)
     assert done.returncode == 0
     assert [line.split()[0] for line in done.stdout.splitlines()] == ["redis", "s3", "workers", "beat", "queues",
-                                                                     "overall"]
+                                                                     "dead_letters", "overall"]
+
+
+def test_dead_letters_piling_up_are_degraded(healthy):
+    client = redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"])
+    client.lpush("sandbox.dead", *[json.dumps({"reason": "x", "queue": "sandbox"})] * 3)
+    code, checks = health(healthy)
+    assert code == 1 and checks["dead_letters"]["status"] == "degraded"
+    assert "3 message(s)" in checks["dead_letters"]["detail"] and "dead-letters" in checks["dead_letters"]["detail"]
+
+
+def test_a_node_that_died_is_degraded_while_another_serves_and_one_stopped_on_purpose_is_not(healthy):
+    from sandbox import nodes
+
+    client = redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"])
+    for node in ("w2@died", "w3@stopped"):
+        nodes.beat(client, node, ["sandbox", nodes.node_queue(node)], time.time() - 100, dead_after_s=0.2)
+    nodes.stopped(client, "w3@stopped")
+    time.sleep(0.5)  # both heartbeats expired
+    code, checks = health(healthy)
+    assert code == 1 and checks["workers"]["status"] == "degraded", checks
+    assert "w2@died died" in checks["workers"]["detail"] and "w3@stopped" not in checks["workers"]["detail"]
+    client.hdel(nodes.LAST_BEATS_KEY, "w2@died")  # what the operator does once it is gone for good
+    code, checks = health(healthy)
+    assert checks["workers"]["status"] == "ok", checks
 
 
 def test_redis_without_aof_is_degraded(healthy):
