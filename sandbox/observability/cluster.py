@@ -5,8 +5,8 @@ the shared contract (heartbeats and sweeps: reliability; admission: capacity; qu
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,26 +63,33 @@ class Queue:
 
 
 class FirstSeen:
-    """When a message without a sent-at header was first seen at a queue's head: a lower bound of its age."""
+    """When a message without a sent-at header (a stock producer's) was first seen at a queue's head,
+    by any process: kept in Redis, so `python -m sandbox health` (a new process every run) and every
+    worker's gauges age it alike. A lower bound of its age."""
 
-    def __init__(self, limit: int = 10000) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._limit = limit
+    TTL_S = 86400  # a message waiting longer than a day is old by then anyway
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
 
     def age(self, message_id: str, now: float) -> float:
-        with self._lock:
-            if len(self._seen) >= self._limit:
-                self._seen.clear()
-            return now - self._seen.setdefault(message_id, now)
+        key = f"sandbox:queue:first_seen:{message_id[:200]}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, repr(now), nx=True, ex=self.TTL_S)
+        pipe.get(key)
+        _, seen = pipe.execute()
+        try:
+            return max(0.0, now - float(seen))
+        except (TypeError, ValueError):
+            return 0.0
 
 
 class Cluster:
     """Reads of the shared keys; every method is a handful of Redis commands."""
 
-    def __init__(self, client: redis.Redis, first_seen: FirstSeen | None = None) -> None:
+    def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self.first_seen = first_seen or FirstSeen()
+        self.first_seen = FirstSeen(client)
 
     def nodes(self) -> list[str]:
         return sorted(_text(n) for n in self.redis.smembers(NODES_SET))
@@ -142,7 +149,7 @@ class Cluster:
         sent_at = headers.get(SENT_AT_HEADER)
         if isinstance(sent_at, (int, float)) and not isinstance(sent_at, bool):
             return max(0.0, now - float(sent_at))
-        return self.first_seen.age(str(headers.get("id") or hash(raw)), now)
+        return self.first_seen.age(str(headers.get("id") or hashlib.sha256(raw).hexdigest()), now)
 
     def dead_letters(self) -> int:
         return int(self.redis.llen(DEAD_LETTERS))

@@ -43,7 +43,7 @@ class ClusterCollector(Collector):
         c = self.cluster
         depth = _gauge("sandbox_queue_messages", "Messages waiting in a broker queue.", ("queue",))
         age = _gauge("sandbox_queue_oldest_message_age_seconds", "Age of the oldest waiting message "
-                     "(sent-at header, else first seen by this node).", ("queue",))
+                     "(sent-at header, else when any node or health first saw it at the head).", ("queue",))
         consumers = _gauge("sandbox_queue_consumers", "Live nodes whose heartbeat lists the queue.", ("queue",))
         for q in c.queues(self.fresh_s, now):
             depth.add_metric([q.name], q.messages)

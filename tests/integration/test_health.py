@@ -215,3 +215,20 @@ def test_a_node_that_died_keeps_a_growing_heartbeat_age_and_one_stopped_on_purpo
     assert exported[died] >= 0.5 and stopped not in exported
     redis_client.srem(NODES_SET, died, stopped)
     redis_client.hdel(nodes.LAST_BEATS_KEY, died)
+
+
+def test_a_stock_producers_message_is_aged_across_health_runs(healthy):
+    # Without a sandbox_sent_at header (celery-node, a plain send_task on `celery`) a message was aged
+    # from when *this process* first saw it: each `health` run is a new process and saw it 0 s old.
+    client = redis.Redis.from_url(healthy["SANDBOX_REDIS_URL"])
+    message = {"body": "W1tdLCB7fSwge31d", "content-encoding": "utf-8", "content-type": "application/json",
+               "headers": {"lang": "py", "task": "sandbox.submit", "id": f"stock-{time.time_ns()}"},
+               "properties": {"delivery_tag": "t1", "body_encoding": "base64",
+                              "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0}}
+    client.lpush("celery", json.dumps(message))
+    env = {**healthy, "SANDBOX_QUEUE_AGE_MAX": "1"}
+    assert health(env)[1]["queues"]["status"] == "ok"  # first seen now
+    time.sleep(1.5)
+    code, checks = health(env)  # a new process: the first sighting is Redis's, not its own
+    assert code == 1 and "celery: oldest message" in checks["queues"]["detail"], checks["queues"]
+    client.delete("celery")
