@@ -38,10 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-all", action="store_true", help="remove every entry")
     args = parser.parse_args(argv)
     _configure_logging()
+    import redis
+    from celery.exceptions import TimeoutError as CeleryTimeout
+    from kombu.exceptions import OperationalError
+
     try:
         return COMMANDS[args.command](args)
     except SandboxError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
+        print(f"error: Redis unreachable at {load_settings().redis_url.rsplit('@', 1)[-1]}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except CeleryTimeout:
+        print("error: no answer from a worker: is one running? (python -m sandbox health)", file=sys.stderr)
         return EXIT_FAILED
 
 

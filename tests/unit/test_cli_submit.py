@@ -62,3 +62,18 @@ def test_the_id_never_pushes_a_document_past_the_size_limit() -> None:
     text, job_id = _with_id(raw, max_bytes=len(raw) + 40)  # '"id":"<32 hex>",' is 40 bytes
     assert job_id and len(text.encode()) == len(raw) + 40
     assert _with_id(raw)[1] and max_document_bytes(SETTINGS) > 2**20  # the default: the settings' limit
+
+
+def test_a_cli_command_with_redis_unreachable_says_so_without_a_traceback() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from devstack.processes import free_port
+
+    done = subprocess.run([sys.executable, "-m", "sandbox", "show", "some-job"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=60,
+                          env={**os.environ, "SANDBOX_REDIS_URL": f"redis://:secret-pw@127.0.0.1:{free_port()}/0"})
+    assert done.returncode == 1 and "error: Redis unreachable at 127.0.0.1:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "secret-pw" not in done.stderr
