@@ -65,6 +65,26 @@ const isConnectionError = (e) => Boolean(e) && (e.name === 'MaxRetriesPerRequest
 const isTerminal = (event) => event.type === 'status' && TERMINAL.has(event.status);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/**
+ * `promise`, or a rejection with the signal's reason as soon as `signal` aborts, whichever comes
+ * first. While Redis is down an ioredis command waits in the offline queue for a reconnect, and one
+ * on a connection disconnect() closed mid-reconnect never settles at all: every await of a wait or a
+ * follow goes through here, so none outlives its timeout or signal whatever Redis does. The listener
+ * is removed once either side settles (a long follow makes thousands of these).
+ */
+function orAbort(promise, signal) {
+  if (!signal) return promise;
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    if (signal.aborted) {
+      onAbort();
+    } else {
+      signal.addEventListener('abort', onAbort, { once: true });
+    }
+    promise.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
 class SandboxClient {
   /** `redis`: a URL or an ioredis instance (not closed by close() when passed in). */
   constructor({ redis = process.env.REDIS_URL || 'redis://127.0.0.1:6379/0', queue = QUEUE, blockMs = 1000 } = {}) {
@@ -124,9 +144,10 @@ class SandboxClient {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(new TimeoutError(`job ${jobId} not finished after ${timeoutMs} ms`)), timeoutMs);
     const onAbort = () => controller.abort(signal.reason);
-    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+    if (signal?.aborted) onAbort();
+    else if (signal) signal.addEventListener('abort', onAbort, { once: true });
     try {
-      const watch = await new VanishWatch(this.redis, jobId, taskId, this.queue, { runId }).begin();
+      const watch = await orAbort(new VanishWatch(this.redis, jobId, taskId, this.queue, { runId }).begin(), controller.signal);
       // one idle tick: the task's result, then the record once (the follow's end and the watch share it)
       const idle = async () => {
         if (taskId) await this.#checkTask(taskId);
@@ -139,7 +160,7 @@ class SandboxClient {
         if (item.kind === 'event' && onEvent) onEvent(item);
       }
       if (controller.signal.aborted) throw controller.signal.reason;
-      const record = await this.getRecord(jobId);
+      const record = await orAbort(this.getRecord(jobId), controller.signal);
       if (!record) throw new Error(`job ${jobId} ended but its record is gone`);
       return record;
     } finally {
@@ -176,6 +197,11 @@ class SandboxClient {
     checkJobId(jobId);
     // XREAD BLOCK holds its connection: each follower gets its own.
     const conn = this.redis.duplicate();
+    // Its connection errors reach us as failed commands (handled below); without a listener ioredis
+    // would also print each one as an "Unhandled error event" for as long as Redis is down.
+    conn.on('error', () => {});
+    // Disconnecting ends a blocked XREAD at once and stops the reconnecting; the queued command it
+    // may leave unsettled is not awaited: every await below races the signal (orAbort).
     const stop = () => conn.disconnect();
     if (signal) signal.addEventListener('abort', stop, { once: true });
     let finished = false;
@@ -184,20 +210,25 @@ class SandboxClient {
         const block = finished ? [] : ['BLOCK', blockMs];
         let rows;
         try {
-          rows = await conn.xread('COUNT', 500, ...block, 'STREAMS', logsKey(jobId), eventsKey(jobId), logId, eventId);
+          rows = await orAbort(conn.xread('COUNT', 500, ...block, 'STREAMS', logsKey(jobId), eventsKey(jobId), logId, eventId), signal);
         } catch (e) {
           if (signal?.aborted) return;
           if (!isConnectionError(e)) throw e;
-          await sleep(500); // Redis restarting: with its AOF it comes back with the job; keep following
+          try {
+            await orAbort(sleep(500), signal); // Redis restarting: with its AOF it comes back with the job; keep following
+          } catch {
+            return; // aborted
+          }
           continue;
         }
         if (!rows) {
           if (finished) return;
           try {
             // A follower arriving after the events stream expired would block forever otherwise.
-            const record = await idle();
+            const record = await orAbort(idle(), signal);
             if (record && TERMINAL.has(record.status)) finished = true;
           } catch (e) {
+            if (signal?.aborted) return;
             if (!isConnectionError(e)) throw e;
           }
           continue;

@@ -37,9 +37,10 @@ const listening = (port) => new Promise((resolve) => {
 
 /**
  * A redis-server of the test's own, without persistence (what a Redis without AOF is): restart()
- * brings it back on the same port with every key gone. stop() when done.
+ * brings it back on the same port with every key gone. stop() when done. With `{started: false}`
+ * nothing listens on its port (its url refuses connections) until start().
  */
-async function ownRedis() {
+async function ownRedis({ started = true } = {}) {
   const port = await freePort();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sandbox-client-redis-'));
   let proc = null;
@@ -58,12 +59,13 @@ async function ownRedis() {
     proc.kill('SIGTERM');
     await exited;
   };
-  await start();
+  if (started) await start();
   return {
     url: `redis://127.0.0.1:${port}/0`,
+    start,
     restart: async () => { await stop(); await start(); },
     stop: async () => { await stop(); fs.rmSync(dir, { recursive: true, force: true }); },
   };
 }
 
-module.exports = { needs, needsRedisServer, newId, ownRedis };
+module.exports = { needs, needsRedisServer, newId, ownRedis, freePort };
