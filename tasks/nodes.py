@@ -105,6 +105,7 @@ def _start(sender: str, instance: Any) -> None:
     thread = threading.Thread(target=_beat_forever, args=(client, sender, queues, booted_at, settings),
                               name="sandbox-heartbeat", daemon=True)
     thread.start()
+    _beating["thread"] = thread
 
 
 def _gone(holder: dict[str, Any], node: str, host: str) -> bool:
@@ -136,6 +137,8 @@ def _report_unconsumed(client: redis.Redis, settings: Any) -> None:
 @worker_shutdown.connect
 def _stop_beating(**_: object) -> None:
     _stop.set()
+    if "thread" in _beating:  # a beat under way now would write the entry back after its removal
+        _beating["thread"].join(timeout=5)
     if "client" in _beating:  # stopped on purpose: no heartbeat alert for this node
         try:
             nodes.stopped(_beating["client"], _beating["node"])

@@ -161,3 +161,19 @@ def test_a_create_held_by_a_node_that_never_returns_goes_to_another_node(start_w
     # the dead node's begun execute stays unacknowledged: routed to its own queue, nobody would take it
     assert [h["queue"] for _, h, current in held(client) if current and h and h["node"] == doomed.node] \
         == [node_queue(doomed.node)]
+
+
+def test_a_worker_stopped_on_purpose_leaves_no_heartbeat_to_page_for_and_a_killed_one_does(
+        start_worker, fault_redis_client):
+    # sandbox:nodes:last_beat keeps a dead node's heartbeat age growing (SandboxHeartbeatStale); a
+    # warm shutdown removes the node's entry, so a node taken out of service does not page
+    from sandbox.nodes import LAST_BEATS_KEY
+
+    client = fault_redis_client
+    stopped, killed = start_worker("fw-stopped@host-x"), start_worker("fw-killed@host-y")
+    wait_for(lambda: client.hexists(LAST_BEATS_KEY, stopped.node) and client.hexists(LAST_BEATS_KEY, killed.node))
+    stopped.stop()  # SIGTERM: Celery's warm shutdown
+    killed.kill_by_pid()
+    assert not client.hexists(LAST_BEATS_KEY, stopped.node)
+    assert client.hexists(LAST_BEATS_KEY, killed.node)
+    client.hdel(LAST_BEATS_KEY, killed.node)
