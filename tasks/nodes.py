@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery.signals import celeryd_after_setup, worker_shutdown
+from kombu.exceptions import OperationalError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from config import load_settings
@@ -75,7 +76,9 @@ def _start(sender: str, instance: Any) -> None:
     # ended are gathered across attempts: one an attempt ended before Redis dropped is terminal by
     # the retry, which would not end (nor announce) it again.
     ended: list[dict] = []
-    for attempt in Retrying(retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+    # (the give-back of held messages goes through kombu, which wraps Redis's errors in OperationalError)
+    transient = (redis.ConnectionError, redis.TimeoutError, OperationalError)
+    for attempt in Retrying(retry=retry_if_exception_type(transient),
                             stop=stop_after_delay(START_REDIS_WAIT_S), wait=wait_exponential(max=5), reraise=True,
                             before_sleep=lambda state: log.warning("start-up waits for Redis: %s",
                                                                    state.outcome.exception())):

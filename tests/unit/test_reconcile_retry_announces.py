@@ -48,7 +48,16 @@ def test_a_reconcile_retried_after_a_redis_drop_announces_the_jobs_its_first_att
     monkeypatch.setattr(node_start, "consume_own_queues", lambda sender, instance: None)
     monkeypatch.setattr(node_start, "start_endpoint", lambda sender: None)
     monkeypatch.setattr(node_start.transport, "_holder", {})  # (this process takes no messages)
-    monkeypatch.setattr(node_start.transport, "restore_held", lambda *a, **k: [])  # (its own tests)
+    gave_back = {"n": 0}
+
+    def restore_held(*_a, **_k):  # (its own tests) kombu wraps a Redis drop in OperationalError
+        gave_back["n"] += 1
+        if gave_back["n"] == 1:
+            from kombu.exceptions import OperationalError
+            raise OperationalError("Redis dropped while the node gave back held messages")
+        return []
+
+    monkeypatch.setattr(node_start.transport, "restore_held", restore_held)
     monkeypatch.setattr(node_start.threading, "Thread", lambda *a, **k: SimpleNamespace(start=lambda: None))
     import tasks.stages
     monkeypatch.setattr(tasks.stages, "announce_end", lambda record: announced.append(record["id"]))
@@ -59,5 +68,5 @@ def test_a_reconcile_retried_after_a_redis_drop_announces_the_jobs_its_first_att
 
     final = json.loads(client.get(f"sandbox:job:{job_id}"))
     assert final["status"] == "error" and final["error"]["code"] == "worker_lost"  # ended by attempt 1
-    assert calls["n"] == 2  # the start-up retried
+    assert calls["n"] == 3 and gave_back["n"] == 2  # the start-up retried both drops, never refused
     assert announced == [job_id], f"ended but never announced (waiters, webhook): {announced}"
