@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
-        print(f"error: Redis unreachable at {load_settings().redis_url.rsplit('@', 1)[-1]}: {e}", file=sys.stderr)
+        from sandbox.observability.health import where
+
+        print(f"error: Redis unreachable at {where(load_settings().redis_url)}: {e}", file=sys.stderr)
         return EXIT_FAILED
     except CeleryTimeout:
         print("error: no answer from a worker: is one running? (python -m sandbox health)", file=sys.stderr)

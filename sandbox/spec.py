@@ -435,7 +435,7 @@ def _resources(doc: dict[str, Any], settings: Settings) -> ResourceLimits:
                    settings.max_memory_bytes, "SANDBOX_MAX_MEMORY")
     if memory < MIN_MEMORY_BYTES:
         raise JobRejected("/resources/memory", "below_minimum",
-                          f"{_show(doc.get('memory'))} is below the {format_size(MIN_MEMORY_BYTES)} a sandbox needs to start")
+                          f"memory {format_size(memory)} is below the {format_size(MIN_MEMORY_BYTES)} a sandbox needs to start")
     disk = _unit("/resources/disk", doc.get("disk"), parse_size, settings.default_disk_bytes,
                  settings.max_disk_bytes, "SANDBOX_MAX_DISK")
     pids = doc.get("pids", settings.default_pids)

@@ -42,7 +42,7 @@ def run(settings: Settings, artifacts: Callable[[], Any], now: float | None = No
     try:
         client.ping()
     except redis.RedisError as e:
-        return [Check("redis", DOWN, f"unreachable at {_where(settings.redis_url)}: {e}"), *checks,
+        return [Check("redis", DOWN, f"unreachable at {where(settings.redis_url)}: {e}"), *checks,
                 *(Check(n, DOWN, "unknown: Redis is down") for n in ("workers", "beat", "queues", "dead_letters"))]
     cluster = Cluster(client)
     fresh_s = 3 * float(getattr(settings, "heartbeat_interval_s", 10.0))
@@ -70,8 +70,9 @@ def _guard(name: str, check: Callable[[], Check]) -> Check:
         return Check(name, DOWN, f"check failed: {type(e).__name__}: {e}")
 
 
-def _where(url: str) -> str:
-    return url.split("@")[-1]  # never print a password
+def where(url: str) -> str:
+    """The host part of a URL: what an error may print (never a password)."""
+    return url.split("@")[-1]
 
 
 def check_redis(cluster: Cluster) -> Check:
